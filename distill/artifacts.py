@@ -1,0 +1,104 @@
+"""Artifact layout and atomic writes: a file is either complete under its name or absent.
+
+Run folder::
+
+    runs/<name>/
+      recipe.yaml                resolved recipe of the whole run
+      generate/ shards/part-*.parquet, manifest.json, dataset/{train,eval}.parquet, distill_config.json
+      train/    model/ (save_pretrained), loss.json, distill_config.json
+      export/   bundle/ (model.onnx, model.int8.onnx, tokenizer, distill_generation.json), distill_config.json
+      eval/     <model>.jsonl per-example outputs, distill_config.json
+      report.md, metrics.json, plots/*.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+# The resolved config beside each artifact; not "config.json", which model folders already use.
+CONFIG_FILE = "distill_config.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_config(folder: Path, stage: str, section: dict, recipe: dict) -> None:
+    """Every artifact folder carries the resolved config that produced it."""
+    write_json(folder / CONFIG_FILE, {"stage": stage, "stage_config": section, "recipe": recipe})
+
+
+def write_recipe(path: Path, recipe: dict) -> None:
+    write_text(path, yaml.safe_dump(recipe, sort_keys=False))
+
+
+def write_parquet(path: Path, table) -> str:
+    """Write a pyarrow table atomically; returns its sha256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+class ShardWriter:
+    """Buffers rows and commits them as Parquet shards; ``manifest.json`` lists committed shards."""
+
+    def __init__(self, folder: Path, schema, rows_per_shard: int = 256):
+        self.folder = folder
+        self.schema = schema
+        self.rows_per_shard = rows_per_shard
+        self.buffer: list = []
+        self.shards: list[dict] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, table) -> None:
+        self.buffer.append(table)
+        if sum(t.num_rows for t in self.buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.buffer:
+            return
+        table = pa.concat_tables(self.buffer).cast(self.schema)
+        self.buffer = []
+        name = f"part-{len(self.shards):05d}.parquet"
+        digest = write_parquet(self.folder / name, table)
+        self.shards.append({"file": name, "rows": table.num_rows, "sha256": digest})
+        write_json(self.folder / "manifest.json", {"shards": self.shards})
+
+    def close(self) -> list[dict]:
+        self.flush()
+        write_json(self.folder / "manifest.json", {"shards": self.shards})
+        return self.shards

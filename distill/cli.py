@@ -1,0 +1,115 @@
+"""``distill`` command line. Heavy libraries (torch, ray, onnxruntime) load only inside commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from distill.errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill large teachers into small, deployable students.")
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. student.epochs=1")]
+Force = Annotated[bool, typer.Option("--force", help="redo stages even if their outputs are up to date")]
+
+
+def _env_defaults() -> None:
+    # Offline by default and one thread per process: parallelism comes from Ray workers.
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "ORT_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _guard(fn):
+    """Run ``fn``; a DistillError becomes one red line on stderr and exit code 2."""
+    try:
+        return fn()
+    except DistillError as e:
+        from distill.progress import console
+
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool) -> None:
+    from distill.config import load_recipe
+
+    def go():
+        _env_defaults()
+        recipe = load_recipe(recipe_path, overrides or [])
+        from distill.pipeline import run
+
+        run(recipe, stages, force)
+
+    _guard(go)
+
+
+@app.command()
+def run(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Run the whole pipeline: generate → train → export → evaluate → report."""
+    _stages(recipe, overrides, ("generate", "train", "export", "evaluate"), force)
+
+
+@app.command()
+def generate(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Teacher writes rationales for the task's problems (Ray workers); writes Parquet shards."""
+    _stages(recipe, overrides, ("generate",), force)
+
+
+@app.command()
+def train(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Fine-tune the student on the generated dataset."""
+    _stages(recipe, overrides, ("train",), force)
+
+
+@app.command()
+def export(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Export the trained student to ONNX (KV cache) and quantize it."""
+    _stages(recipe, overrides, ("export",), force)
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+    """Evaluate teacher and students on the held-out problems and write the report."""
+    _stages(recipe, overrides, ("evaluate",), force)
+
+
+@app.command()
+def infer(
+    bundle: Annotated[Path, typer.Argument(help="export bundle folder (runs/<name>/export/bundle)")],
+    question: Annotated[str, typer.Argument(help="the question to answer")],
+    model_file: Annotated[str, typer.Option(help="ONNX file inside the bundle")] = "model.int8.onnx",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+) -> None:
+    """Answer one question with an exported bundle through onnxruntime (no torch)."""
+
+    def go():
+        _env_defaults()
+        if not (bundle / model_file).is_file():
+            raise DistillError(f"{bundle / model_file} does not exist", "pass an export bundle folder from `distill export`")
+        from export.runtime import OnnxGenerator
+
+        print(OnnxGenerator(bundle, model_file).generate([question], max_new_tokens)[0])
+
+    _guard(go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

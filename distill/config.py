@@ -1,0 +1,202 @@
+"""Recipe: the typed, validated description of one distillation run.
+
+Loaded from YAML with ``key=value`` overrides (``student.epochs=2``). Unknown keys are rejected with
+the closest valid key suggested; every field documents itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill.errors import DistillError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Strict):
+    """Where problems come from and how answers are checked."""
+
+    source: Literal["reasoning_gym", "jsonl"] = Field(
+        "reasoning_gym", description="reasoning_gym generator, or a JSONL file with question/answer fields"
+    )
+    name: str = Field("chain_sum", description="reasoning_gym dataset name, or the JSONL path for source=jsonl")
+    params: dict[str, Any] = Field(default_factory=dict, description="generator config (reasoning_gym kwargs)")
+    answer_type: Literal["number", "text"] = Field("number", description="how answers are extracted and compared")
+    train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
+    eval_size: int = Field(40, ge=1, description="held-out problems every model is evaluated on")
+    seed: int = Field(0, description="generator seed; train and eval use disjoint seeds")
+
+
+class TeacherConfig(Strict):
+    """The large model that writes chain-of-thought rationales."""
+
+    model: str = Field("embedded:qwen2.5-coder-0.5b-instruct", description="model source (hf:/gguf:/embedded:)")
+    method: Literal["zero_shot_cot"] = Field("zero_shot_cot", description="prompting method")
+    system_prompt: str | None = Field(None, description="optional system message for chat models")
+    trigger: str = Field("Let's think step by step.", description="zero-shot CoT reasoning trigger")
+    answer_trigger: str = Field(
+        "Therefore, the answer (arabic numerals) is", description="stage-2 answer extraction prompt (Kojima et al.)"
+    )
+    answer_extraction: Literal["always", "fallback"] = Field(
+        "fallback", description="run the stage-2 answer prompt always, or only when stage 1 states no final answer"
+    )
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="rationale token cap")
+    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="weights dtype for generation on CPU")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call (does not change results or cache keys)")
+    workers: int = Field(2, ge=1, description="Ray actors, one CPU each (does not change results)")
+    executor: Literal["ray", "local"] = Field("ray", description="ray actor pool, or in-process for debugging")
+    keep: Literal["correct", "all"] = Field("correct", description="keep only rationales whose answer is correct")
+
+
+class StudentConfig(Strict):
+    """The small model being trained."""
+
+    model: str = Field("embedded:smollm2-135m-instruct", description="model source (hf:/gguf:/embedded:)")
+    format: Literal["rationale", "label"] = Field("rationale", description="target: rationale + answer, or answer only")
+    epochs: float = Field(2.0, gt=0, description="passes over the training set")
+    lr: float = Field(1e-4, gt=0, lt=1, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step (after accumulation)")
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass")
+    max_length: int = Field(384, ge=8, description="prompt + completion tokens; longer examples are truncated")
+    seed: int = Field(0)
+    eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
+    eval_batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _micro_divides(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size")
+        return self
+
+
+class ExportConfig(Strict):
+    """ONNX export and quantization of the trained student."""
+
+    enabled: bool = True
+    quantization: Literal["int8_dynamic", "none"] = Field("int8_dynamic")
+    keep_fp32_nodes: list[str] = Field(
+        default_factory=list, description="extra MatMul node names to keep in fp32 (besides the sensitive defaults)"
+    )
+    opset: int = Field(18, ge=17)
+
+
+class EvalConfig(Strict):
+    models: list[Literal["teacher", "student_base", "student", "student_onnx"]] = Field(
+        default_factory=lambda: ["teacher", "student_base", "student", "student_onnx"],
+        description="which models the evaluate stage scores",
+    )
+
+
+class Recipe(Strict):
+    """One distillation run: generate → train → export → evaluate → report."""
+
+    name: str = Field("run", description="run name; outputs go to <output_dir>/<name>")
+    output_dir: str = Field("runs", description="root folder of run outputs")
+    cache: str = Field(".distill/cache.sqlite", description="teacher completion cache (never pay twice)")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("name must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# Settings that do not change what a stage computes: excluded from content hashes.
+NON_SEMANTIC = {"batch_size", "workers", "executor", "eval_batch_size", "micro_batch_size"}
+
+
+def content_hash(section: BaseModel | dict) -> str:
+    """Hash of the semantic settings only: batch sizes, worker counts and executors do not count."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in sorted(x.items()) if k not in NON_SEMANTIC}
+        return x
+
+    return hashlib.sha256(json.dumps(strip(data), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(Recipe), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else "see `distill run --help` and recipes/ for valid keys"
+
+
+def _set_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise DistillError(f"override {override!r} is not key=value", "write overrides like student.epochs=2")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise DistillError(f"override {key!r}: {p} is not a section", _suggest(key))
+    node[parts[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"unknown recipe key '{key}' — {_suggest(key)}"
+    if e["type"] == "literal_error":
+        return f"recipe key '{key}': {e['msg']} (got {e.get('input')!r})"
+    return f"recipe key '{key}': {e['msg']} (got {e.get('input')!r})" if key else e["msg"]
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Load a YAML recipe (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DistillError(f"recipe {path} does not exist", "pass a YAML file, e.g. recipes/quickstart.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise DistillError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
+        if not isinstance(data, dict):
+            raise DistillError(f"recipe {path} must be a mapping of keys", "see recipes/quickstart.yaml")
+    for o in overrides:
+        _set_override(data, o)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise DistillError(_format_error(e), "fix the recipe or the override") from None

@@ -1,0 +1,135 @@
+"""The pipeline: generate → train → export → evaluate → report, each stage into its own folder.
+
+A stage writes into ``<run>/.<stage>.tmp`` and is renamed to ``<run>/<stage>`` only when it
+succeeds, so a failed or killed stage leaves nothing half-written under its real name. A stage
+whose folder exists with the same content hash of its semantic settings is reused, not re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from distill.artifacts import write_json, write_recipe
+from distill.config import Recipe, content_hash
+from distill.errors import DistillError
+from distill.progress import console
+
+STAGES = ("generate", "train", "export", "evaluate")
+
+
+def stage_hash(recipe: Recipe, stage: str) -> str:
+    """Content hash of everything that determines a stage's output (upstream stages included)."""
+    parts = {"task": recipe.task, "teacher": recipe.teacher}
+    if stage in ("train", "export", "evaluate"):
+        parts["student"] = recipe.student
+    if stage in ("export", "evaluate"):
+        parts["export"] = recipe.export
+    if stage == "evaluate":
+        parts["eval"] = recipe.eval
+    return content_hash({k: v.model_dump(mode="json") for k, v in parts.items()})
+
+
+def _done(folder: Path, digest: str) -> bool:
+    marker = folder / "DONE.json"
+    return marker.exists() and json.loads(marker.read_text()).get("hash") == digest
+
+
+@contextmanager
+def stage_dir(run_dir: Path, stage: str, digest: str):
+    """Yield a temp folder for the stage; on success it replaces ``run_dir/stage`` atomically."""
+    final = run_dir / stage
+    tmp = run_dir / f".{stage}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json(tmp / "DONE.json", {"hash": digest, "finished": time.time()})
+    old = run_dir / f".{stage}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _metrics(folder: Path) -> dict:
+    f = folder / "metrics.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def run_stage(recipe: Recipe, stage: str, force: bool = False) -> tuple[float, dict]:
+    """Run one stage of ``recipe`` (its inputs must exist); returns (seconds, stage metrics)."""
+    run_dir = recipe.run_dir
+    digest = stage_hash(recipe, stage)
+    if not force and _done(run_dir / stage, digest):
+        console.print(f"[dim]{stage}: up to date in {run_dir / stage}, reusing (pass --force to redo)[/]")
+        return 0.0, _metrics(run_dir / stage)
+    for upstream in STAGES[: STAGES.index(stage)]:
+        if stage == "evaluate" and upstream == "export" and not recipe.export.enabled:
+            continue
+        if not _done(run_dir / upstream, stage_hash(recipe, upstream)):
+            raise DistillError(
+                f"stage {stage} needs {run_dir / upstream} from this recipe, which is missing or stale",
+                f"run `distill {upstream}` (or `distill run`) with the same recipe first",
+            )
+    t0 = time.time()
+    with stage_dir(run_dir, stage, digest) as out:
+        if stage == "generate":
+            from distill.stages.generate import generate
+
+            generate(recipe, out)
+        elif stage == "train":
+            from distill.stages.train import train_stage
+
+            train_stage(recipe, run_dir / "generate", out)
+        elif stage == "export":
+            from distill.stages.export import export_stage
+
+            export_stage(recipe, run_dir / "train", run_dir / "generate", out)
+        elif stage == "evaluate":
+            from distill.stages.evaluate import evaluate_stage
+
+            export_dir = run_dir / "export" if recipe.export.enabled else None
+            evaluate_stage(recipe, run_dir / "generate", run_dir / "train", export_dir, out)
+        seconds = time.time() - t0
+        metrics = _metrics(out)
+    return seconds, metrics
+
+
+def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict:
+    """Run ``stages`` in order, then write the report; returns the scores."""
+    from distill.stages.report import print_table, write_report
+
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_recipe(run_dir / "recipe.yaml", recipe.dump())
+    seconds: dict[str, float] = {}
+    metrics: dict[str, dict] = {}
+    for stage in stages:
+        if stage == "export" and not recipe.export.enabled:
+            continue
+        seconds[stage], metrics[stage] = run_stage(recipe, stage, force)
+    scores = _read_scores(run_dir)
+    timings_file = run_dir / "stage_seconds.json"
+    previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    # A reused stage keeps the wall time it took when it actually ran.
+    seconds = {k: (v if v > 0 else previous.get(k, 0.0)) for k, v in seconds.items()}
+    write_json(timings_file, seconds)
+    write_report(run_dir, recipe.dump(), seconds, metrics, scores)
+    if scores:
+        print_table(scores, seconds)
+    console.print(f"report: {run_dir / 'report.md'}")
+    return scores
+
+
+def _read_scores(run_dir: Path) -> dict:
+    f = run_dir / "evaluate" / "scores.json"
+    return json.loads(f.read_text()) if f.exists() else {}

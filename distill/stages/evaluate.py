@@ -1,0 +1,105 @@
+"""Stage 4 — evaluate: greedy accuracy on the held-out problems for every model in the run.
+
+The teacher's score comes from the generate stage (it answered the eval split there; no second
+bill). Students are scored with torch; the int8 ONNX student through the torch-free runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.artifacts import write_config, write_json
+from distill.errors import DistillError
+from distill.progress import console
+from distill.tasks import Task
+from students.evaluate import score, wilson_interval
+
+LABELS = {
+    "teacher": "teacher",
+    "student_base": "student (before training)",
+    "student": "student (after training)",
+    "student_onnx": "student int8 ONNX",
+}
+
+
+@dataclass
+class EvalResult:
+    dir: Path
+    scores: dict
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    import json
+
+    from distill.artifacts import write_text
+
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def eval_problems(gen_dir: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    f = gen_dir / "dataset" / "eval.parquet"
+    if not f.is_file():
+        raise DistillError(f"evaluation split {f} does not exist", "run `distill generate` first")
+    return pq.read_table(f).to_pylist()
+
+
+def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path) -> EvalResult:
+    """Score each model in ``recipe.eval.models``; writes per-example outputs and ``scores.json``."""
+    task = Task(recipe.task.answer_type)
+    problems = eval_problems(gen_dir)
+    questions = [p["question"] for p in problems]
+    scores: dict[str, dict] = {}
+    cfg = recipe.student
+    for name in recipe.eval.models:
+        t0 = time.time()
+        if name == "teacher":
+            rows = [
+                {"id": p["id"], "question": p["question"], "gold": p["gold"], "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
+                 "pred": p["pred"], "correct": bool(p["correct"])}
+                for p in problems
+            ]
+            correct = sum(r["correct"] for r in rows)
+            summary = {"accuracy": correct / len(rows), "correct": correct, "n": len(rows), "ci95": list(wilson_interval(correct, len(rows)))}
+        elif name in ("student_base", "student"):
+            from distill.stages.train import load_student
+            from students.data import prompt_template
+            from students.evaluate import generate_torch
+
+            if name == "student" and train_dir is None:
+                continue
+            model, tokenizer = load_student(cfg.model if name == "student_base" else str(train_dir / "model"))
+            outs = generate_torch(model, tokenizer, prompt_template(tokenizer), questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, name)
+            summary, rows = score(outs, problems, task)
+            summary["parameters"] = sum(p.numel() for p in model.parameters())
+            summary["bytes"] = summary["parameters"] * 4
+            del model
+        elif name == "student_onnx":
+            if export_dir is None or not (export_dir / "bundle" / "model.int8.onnx").exists():
+                continue
+            from distill.progress import progress_bar
+            from export.runtime import OnnxGenerator
+
+            gen = OnnxGenerator(export_dir / "bundle", "model.int8.onnx")
+            outs = []
+            with progress_bar(f"eval {name}", len(questions)) as advance:
+                for start in range(0, len(questions), cfg.eval_batch_size):
+                    chunk = questions[start : start + cfg.eval_batch_size]
+                    outs += gen.generate(chunk, cfg.eval_max_new_tokens, cfg.eval_batch_size)
+                    advance(len(chunk))
+            summary, rows = score(outs, problems, task)
+            f = export_dir / "bundle" / "model.int8.onnx"
+            summary["bytes"] = f.stat().st_size + (f.with_name(f.name + ".data").stat().st_size if f.with_name(f.name + ".data").exists() else 0)
+        else:  # pragma: no cover - validated by the recipe model
+            raise ValueError(name)
+        summary["seconds"] = time.time() - t0
+        summary["label"] = LABELS[name]
+        scores[name] = summary
+        _write_rows(out / f"{name}.jsonl", rows)
+        console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")
+    write_json(out / "scores.json", scores)
+    write_config(out, "evaluate", recipe.eval.model_dump(), recipe.dump())
+    return EvalResult(out, scores)

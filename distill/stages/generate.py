@@ -1,0 +1,158 @@
+"""Stage 1 — generate: the teacher answers task problems in Ray workers; rationales become data.
+
+Outputs ``generate/shards/part-*.parquet`` (every row, raw output kept, parse failures with a
+reason), ``generate/dataset/{train,eval}.parquet`` (train: rows kept by the filter; eval: held-out
+problems with the teacher's answers) and ``generate/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.artifacts import ShardWriter, write_config, write_json, write_parquet
+from distill.errors import DistillError
+from distill.progress import console, progress_bar
+from distill.sources import resolve_model
+from distill.tasks import load_problems
+
+
+@dataclass
+class GenerateResult:
+    dir: Path
+    train_rows: int
+    eval_rows: int
+    teacher_accuracy: float
+    metrics: dict
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start (or join) Ray quietly, once per process."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+def _run_ray(problems, worker_kwargs, cfg, on_batch):
+    import ray
+
+    init_ray()
+    blocks = max(1, math.ceil(len(problems) / cfg.batch_size))
+    ds = ray.data.from_items(problems, override_num_blocks=blocks)
+    from teachers.workers import TeacherWorker
+
+    ds = ds.map_batches(
+        TeacherWorker,
+        fn_constructor_kwargs=worker_kwargs,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        num_cpus=1,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        on_batch(batch)
+
+
+def _run_local(problems, worker_kwargs, cfg, on_batch):
+    from teachers.workers import TeacherWorker
+
+    worker = TeacherWorker(**worker_kwargs)
+    for start in range(0, len(problems), cfg.batch_size):
+        on_batch(worker(problems[start : start + cfg.batch_size]))
+
+
+def generate(recipe, out: Path) -> GenerateResult:
+    """Run the teacher over train + eval problems into ``out``; returns counts and teacher accuracy."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from teachers.workers import ROW_SCHEMA
+
+    train, evals = load_problems(recipe.task)
+    problems = evals + train  # eval first: the teacher's score is known early
+    teacher_path = str(resolve_model(recipe.teacher.model))
+    worker_kwargs = dict(
+        model_path=teacher_path,
+        teacher_cfg=recipe.teacher.model_dump(),
+        answer_type=recipe.task.answer_type,
+        cache_path=str(Path(recipe.cache).resolve()),
+    )
+    writer = ShardWriter(out / "shards", ROW_SCHEMA)
+    stats = {"rows": 0, "correct": 0, "tokens_out": 0, "cached": 0, "parse_errors": 0}
+    t0 = time.time()
+    console.print(
+        f"[bold]generate[/] {len(train)} train + {len(evals)} eval problems, teacher {recipe.teacher.model}, "
+        f"{recipe.teacher.workers} {recipe.teacher.executor} worker(s)"
+    )
+    with progress_bar("generate", len(problems)) as advance:
+
+        def on_batch(batch: pa.Table) -> None:
+            writer.add(batch)
+            stats["rows"] += batch.num_rows
+            stats["correct"] += pc.sum(batch["correct"]).as_py() or 0
+            stats["tokens_out"] += pc.sum(batch["tokens_out"]).as_py() or 0
+            stats["cached"] += pc.sum(batch["cached"]).as_py() or 0
+            stats["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
+            rate = stats["tokens_out"] / max(time.time() - t0, 1e-9)
+            advance(batch.num_rows, f"{stats['correct']}/{stats['rows']} correct, {rate:.0f} tok/s")
+
+        runner = _run_ray if recipe.teacher.executor == "ray" else _run_local
+        runner(problems, worker_kwargs, recipe.teacher, on_batch)
+    shards = writer.close()
+
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(out / "shards" / s["file"]) for s in shards]).sort_by("id")
+    if stats["parse_errors"] == table.num_rows:
+        raise DistillError(
+            "the teacher gave no parsable answer for any problem",
+            "check the teacher model, its prompt (teacher.trigger) and teacher.max_new_tokens",
+        )
+    is_train = pc.equal(table["split"], "train")
+    train_rows = table.filter(is_train)
+    if recipe.teacher.keep == "correct":
+        train_rows = train_rows.filter(train_rows["correct"])
+    eval_rows = table.filter(pc.invert(is_train))
+    if train_rows.num_rows == 0:
+        raise DistillError(
+            f"the teacher answered none of the {len(train)} train problems correctly",
+            "use an easier task, a stronger teacher, or teacher.keep=all",
+        )
+    write_parquet(out / "dataset" / "train.parquet", train_rows)
+    write_parquet(out / "dataset" / "eval.parquet", eval_rows)
+    teacher_acc = pc.mean(eval_rows["correct"].cast(pa.float64())).as_py() or 0.0
+    metrics = {
+        "problems": len(problems),
+        "train_problems": len(train),
+        "eval_problems": len(evals),
+        "train_rows_kept": train_rows.num_rows,
+        "keep_rate": train_rows.num_rows / max(len(train), 1),
+        "teacher_eval_accuracy": teacher_acc,
+        "tokens_out": stats["tokens_out"],
+        "cached_rows": stats["cached"],
+        "parse_errors": stats["parse_errors"],
+        "seconds": time.time() - t0,
+        "teacher_model": recipe.teacher.model,
+        "shards": shards,
+    }
+    write_json(out / "metrics.json", metrics)
+    write_config(out, "generate", {"task": recipe.task.model_dump(), "teacher": recipe.teacher.model_dump()}, recipe.dump())
+    console.print(
+        f"generate: kept {train_rows.num_rows}/{len(train)} train rationales, teacher eval accuracy "
+        f"{teacher_acc:.1%}, {stats['cached']} rows from cache, {metrics['seconds']:.0f}s"
+    )
+    return GenerateResult(out, train_rows.num_rows, eval_rows.num_rows, teacher_acc, metrics)

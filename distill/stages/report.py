@@ -1,0 +1,119 @@
+"""Stage 5 — report: ``report.md``, ``metrics.json`` and PNG plots in the run folder, table printed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distill.artifacts import atomic_write_bytes, write_json, write_text
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "—"
+    return f"{n / 1e6:.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
+def accuracy_rows(scores: dict) -> list[tuple[str, str, str, str]]:
+    """(model, accuracy, 95% CI, size) per evaluated model, in evaluation order."""
+    rows = []
+    for s in scores.values():
+        lo, hi = s["ci95"]
+        rows.append((s["label"], f"{s['accuracy']:.1%} ({s['correct']}/{s['n']})", f"{lo:.1%}–{hi:.1%}", _fmt_bytes(s.get("bytes"))))
+    return rows
+
+
+def _plot_loss(losses: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([x["step"] for x in losses], [x["loss"] for x in losses], lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("completion loss")
+    ax.set_title("student training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_models(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [s["label"] for s in scores.values()]
+    acc = [100 * s["accuracy"] for s in scores.values()]
+    err = [[100 * (s["accuracy"] - s["ci95"][0]) for s in scores.values()], [100 * (s["ci95"][1] - s["accuracy"]) for s in scores.values()]]
+    size = [(s.get("bytes") or 0) / 1e6 for s in scores.values()]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.barh(labels, acc, xerr=err, color="#4477aa", capsize=3)
+    a1.set_xlabel("accuracy on held-out problems (%)")
+    a1.set_xlim(0, 100)
+    a2.barh(labels, size, color="#cc6677")
+    a2.set_xlabel("model size (MB)")
+    a2.set_yticklabels([])
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics: dict, scores: dict) -> str:
+    """Write report.md, metrics.json and plots; returns the markdown."""
+    plots = run_dir / "plots"
+    loss_file = run_dir / "train" / "loss.json"
+    lines = [f"# distill run `{recipe['name']}`", ""]
+    lines += ["| model | accuracy | 95% CI | size |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in accuracy_rows(scores)]
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
+    gen = stage_metrics.get("generate", {})
+    if gen:
+        lines += ["", f"Teacher `{gen.get('teacher_model')}`: kept {gen.get('train_rows_kept')} of {gen.get('train_problems')} "
+                  f"train rationales (correct answers only), {gen.get('tokens_out')} tokens generated, "
+                  f"{gen.get('cached_rows')} rows served from the cache."]
+    exp = stage_metrics.get("export", {})
+    if exp:
+        v = exp.get("fp32_verify", {})
+        lines += ["", f"ONNX fp32: max |logit − torch| {v.get('max_abs_logit_error', float('nan')):.2e}, greedy outputs identical "
+                  f"{v.get('greedy_identical')}/{v.get('prompts')}."]
+        if "int8_bytes" in exp:
+            lines += [f"int8/fp32 size ratio {exp['int8_fp32_size_ratio']:.2f}; int8 top-1 agreement with torch "
+                      f"{exp['int8_verify']['top1_agreement']:.1%}."]
+    if loss_file.exists():
+        _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png")
+        lines += ["", "![training loss](plots/loss.png)"]
+    if scores:
+        _plot_models(scores, plots / "models.png")
+        lines += ["", "![accuracy and size per model](plots/models.png)"]
+    md = "\n".join(lines) + "\n"
+    write_text(run_dir / "report.md", md)
+    write_json(run_dir / "metrics.json", {"scores": scores, "stage_seconds": stage_seconds, "stages": stage_metrics})
+    return md
+
+
+def print_table(scores: dict, stage_seconds: dict) -> None:
+    from rich.table import Table
+
+    from distill.progress import console
+
+    table = Table(title="held-out accuracy")
+    for col in ("model", "accuracy", "95% CI", "size"):
+        table.add_column(col)
+    for row in accuracy_rows(scores):
+        table.add_row(*row)
+    console.print(table)
+    console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))

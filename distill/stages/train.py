@@ -1,0 +1,88 @@
+"""Stage 2 — train: fine-tune the student on the teacher's kept rationales (completion-only loss)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.artifacts import write_config, write_json
+from distill.errors import DistillError
+from distill.progress import console
+from distill.sources import resolve_model
+from distill.tasks import Task
+
+REQUIRED_COLUMNS = {"question", "rationale", "gold"}
+
+
+@dataclass
+class TrainStageResult:
+    dir: Path
+    model_dir: Path
+    metrics: dict
+
+
+def load_student(source: str):
+    """(model, tokenizer) for a student source, fp32, one CPU thread."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    path = resolve_model(source)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model, tokenizer
+
+
+def read_train_rows(dataset_file: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if not dataset_file.is_file():
+        raise DistillError(f"training data {dataset_file} does not exist", "run `distill generate` first")
+    table = pq.read_table(dataset_file)
+    missing = REQUIRED_COLUMNS - set(table.column_names)
+    if missing:
+        raise DistillError(f"{dataset_file} lacks columns {sorted(missing)}", "regenerate it with `distill generate`")
+    if table.num_rows == 0:
+        raise DistillError(f"{dataset_file} has no rows", "generate more data or relax teacher.keep")
+    return table.to_pylist()
+
+
+def train_stage(recipe, gen_dir: Path, out: Path) -> TrainStageResult:
+    """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``."""
+    from students.data import prompt_template, render_prompt, target_text, tokenize_example
+    from students.trainer import save_student, train
+
+    cfg = recipe.student
+    rows = read_train_rows(gen_dir / "dataset" / "train.parquet")
+    model, tokenizer = load_student(cfg.model)
+    task = Task(recipe.task.answer_type)
+    template = prompt_template(tokenizer)
+    examples = [
+        tokenize_example(tokenizer, render_prompt(template, r["question"]), target_text(r, cfg.format, task), cfg.max_length)
+        for r in rows
+    ]
+    console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}), {cfg.epochs} epochs")
+    t0 = time.time()
+    result = train(model, examples, cfg, tokenizer.pad_token_id)
+    model_dir = out / "model"
+    save_student(model, tokenizer, model_dir)
+    metrics = {
+        "examples": len(examples),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": time.time() - t0,
+        "final_loss": result.losses[-1]["loss"] if result.losses else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    write_json(out / "loss.json", result.losses)
+    write_json(out / "metrics.json", metrics)
+    write_config(out, "train", cfg.model_dump(), recipe.dump())
+    write_config(model_dir, "train", cfg.model_dump(), recipe.dump())
+    console.print(f"train: {result.steps} steps, {result.tokens_per_second:.0f} tok/s, final loss {metrics['final_loss']:.3f}")
+    return TrainStageResult(out, model_dir, metrics)

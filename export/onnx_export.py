@@ -1,0 +1,95 @@
+"""Export a decoder-only causal LM to ONNX with past key/values in and present key/values out.
+
+Inputs: ``input_ids``, ``attention_mask`` (over past + new tokens), ``position_ids`` and
+``past_key_values.{i}.key|value`` ``[batch, kv_heads, past_len, head_dim]``; outputs ``logits`` and
+``present.{i}.key|value``. Batch, sequence and past lengths are dynamic. Uses the dynamo exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder config."""
+    cfg = config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def _wrapper(model):
+    import torch
+    from transformers import DynamicCache
+
+    n_layers = kv_shape(model.config)[0]
+
+    class DecoderWithPast(torch.nn.Module):
+        """Flat-tensor signature around an HF causal LM so the exporter sees plain inputs/outputs."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)])
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return DecoderWithPast()
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """ONNX input and output names for a model with ``n_layers`` layers."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_decoder(model, out_path: Path, opset: int = 18) -> Path:
+    """Export ``model`` (fp32, eval) to ``out_path``; returns the path. Weights go to external data
+    when the model exceeds protobuf's 2 GB limit."""
+    import torch
+
+    model = model.eval().float()
+    n_layers, kv_heads, head_dim = kv_shape(model.config)
+    batch, seq, past_len = 2, 3, 4
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    position_ids = torch.arange(past_len, past_len + seq).unsqueeze(0).expand(batch, -1).contiguous()
+    past = [torch.randn(batch, kv_heads, past_len, head_dim) for _ in range(2 * n_layers)]
+    in_names, out_names = io_names(n_layers)
+
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s}}
+    dynamic_shapes = (dims["input_ids"], dims["attention_mask"], dims["position_ids"], tuple([{0: b, 2: p}] * len(past)))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    wrapper = _wrapper(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations) is not for users
+        program = torch.onnx.export(
+            wrapper,
+            (input_ids, attention_mask, position_ids, *past),
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(out_path), external_data=model.num_parameters() * 4 > 1.8e9)
+    return out_path

@@ -1,0 +1,73 @@
+"""Training examples for students: prompt (the question in the student's chat format) → target.
+
+Formats: ``rationale`` (Fine-tune-CoT: reasoning, then "Therefore, the answer is X.") and
+``label`` (answer only — the baseline). Loss is on the target tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+
+from distill.tasks import Task
+
+PLACEHOLDER = "<<<DISTILL_QUESTION>>>"
+
+
+def prompt_template(tokenizer) -> str:
+    """The student's prompt with ``PLACEHOLDER`` where the question goes (stored in export bundles)."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": PLACEHOLDER}], add_generation_prompt=True, tokenize=False
+        )
+    return f"Question: {PLACEHOLDER}\nAnswer: "
+
+
+def render_prompt(template: str, question: str) -> str:
+    return template.replace(PLACEHOLDER, question)
+
+
+def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think step by step.") -> str:
+    """The completion a student learns for one dataset row."""
+    answer = row["pred"] if row.get("pred") is not None else row["gold"]
+    if fmt == "label":
+        return task.answer_sentence(answer)
+    return f"{trigger} {row['rationale'].strip()}\n{task.answer_sentence(answer)}"
+
+
+def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> dict:
+    """input_ids + labels (-100 on the prompt), EOS appended, truncated to ``max_length``."""
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    t = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (p + t)[:max_length]
+    labels = ([-100] * len(p) + t)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of indices with similar lengths (less padding), deterministic for a seed."""
+    rng = random.Random(seed)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    chunk = batch_size * 8
+    batches = []
+    for start in range(0, len(idx), chunk):
+        group = sorted(idx[start : start + chunk], key=lambda i: lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[dict], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,62 @@
+"""Greedy evaluation of a torch causal LM on task problems, with per-example outputs."""
+
+from __future__ import annotations
+
+import math
+
+from distill.progress import progress_bar
+from distill.tasks import Task
+from students.data import render_prompt
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score(outputs: list[str], problems: list[dict], task: Task) -> tuple[dict, list[dict]]:
+    """Accuracy (+ 95% CI) of ``outputs`` against ``problems``; returns (summary, per-example rows)."""
+    rows = []
+    for out, p in zip(outputs, problems):
+        ex = task.extract(out)
+        rows.append(
+            {
+                "id": p["id"],
+                "question": p["question"],
+                "gold": task.normalize_gold(p["gold"]),
+                "output": out,
+                "pred": ex.answer,
+                "correct": task.is_correct(ex.answer, p["gold"]),
+            }
+        )
+    correct = sum(r["correct"] for r in rows)
+    lo, hi = wilson_interval(correct, len(rows))
+    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "ci95": [lo, hi]}, rows
+
+
+def generate_torch(model, tokenizer, template: str, questions: list[str], max_new_tokens: int, batch_size: int, label: str):
+    """Greedy completions from a torch model for ``questions`` rendered with ``template``."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outs: list[str] = []
+    model.eval()
+    with progress_bar(f"eval {label}", len(questions)) as advance:
+        for start in range(0, len(questions), batch_size):
+            chunk = [render_prompt(template, q) for q in questions[start : start + batch_size]]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                    temperature=None, top_p=None, top_k=None,
+                )
+            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            advance(len(chunk))
+    return outs

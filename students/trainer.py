@@ -1,0 +1,109 @@
+"""Fine-tune a causal LM student on (prompt, target) examples; completion-only loss.
+
+A plain loop: AdamW, warm-up + cosine/linear schedule, gradient accumulation with token-weighted
+loss, length-grouped batches, deterministic for a seed, one CPU thread (CUDA when present).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.progress import progress_bar
+from students.data import collate, length_grouped_batches
+from students.losses import completion_cross_entropy
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(model, examples: list[dict], cfg, pad_id: int) -> TrainResult:
+    """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log."""
+    import torch
+
+    seed_everything(cfg.seed)
+    device = next(model.parameters()).device
+    model.train()
+    model.config.use_cache = False
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup = int(total * cfg.warmup_ratio)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
+    use_bf16 = device.type == "cuda"
+    log, tokens, step, epoch = [], 0, 0, 0
+    t0 = time.time()
+    with progress_bar("train", total) as advance:
+        while step < total:
+            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            for batch_idx in batches:
+                if step >= total:
+                    break
+                micro = [batch_idx[i : i + cfg.micro_batch_size] for i in range(0, len(batch_idx), cfg.micro_batch_size)]
+                n_target = sum(sum(1 for x in examples[i]["labels"][1:] if x != -100) for i in batch_idx)
+                step_loss = 0.0
+                for mb in micro:
+                    batch = {k: v.to(device) for k, v in collate([examples[i] for i in mb], pad_id).items()}
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss, n = completion_cross_entropy(logits, batch["labels"])
+                    (loss * n / max(n_target, 1)).backward()
+                    step_loss += loss.item() * n.item() / max(n_target, 1)
+                    tokens += int(batch["attention_mask"].sum())
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
+                step += 1
+                advance(1, f"loss {step_loss:.3f}, {tokens / (time.time() - t0):.0f} tok/s")
+            epoch += 1
+    model.eval()
+    model.config.use_cache = True
+    return TrainResult(steps=step, tokens=tokens, seconds=time.time() - t0, losses=log)
+
+
+def save_student(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` model and tokenizer (safetensors) into ``folder``."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,94 @@
+"""Local transformers teacher: batched generation with length bucketing, 1 thread per process."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from teachers.backends.base import Completion, GenerationRequest
+
+
+def model_identity(path: Path | str, dtype: str) -> str:
+    """Stable id of local weights: config + weight file names, sizes and head/tail bytes, plus dtype."""
+    path = Path(path)
+    h = hashlib.sha256(dtype.encode())
+    if not path.exists():
+        return f"hub:{path}:{dtype}"
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".jinja", ".model", ".txt"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if f.stat().st_size > 2 << 20:
+                    fh.seek(-(1 << 20), 2)
+                    h.update(fh.read())
+    return f"{path.name}@{h.hexdigest()[:16]}"
+
+
+class TransformersBackend:
+    """A causal LM from a local folder, generating on CPU (or CUDA when present)."""
+
+    def __init__(self, path: Path | str, dtype: str = "float32", batch_size: int = 16, threads: int = 1):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.batch_size = batch_size
+        self.model_id = model_identity(path, dtype)
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+
+    def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
+        """Render messages with the model's chat template (plain text when it has none)."""
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "".join(f"{m['content']}\n\n" for m in messages)
+        return text + assistant_prefix
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """Complete every request; prompts are sorted by length so each batch pads little."""
+        import torch
+
+        encoded = [self.tokenizer(r.prompt, add_special_tokens=False).input_ids for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+        results: list[Completion | None] = [None] * len(requests)
+        i = 0
+        while i < len(order):
+            # A batch shares one decoding setting so generate() can run it in one call.
+            dec = requests[order[i]].decoding
+            idx = [order[i]]
+            j = i + 1
+            while j < len(order) and len(idx) < self.batch_size and requests[order[j]].decoding == dec:
+                idx.append(order[j])
+                j += 1
+            i = j
+            batch = self.tokenizer.pad({"input_ids": [encoded[k] for k in idx]}, return_tensors="pt").to(self.device)
+            gen_kwargs = dict(max_new_tokens=dec.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+            if dec.temperature > 0:
+                gen_kwargs.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p)
+                torch.manual_seed(int(requests[idx[0]].key(self.model_id)[:8], 16) + requests[idx[0]].sample)
+            else:
+                gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.inference_mode():
+                out = self.model.generate(**batch, **gen_kwargs)
+            new = out[:, batch["input_ids"].shape[1] :].tolist()
+            for k, toks in zip(idx, new):
+                n, finish = len(toks), "length"
+                for t, tok in enumerate(toks):
+                    if tok in self.eos_ids:
+                        n, finish = t, "stop"
+                        break
+                text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+                for s in dec.stop:
+                    if s in text:
+                        text, finish = text[: text.index(s)], "stop"
+                results[k] = Completion(text, len(encoded[k]), n, finish)
+        return results  # type: ignore[return-value]

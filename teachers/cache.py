@@ -1,0 +1,74 @@
+"""CompletionCache: every paid teacher completion, keyed by request hash, in SQLite.
+
+Safe for several worker processes at once (WAL, busy timeout); a row is committed as soon as its
+batch returns, so a crash never loses a completion that was paid for.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from teachers.backends.base import Completion, GenerationRequest, TeacherBackend
+
+
+class CompletionCache:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, model TEXT, value TEXT, created REAL)"
+        )
+
+    def get_many(self, keys: list[str]) -> dict[str, Completion]:
+        found: dict[str, Completion] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            q = f"SELECT key, value FROM completions WHERE key IN ({','.join('?' * len(chunk))})"
+            for key, value in self.db.execute(q, chunk):
+                found[key] = Completion(**json.loads(value), cached=True)
+        return found
+
+    def put_many(self, model: str, items: list[tuple[str, Completion]]) -> None:
+        rows = [
+            (k, model, json.dumps({kk: v for kk, v in c.__dict__.items() if kk != "cached"}), time.time())
+            for k, c in items
+        ]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?)", rows)
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class CachedTeacher:
+    """Wraps a backend: answers from the cache when it can, pays (and records) only for misses."""
+
+    def __init__(self, backend: TeacherBackend, cache: CompletionCache):
+        self.backend = backend
+        self.cache = cache
+        self.model_id = backend.model_id
+        self.calls = 0  # completions actually generated (paid for)
+
+    def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
+        return self.backend.chat_prompt(messages, assistant_prefix)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        keys = [r.key(self.model_id) for r in requests]
+        hits = self.cache.get_many(list(set(keys)))
+        missing = {k: r for k, r in zip(keys, requests) if k not in hits}
+        if missing:
+            fresh = self.backend.generate(list(missing.values()))
+            self.calls += len(fresh)
+            new = list(zip(missing.keys(), fresh))
+            self.cache.put_many(self.model_id, new)
+            hits.update(new)
+        return [hits[k] for k in keys]

@@ -1,0 +1,25 @@
+"""Prompt templates, rendered in a Jinja sandbox (no attribute tricks, no filesystem)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from distill.errors import DistillError
+
+
+@lru_cache(maxsize=None)
+def _env():
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def render(template: str, **values) -> str:
+    """Render ``template`` with ``values``; errors name the template problem."""
+    from jinja2 import TemplateError
+
+    try:
+        return _env().from_string(template).render(**values)
+    except TemplateError as e:
+        raise DistillError(f"prompt template failed: {e}", "fix the template in the recipe") from None

@@ -1,0 +1,53 @@
+"""The generation worker: one teacher model per process, used by Ray actors or in-process."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from distill.tasks import Task
+from teachers.methods import METHODS
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("question", pa.string()),
+        ("gold", pa.string()),
+        ("prompt", pa.string()),
+        ("rationale", pa.string()),
+        ("answer_raw", pa.string()),
+        ("pred", pa.string()),
+        ("correct", pa.bool_()),
+        ("parse_error", pa.string()),
+        ("finish_reason", pa.string()),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("cached", pa.bool_()),
+        ("teacher", pa.string()),
+    ]
+)
+
+
+class TeacherWorker:
+    """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows."""
+
+    def __init__(self, model_path: str, teacher_cfg: dict, answer_type: str, cache_path: str):
+        import torch
+
+        from distill.config import TeacherConfig
+        from teachers.backends.transformers import TransformersBackend
+        from teachers.cache import CachedTeacher, CompletionCache
+
+        torch.set_num_threads(1)
+        self.cfg = TeacherConfig.model_validate(teacher_cfg)
+        backend = TransformersBackend(model_path, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size)
+        self.teacher = CachedTeacher(backend, CompletionCache(cache_path))
+        self.task = Task(answer_type)
+        self.method = METHODS[self.cfg.method]
+
+    def __call__(self, batch) -> pa.Table:
+        problems = batch.to_pylist() if isinstance(batch, pa.Table) else list(batch)
+        rows = self.method(self.teacher, problems, self.cfg, self.task)
+        for r in rows:
+            r["teacher"] = self.teacher.model_id
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
