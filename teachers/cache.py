@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,9 @@ class CompletionCache:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        # Ray calls actors from a thread pool: one connection, shared under a lock.
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(
@@ -27,23 +30,28 @@ class CompletionCache:
 
     def get_many(self, keys: list[str]) -> dict[str, Completion]:
         found: dict[str, Completion] = {}
+        with self.lock:
+            self._get_into(keys, found)
+        return found
+
+    def _get_into(self, keys: list[str], found: dict[str, Completion]) -> None:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             q = f"SELECT key, value FROM completions WHERE key IN ({','.join('?' * len(chunk))})"
             for key, value in self.db.execute(q, chunk):
                 found[key] = Completion(**json.loads(value), cached=True)
-        return found
 
     def put_many(self, model: str, items: list[tuple[str, Completion]]) -> None:
         rows = [
             (k, model, json.dumps({kk: v for kk, v in c.__dict__.items() if kk != "cached"}), time.time())
             for k, c in items
         ]
-        with self.db:
+        with self.lock, self.db:
             self.db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?)", rows)
 
     def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()

@@ -89,12 +89,12 @@ def train_tiny_teacher(folder: Path, problems: list[dict], epochs: float = 30, s
         tokenize_example(
             tok,
             render_prompt(template.replace("<<Q>>", "<<<DISTILL_QUESTION>>>"), p["question"]) + trigger,
-            f" We compute it. The answer is {p['gold']}.",
+            f" So the answer is {p['gold']}.",
             256,
         )
         for p in problems
     ]
-    cfg = StudentConfig(model="unused", epochs=epochs, lr=3e-3, batch_size=8, micro_batch_size=8, warmup_ratio=0.0, seed=seed)
+    cfg = StudentConfig(model="unused", epochs=epochs, lr=2e-3, batch_size=2, micro_batch_size=2, warmup_ratio=0.05, seed=seed)
     train(model, examples, cfg, tok.pad_token_id)
     model.save_pretrained(folder)
     return folder

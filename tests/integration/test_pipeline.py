@@ -1,0 +1,97 @@
+"""`distill run` end to end on tiny real models through a session-scoped local Ray cluster."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distill.cli import app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
+    root = tmp_path_factory.mktemp("run")
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(root / "runs"),
+        "cache": str(root / "cache.sqlite"),
+        "task": tiny_task_cfg.model_dump(),
+        "teacher": {"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "batch_size": 4, "workers": 2,
+                    "executor": "ray", "dtype": "float32"},
+        "student": {"model": f"hf:{tiny_student}", "epochs": 3, "lr": 3e-3, "batch_size": 4, "micro_batch_size": 2,
+                    "max_length": 128, "eval_max_new_tokens": 16},
+    }
+    f = root / "recipe.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    return f
+
+
+@pytest.fixture(scope="module")
+def first_run(recipe_file, ray_cluster):
+    result = CliRunner().invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(recipe_file.read_text())
+
+
+def test_generate_writes_parquet_shards_with_schema(first_run):
+    import datasets
+
+    gen = f"{first_run['output_dir']}/tiny/generate"
+    manifest = json.loads(open(f"{gen}/shards/manifest.json").read())
+    rows = sum(s["rows"] for s in manifest["shards"])
+    assert rows == 12 + 6
+    ds = datasets.load_dataset("parquet", data_files={"train": f"{gen}/dataset/train.parquet", "eval": f"{gen}/dataset/eval.parquet"})
+    assert {"question", "rationale", "pred", "gold", "correct", "parse_error", "prompt"} <= set(ds["train"].column_names)
+    # Correct-only filter: every kept training row is right, and it kept some but not all.
+    assert all(ds["train"]["correct"]) and 0 < ds["train"].num_rows <= 12
+    assert ds["eval"].num_rows == 6
+    metrics = json.loads(open(f"{gen}/metrics.json").read())
+    assert metrics["train_rows_kept"] == ds["train"].num_rows
+    assert json.loads(open(f"{gen}/distill_config.json").read())["stage"] == "generate"
+
+
+def test_student_is_loadable_and_changed(first_run, tiny_student):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(f"{first_run['output_dir']}/tiny/train/model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_student)
+    diff = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), base.parameters()))
+    assert diff > 1e-4 and all(torch.isfinite(p).all() for p in trained.parameters())
+    losses = json.loads(open(f"{first_run['output_dir']}/tiny/train/loss.json").read())
+    assert losses[-1]["loss"] < losses[0]["loss"]
+
+
+def test_onnx_greedy_tokens_equal_torch(first_run):
+    m = json.loads(open(f"{first_run['output_dir']}/tiny/export/metrics.json").read())
+    v = m["fp32_verify"]
+    assert v["greedy_identical"] == v["prompts"] > 0 and v["max_abs_logit_error"] < 1e-3
+    assert 0 < m["int8_fp32_size_ratio"] < 1
+
+
+def test_report_has_numbers_for_every_model(first_run):
+    run = f"{first_run['output_dir']}/tiny"
+    metrics = json.loads(open(f"{run}/metrics.json").read())
+    assert set(metrics["scores"]) == {"teacher", "student_base", "student", "student_onnx"}
+    for s in metrics["scores"].values():
+        assert s["n"] == 6 and 0 <= s["accuracy"] <= 1 and s["ci95"][0] <= s["accuracy"] <= s["ci95"][1]
+    report = open(f"{run}/report.md").read()
+    assert "| teacher |" in report and "student int8 ONNX" in report
+    import os
+
+    assert os.path.getsize(f"{run}/plots/loss.png") > 1000 and os.path.getsize(f"{run}/plots/models.png") > 1000
+    teacher_rows = [json.loads(x) for x in open(f"{run}/evaluate/teacher.jsonl")]
+    assert sum(r["correct"] for r in teacher_rows) == metrics["scores"]["teacher"]["correct"]
+
+
+def test_rerun_reuses_stages_and_pays_no_teacher_call(first_run, recipe_file, ray_cluster):
+    result = CliRunner().invoke(app, ["generate", str(recipe_file), "--force", "teacher.batch_size=3", "teacher.workers=1"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(open(f"{first_run['output_dir']}/tiny/generate/metrics.json").read())
+    assert m["cached_rows"] == m["problems"]  # every row served from the completion cache
+    result = CliRunner().invoke(app, ["run", str(recipe_file)])
+    assert result.exit_code == 0 and "up to date" in result.output

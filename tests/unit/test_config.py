@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from distill.config import Recipe, content_hash, load_recipe
+from distill.errors import DistillError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_names_its_command(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    first_lines = path.read_text().splitlines()[:4]
+    assert any(str(path.relative_to(ROOT)) in line or "make quickstart" in line for line in first_lines)
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("student:\n  epoch: 2\n")
+    with pytest.raises(DistillError) as e:
+        load_recipe(f)
+    assert "student.epoch" in str(e.value) and "student.epochs" in str(e.value)
+
+
+def test_wrong_type_and_range_name_the_key():
+    with pytest.raises(DistillError, match=r"student.lr"):
+        load_recipe(None, ["student.lr=2"])
+    with pytest.raises(DistillError, match=r"teacher.executor"):
+        load_recipe(None, ["teacher.executor=spark"])
+    with pytest.raises(DistillError, match=r"micro_batch_size"):
+        load_recipe(None, ["student.batch_size=6", "student.micro_batch_size=4"])
+
+
+def test_overrides_parse_yaml_values():
+    r = load_recipe(None, ["student.epochs=0.5", "task.params={min_terms: 2}", "teacher.executor=local"])
+    assert r.student.epochs == 0.5 and r.task.params == {"min_terms": 2} and r.teacher.executor == "local"
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(DistillError, match="key=value"):
+        load_recipe(None, ["student.epochs"])
+    with pytest.raises(DistillError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_content_hash_ignores_batching_and_workers():
+    a = load_recipe(None)
+    b = load_recipe(None, ["teacher.batch_size=3", "teacher.workers=5", "teacher.executor=local"])
+    c = load_recipe(None, ["teacher.max_new_tokens=17"])
+    assert content_hash(a.teacher) == content_hash(b.teacher)
+    assert content_hash(a.teacher) != content_hash(c.teacher)
+
+
+@given(st.text(min_size=1, max_size=20).filter(lambda s: "=" not in s and "." not in s and s.strip() == s and s.isidentifier()))
+def test_any_unknown_top_level_key_is_rejected(key):
+    if key in Recipe.model_fields:
+        return
+    with pytest.raises(DistillError, match="unknown recipe key"):
+        load_recipe(None, [f"{key}=1"])

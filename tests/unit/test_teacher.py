@@ -1,0 +1,57 @@
+from distill.config import TeacherConfig
+from distill.tasks import Task, load_problems
+from teachers.backends.base import Decoding, GenerationRequest
+from teachers.backends.transformers import TransformersBackend
+from teachers.cache import CachedTeacher, CompletionCache
+from teachers.methods import zero_shot_cot
+
+
+def test_cache_key_ignores_batching_and_separates_decoding():
+    r = GenerationRequest("Q: 1+1?", Decoding(max_new_tokens=8))
+    assert r.key("m") == GenerationRequest("Q: 1+1?", Decoding(max_new_tokens=8)).key("m")
+    assert r.key("m") != GenerationRequest("Q: 1+1?", Decoding(max_new_tokens=9)).key("m")
+    assert r.key("m") != GenerationRequest("Q: 1+1?", Decoding(max_new_tokens=8), sample=1).key("m")
+    assert r.key("m") != r.key("other-model")
+
+
+def test_batched_generation_matches_one_by_one(tiny_teacher):
+    backend = TransformersBackend(tiny_teacher, batch_size=4)
+    prompts = [backend.chat_prompt([{"role": "user", "content": q}], "Let's think step by step.") for q in
+               ["State 1 + 2 =", "State the final answer to the following arithmetic problem: 7 + 8 =", "9 - 4 ="]]
+    reqs = [GenerationRequest(p, Decoding(max_new_tokens=10)) for p in prompts]
+    batched = backend.generate(reqs)
+    single = [backend.generate([r])[0] for r in reqs]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert all(c.tokens_out <= 10 and c.finish_reason in ("stop", "length") for c in batched)
+
+
+def test_cached_teacher_never_pays_twice(tiny_teacher, tmp_path):
+    backend = TransformersBackend(tiny_teacher, batch_size=2)
+    reqs = [GenerationRequest(f"Q{i}: {i} + 1 =", Decoding(max_new_tokens=6)) for i in range(5)]
+    first = CachedTeacher(backend, CompletionCache(tmp_path / "c.sqlite"))
+    out1 = first.generate(reqs)
+    assert first.calls == 5
+    # A new process-like instance over the same file, different batch size: zero calls.
+    backend.batch_size = 5
+    second = CachedTeacher(backend, CompletionCache(tmp_path / "c.sqlite"))
+    out2 = second.generate(reqs + reqs[:2])
+    assert second.calls == 0
+    assert [c.text for c in out2[:5]] == [c.text for c in out1] and all(c.cached for c in out2)
+
+
+def test_zero_shot_cot_rows_score_and_keep_raw_output(tiny_teacher, tiny_task_cfg, tmp_path):
+    train, evals = load_problems(tiny_task_cfg)
+    teacher = CachedTeacher(TransformersBackend(tiny_teacher, batch_size=4), CompletionCache(tmp_path / "c.sqlite"))
+    cfg = TeacherConfig(max_new_tokens=24, answer_extraction="fallback")
+    rows = zero_shot_cot(teacher, train[:8], cfg, Task("number"))
+    assert len(rows) == 8
+    for r in rows:
+        assert r["prompt"].endswith("Let's think step by step.")
+        assert r["correct"] == (r["pred"] == r["gold"])
+        assert (r["pred"] is None) == (r["parse_error"] is not None)
+    # The fitted tiny teacher knows these problems: most answers are right.
+    assert sum(r["correct"] for r in rows) >= 5
+    # "always" runs the stage-2 answer prompt for every row.
+    rows2 = zero_shot_cot(teacher, train[:4], cfg.model_copy(update={"answer_extraction": "always"}), Task("number"))
+    assert all(r["answer_raw"] != "" or r["tokens_out"] > 0 for r in rows2)
+    assert teacher.calls == 8 + 4  # stage 1 reused from the cache, only stage 2 paid

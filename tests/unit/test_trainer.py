@@ -1,0 +1,57 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.config import StudentConfig
+from students.data import length_grouped_batches, tokenize_example
+from students.trainer import lr_at, train
+
+
+def test_lr_schedule_shapes():
+    assert lr_at(0, 100, 10, "cosine") == 0.1
+    assert lr_at(9, 100, 10, "cosine") == 1.0
+    assert abs(lr_at(10, 100, 10, "cosine") - 1.0) < 1e-9
+    assert abs(lr_at(55, 100, 10, "linear") - 0.5) < 1e-9
+    assert lr_at(99, 100, 0, "constant") == 1.0
+
+
+def test_length_grouped_batches_cover_every_index_once():
+    lengths = [5, 50, 7, 49, 6, 48, 8, 47, 9]
+    batches = length_grouped_batches(lengths, 2, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert batches == length_grouped_batches(lengths, 2, seed=3)
+
+
+def test_prompt_tokens_are_masked(tiny_student):
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    ex = tokenize_example(tok, "Q: 1 + 2 =", " 3", 64)
+    n_prompt = len(tok("Q: 1 + 2 =", add_special_tokens=False).input_ids)
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and ex["input_ids"][-1] == tok.eos_token_id
+
+
+def _examples(tok):
+    return [tokenize_example(tok, f"Q: {i} + 1 =", f" Therefore, the answer is {i + 1}.", 64) for i in range(12)]
+
+
+def test_training_lowers_loss_and_is_deterministic(tiny_student):
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    cfg = StudentConfig(model="x", epochs=4, lr=3e-3, batch_size=4, micro_batch_size=2, seed=1)
+    weights = []
+    for _ in range(2):
+        model = AutoModelForCausalLM.from_pretrained(tiny_student)
+        result = train(model, _examples(tok), cfg, tok.pad_token_id)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert result.steps == 12
+    assert result.losses[-1]["loss"] < 0.7 * result.losses[0]["loss"]
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_gradient_accumulation_matches_full_batch(tiny_student):
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    finals = []
+    for micro in (4, 1):
+        model = AutoModelForCausalLM.from_pretrained(tiny_student)
+        cfg = StudentConfig(model="x", epochs=1, lr=1e-3, batch_size=4, micro_batch_size=micro, seed=0)
+        finals.append(train(model, _examples(tok), cfg, tok.pad_token_id).losses)
+    for a, b in zip(*finals):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
