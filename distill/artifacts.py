@@ -4,7 +4,7 @@ Run folder::
 
     runs/<name>/
       recipe.yaml                resolved recipe of the whole run
-      generate/ shards/part-*.parquet, manifest.json, dataset/{train,eval}.parquet, distill_config.json
+      generate/ shards/part-*.parquet, shards.json, dataset/{train,eval}.parquet, distill_config.json
       train/    model/ (save_pretrained), loss.json, distill_config.json
       export/   bundle/ (model.onnx, model.int8.onnx, tokenizer, distill_generation.json), distill_config.json
       eval/     <model>.jsonl per-example outputs, distill_config.json
@@ -71,10 +71,12 @@ def write_parquet(path: Path, table) -> str:
 
 
 class ShardWriter:
-    """Buffers rows and commits them as Parquet shards; ``manifest.json`` lists committed shards."""
+    """Buffers rows and commits them as Parquet shards; ``manifest`` (a JSON file outside the shard
+    folder, so the folder reads as one Parquet dataset) lists the committed shards and their hashes."""
 
-    def __init__(self, folder: Path, schema, rows_per_shard: int = 256):
+    def __init__(self, folder: Path, manifest: Path, schema, rows_per_shard: int = 64):
         self.folder = folder
+        self.manifest = manifest
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.buffer: list = []
@@ -96,9 +98,9 @@ class ShardWriter:
         name = f"part-{len(self.shards):05d}.parquet"
         digest = write_parquet(self.folder / name, table)
         self.shards.append({"file": name, "rows": table.num_rows, "sha256": digest})
-        write_json(self.folder / "manifest.json", {"shards": self.shards})
+        write_json(self.manifest, {"shards": self.shards})
 
     def close(self) -> list[dict]:
         self.flush()
-        write_json(self.folder / "manifest.json", {"shards": self.shards})
+        write_json(self.manifest, {"shards": self.shards})
         return self.shards

@@ -28,10 +28,10 @@ def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
     """MatMuls kept in fp32 by default: the ones our sensitivity sweep found quantization breaks."""
     from export.quantize import matmul_nodes
 
-    nodes = matmul_nodes(model_path)
-    per_layer = (len(nodes) - 1) // n_layers if n_layers else 0
+    nodes = matmul_nodes(model_path)  # the lm_head may or may not be among them (tied weights)
+    per_layer = len(nodes) // n_layers if n_layers else 0
     keep = []
-    if per_layer == 7:  # q, k, v, o, gate, up, down per layer (Llama/Qwen/Mistral-style blocks)
+    if per_layer == 7 and len(nodes) - 7 * n_layers in (0, 1):  # q, k, v, o, gate, up, down per layer (Llama/Qwen/Mistral-style blocks)
         keep += [nodes[7 * i + 6] for i in range(n_layers)]  # down_proj: large activation outliers
     return keep
 

@@ -94,7 +94,7 @@ def generate(recipe, out: Path) -> GenerateResult:
         answer_type=recipe.task.answer_type,
         cache_path=str(Path(recipe.cache).resolve()),
     )
-    writer = ShardWriter(out / "shards", ROW_SCHEMA)
+    writer = ShardWriter(out / "shards", out / "shards.json", ROW_SCHEMA)
     stats = {"rows": 0, "correct": 0, "tokens_out": 0, "cached": 0, "parse_errors": 0}
     t0 = time.time()
     console.print(

@@ -41,9 +41,12 @@ def test_generate_writes_parquet_shards_with_schema(first_run):
     import datasets
 
     gen = f"{first_run['output_dir']}/tiny/generate"
-    manifest = json.loads(open(f"{gen}/shards/manifest.json").read())
-    rows = sum(s["rows"] for s in manifest["shards"])
-    assert rows == 12 + 6
+    manifest = json.loads(open(f"{gen}/shards.json").read())
+    assert sum(s["rows"] for s in manifest["shards"]) == 12 + 6
+    # The shard folder is one Parquet dataset: every row, raw output kept, failures with a reason.
+    every = datasets.load_dataset("parquet", data_dir=f"{gen}/shards")["train"]
+    assert every.num_rows == 18 and sorted(every["id"]) == sorted(set(every["id"]))
+    assert all((r["pred"] is None) == (r["parse_error"] is not None) for r in every)
     ds = datasets.load_dataset("parquet", data_files={"train": f"{gen}/dataset/train.parquet", "eval": f"{gen}/dataset/eval.parquet"})
     assert {"question", "rationale", "pred", "gold", "correct", "parse_error", "prompt"} <= set(ds["train"].column_names)
     # Correct-only filter: every kept training row is right, and it kept some but not all.
