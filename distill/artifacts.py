@@ -6,7 +6,7 @@ Run folder::
       recipe.yaml                resolved recipe of the whole run
       generate/ shards/part-*.parquet, shards.json, dataset/{train,eval}.parquet, distill_config.json
       train/    model/ (save_pretrained), loss.json, distill_config.json
-      export/   bundle/ (model.onnx, model.int8.onnx, tokenizer, distill_generation.json), distill_config.json
+      export/   bundle/ (model.onnx, model.<preset>.onnx, tokenizer, distill_generation.json), distill_config.json
       eval/     <model>.jsonl per-example outputs, distill_config.json
       report.md, metrics.json, plots/*.png
 """

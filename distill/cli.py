@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from distill.errors import DistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distill large teachers into small, deployable students.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Distill large teachers into small, deployable students."
+)
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. student.epochs=1")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. student.epochs=1")]
 Force = Annotated[bool, typer.Option("--force", help="redo stages even if their outputs are up to date")]
 
 
@@ -91,18 +94,27 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) 
 def infer(
     bundle: Annotated[Path, typer.Argument(help="export bundle folder (runs/<name>/export/bundle)")],
     question: Annotated[str, typer.Argument(help="the question to answer")],
-    model_file: Annotated[str, typer.Option(help="ONNX file inside the bundle")] = "model.int8.onnx",
+    model_file: Annotated[
+        str | None, typer.Option(help="ONNX file inside the bundle (default: the bundle's choice)")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
 ) -> None:
     """Answer one question with an exported bundle through onnxruntime (no torch)."""
 
     def go():
         _env_defaults()
-        if not (bundle / model_file).is_file():
-            raise DistillError(f"{bundle / model_file} does not exist", "pass an export bundle folder from `distill export`")
-        from export.runtime import OnnxGenerator
+        from export.runtime import GENERATION_FILE, OnnxGenerator
 
-        print(OnnxGenerator(bundle, model_file).generate([question], max_new_tokens)[0])
+        if not (bundle / GENERATION_FILE).is_file():
+            raise DistillError(
+                f"{bundle} is not an export bundle (no {GENERATION_FILE})", "pass runs/<name>/export/bundle"
+            )
+        name = model_file or json.loads((bundle / GENERATION_FILE).read_text())["model_file"]
+        if not (bundle / name).is_file():
+            raise DistillError(
+                f"{bundle / name} does not exist", "pick an .onnx file inside the bundle with --model-file"
+            )
+        print(OnnxGenerator(bundle, name).generate([question], max_new_tokens)[0])
 
     _guard(go)
 

@@ -70,6 +70,9 @@ class StudentConfig(Strict):
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (after accumulation)")
     micro_batch_size: int = Field(8, ge=1, description="examples per forward pass")
     max_length: int = Field(384, ge=8, description="prompt + completion tokens; longer examples are truncated")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast on CUDA and on CPUs with native bf16; fp32 elsewhere"
+    )
     seed: int = Field(0)
     eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
     eval_batch_size: int = Field(8, ge=1)
@@ -85,10 +88,22 @@ class ExportConfig(Strict):
     """ONNX export and quantization of the trained student."""
 
     enabled: bool = True
-    quantization: Literal["int8_dynamic", "none"] = Field("int8_dynamic")
-    keep_fp32_nodes: list[str] = Field(
-        default_factory=list, description="extra MatMul node names to keep in fp32 (besides the sensitive defaults)"
+    quantization: Literal["int8", "int8_dynamic", "int4", "none"] = Field(
+        "int8", description="int8: blockwise weight-only MatMulNBits with int8 compute; see export/quantize.py"
     )
+    smooth_alpha: float = Field(
+        0.0, ge=0, le=1, description="SmoothQuant migration strength folded into weights before export (0 = off)"
+    )
+    block_size: int = Field(32, ge=16, description="quantization block size for int8/int4 (power of two)")
+    keep_fp32_nodes: list[str] = Field(default_factory=list, description="MatMul node names to keep in fp32")
+
+    @field_validator("block_size")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
+        return v
+
     opset: int = Field(18, ge=17)
 
 

@@ -18,7 +18,9 @@ _NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _ANSWER_PATTERNS = [
     re.compile(r"####\s*(" + _NUM + ")"),
     re.compile(r"\\boxed\{\s*(" + _NUM + r")\s*\}"),
-    re.compile(r"answer(?: \(arabic numerals\))?(?: to [^.\n]{0,80}?)? is[:\s]*\**\s*(?:\\\(|\$)?\s*(" + _NUM + ")", re.I),
+    re.compile(
+        r"answer(?: \(arabic numerals\))?(?: to [^.\n]{0,80}?)? is[:\s]*\**\s*(?:\\\(|\$)?\s*(" + _NUM + ")", re.I
+    ),
 ]
 
 

@@ -74,7 +74,12 @@ def export_decoder(model, out_path: Path, opset: int = 18) -> Path:
 
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
     dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s}}
-    dynamic_shapes = (dims["input_ids"], dims["attention_mask"], dims["position_ids"], tuple([{0: b, 2: p}] * len(past)))
+    dynamic_shapes = (
+        dims["input_ids"],
+        dims["attention_mask"],
+        dims["position_ids"],
+        tuple([{0: b, 2: p}] * len(past)),
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     wrapper = _wrapper(model).eval()

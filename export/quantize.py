@@ -1,7 +1,17 @@
-"""Quantization presets for exported decoders (onnxruntime.quantization)."""
+"""Quantization presets for exported decoders (onnxruntime.quantization).
+
+- ``int8`` (default): weight-only blockwise int8 (``MatMulNBits`` bits=8, block 32) computed with
+  int8 kernels (accuracy level 4: activations quantized per block of each row at run time). Per-row
+  activation scales survive the outlier channels and the attention-sink token that wreck per-tensor
+  dynamic quantization; measured on SmolLM2-135M: 98% top-1 agreement with fp32 vs 67%.
+- ``int8_dynamic``: classic ``quantize_dynamic`` (per-channel int8 weights, one uint8 scale per
+  activation tensor), with the sensitive MatMuls kept fp32.
+- ``int4``: weight-only ``MatMulNBits`` bits=4.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 
@@ -37,3 +47,38 @@ def quantize_dynamic_int8(src: Path, dst: Path, exclude: list[str] = ()) -> dict
         extra_options={"MatMulConstBOnly": True},
     )
     return config
+
+
+def quantize_weight_only(
+    src: Path, dst: Path, bits: int = 8, block_size: int = 32, accuracy_level: int = 4, exclude: list[str] = ()
+) -> dict:
+    """Blockwise weight-only quantization of constant-weight MatMuls to ``MatMulNBits``.
+
+    ``accuracy_level`` 4 computes with int8 (activations quantized per block at run time); 0/1
+    dequantize to fp32. Returns the config used (saved next to the model).
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = onnx.load(str(src))
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=list(exclude),
+    )
+    quantizer.process()
+    large = quantizer.model.model.ByteSize() > 1.8e9
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
+    return {
+        "preset": f"int{bits}",
+        "op": "MatMulNBits",
+        "bits": bits,
+        "block_size": block_size,
+        "symmetric": True,
+        "accuracy_level": accuracy_level,
+        "nodes_kept_fp32": sorted(exclude),
+    }

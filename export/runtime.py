@@ -1,6 +1,6 @@
 """Torch-free runtime for exported students: onnxruntime + tokenizers + numpy only.
 
-``OnnxGenerator(bundle_dir)`` loads ``model.onnx`` (or a named variant), the tokenizer and
+``OnnxGenerator(bundle_dir)`` loads the bundle's default model (or a named variant), the tokenizer and
 ``distill_generation.json`` and runs batched greedy decoding with the KV cache.
 """
 
@@ -28,12 +28,12 @@ def make_session(model_path: Path | str, threads: int = 1):
 class OnnxGenerator:
     """Greedy KV-cache generation over an exported decoder; no torch anywhere."""
 
-    def __init__(self, bundle_dir: Path | str, model_file: str = "model.onnx", threads: int = 1):
+    def __init__(self, bundle_dir: Path | str, model_file: str | None = None, threads: int = 1):
         from tokenizers import Tokenizer
 
         bundle_dir = Path(bundle_dir)
         self.meta = json.loads((bundle_dir / GENERATION_FILE).read_text())
-        self.session = make_session(bundle_dir / model_file, threads)
+        self.session = make_session(bundle_dir / (model_file or self.meta["model_file"]), threads)
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
         self.eos_ids = set(self.meta["eos_token_ids"])
         self.pad_id = self.meta["pad_token_id"]

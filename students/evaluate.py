@@ -40,7 +40,9 @@ def score(outputs: list[str], problems: list[dict], task: Task) -> tuple[dict, l
     return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "ci95": [lo, hi]}, rows
 
 
-def generate_torch(model, tokenizer, template: str, questions: list[str], max_new_tokens: int, batch_size: int, label: str):
+def generate_torch(
+    model, tokenizer, template: str, questions: list[str], max_new_tokens: int, batch_size: int, label: str
+):
     """Greedy completions from a torch model for ``questions`` rendered with ``template``."""
     import torch
 
@@ -54,8 +56,13 @@ def generate_torch(model, tokenizer, template: str, questions: list[str], max_ne
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                    temperature=None, top_p=None, top_k=None,
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
                 )
             outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             advance(len(chunk))

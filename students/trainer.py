@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distill.progress import progress_bar
 from students.data import collate, length_grouped_batches
-from students.losses import completion_cross_entropy
+from students.losses import completion_cross_entropy, selected_cross_entropy
 
 
 @dataclass
@@ -39,6 +39,27 @@ def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def use_bf16(precision: str, device) -> bool:
+    """bf16 autocast: on CUDA, or on CPUs with native bf16 (AVX512-BF16/AMX), where it is ~1.6x faster."""
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def forward_loss(model, batch):
+    """Completion-only loss; projects through the LM head only where a target token is predicted."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return completion_cross_entropy(logits, batch["labels"])
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return selected_cross_entropy(hidden, head, batch["labels"])
 
 
 def seed_everything(seed: int) -> None:
@@ -70,7 +91,7 @@ def train(model, examples: list[dict], cfg, pad_id: int) -> TrainResult:
         betas=(0.9, 0.95),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
-    use_bf16 = device.type == "cuda"
+    bf16 = use_bf16(cfg.precision, device)
     log, tokens, step, epoch = [], 0, 0, 0
     t0 = time.time()
     with progress_bar("train", total) as advance:
@@ -79,14 +100,15 @@ def train(model, examples: list[dict], cfg, pad_id: int) -> TrainResult:
             for batch_idx in batches:
                 if step >= total:
                     break
-                micro = [batch_idx[i : i + cfg.micro_batch_size] for i in range(0, len(batch_idx), cfg.micro_batch_size)]
+                micro = [
+                    batch_idx[i : i + cfg.micro_batch_size] for i in range(0, len(batch_idx), cfg.micro_batch_size)
+                ]
                 n_target = sum(sum(1 for x in examples[i]["labels"][1:] if x != -100) for i in batch_idx)
                 step_loss = 0.0
                 for mb in micro:
                     batch = {k: v.to(device) for k, v in collate([examples[i] for i in mb], pad_id).items()}
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss, n = completion_cross_entropy(logits, batch["labels"])
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss, n = forward_loss(model, batch)
                     (loss * n / max(n_target, 1)).backward()
                     step_loss += loss.item() * n.item() / max(n_target, 1)
                     tokens += int(batch["attention_mask"].sum())

@@ -33,7 +33,9 @@ def tiny_student(tmp_path_factory) -> Path:
 def tiny_task_cfg():
     from distill.config import TaskConfig
 
-    return TaskConfig(name="chain_sum", params={"min_terms": 2, "max_terms": 2, "max_digits": 1}, train_size=12, eval_size=6)
+    return TaskConfig(
+        name="chain_sum", params={"min_terms": 2, "max_terms": 2, "max_digits": 1}, train_size=12, eval_size=6
+    )
 
 
 @pytest.fixture(scope="session")

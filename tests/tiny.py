@@ -27,7 +27,10 @@ def build_tokenizer(folder: Path):
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
@@ -84,7 +87,9 @@ def train_tiny_teacher(folder: Path, problems: list[dict], epochs: float = 30, s
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     trigger = "Let's think step by step."
-    template = tok.apply_chat_template([{"role": "user", "content": "<<Q>>"}], add_generation_prompt=True, tokenize=False)
+    template = tok.apply_chat_template(
+        [{"role": "user", "content": "<<Q>>"}], add_generation_prompt=True, tokenize=False
+    )
     examples = [
         tokenize_example(
             tok,
@@ -94,7 +99,9 @@ def train_tiny_teacher(folder: Path, problems: list[dict], epochs: float = 30, s
         )
         for p in problems
     ]
-    cfg = StudentConfig(model="unused", epochs=epochs, lr=2e-3, batch_size=2, micro_batch_size=2, warmup_ratio=0.05, seed=seed)
+    cfg = StudentConfig(
+        model="unused", epochs=epochs, lr=2e-3, batch_size=2, micro_batch_size=2, warmup_ratio=0.05, seed=seed
+    )
     train(model, examples, cfg, tok.pad_token_id)
     model.save_pretrained(folder)
     return folder

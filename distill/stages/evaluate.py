@@ -1,11 +1,12 @@
 """Stage 4 — evaluate: greedy accuracy on the held-out problems for every model in the run.
 
 The teacher's score comes from the generate stage (it answered the eval split there; no second
-bill). Students are scored with torch; the int8 ONNX student through the torch-free runtime.
+bill). Students are scored with torch; the quantized ONNX student through the torch-free runtime.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ LABELS = {
     "teacher": "teacher",
     "student_base": "student (before training)",
     "student": "student (after training)",
-    "student_onnx": "student int8 ONNX",
+    "student_onnx": "student quantized ONNX",
 }
 
 
@@ -58,12 +59,23 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
         t0 = time.time()
         if name == "teacher":
             rows = [
-                {"id": p["id"], "question": p["question"], "gold": p["gold"], "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
-                 "pred": p["pred"], "correct": bool(p["correct"])}
+                {
+                    "id": p["id"],
+                    "question": p["question"],
+                    "gold": p["gold"],
+                    "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
+                    "pred": p["pred"],
+                    "correct": bool(p["correct"]),
+                }
                 for p in problems
             ]
             correct = sum(r["correct"] for r in rows)
-            summary = {"accuracy": correct / len(rows), "correct": correct, "n": len(rows), "ci95": list(wilson_interval(correct, len(rows)))}
+            summary = {
+                "accuracy": correct / len(rows),
+                "correct": correct,
+                "n": len(rows),
+                "ci95": list(wilson_interval(correct, len(rows))),
+            }
         elif name in ("student_base", "student"):
             from distill.stages.train import load_student
             from students.data import prompt_template
@@ -72,18 +84,29 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
             if name == "student" and train_dir is None:
                 continue
             model, tokenizer = load_student(cfg.model if name == "student_base" else str(train_dir / "model"))
-            outs = generate_torch(model, tokenizer, prompt_template(tokenizer), questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, name)
+            outs = generate_torch(
+                model,
+                tokenizer,
+                prompt_template(tokenizer),
+                questions,
+                cfg.eval_max_new_tokens,
+                cfg.eval_batch_size,
+                name,
+            )
             summary, rows = score(outs, problems, task)
             summary["parameters"] = sum(p.numel() for p in model.parameters())
             summary["bytes"] = summary["parameters"] * 4
             del model
         elif name == "student_onnx":
-            if export_dir is None or not (export_dir / "bundle" / "model.int8.onnx").exists():
+            meta_file = export_dir / "metrics.json" if export_dir else None
+            if meta_file is None or not meta_file.exists():
                 continue
+            exp = json.loads(meta_file.read_text())
+            model_file = exp.get("quant_file", "model.onnx")
             from distill.progress import progress_bar
             from export.runtime import OnnxGenerator
 
-            gen = OnnxGenerator(export_dir / "bundle", "model.int8.onnx")
+            gen = OnnxGenerator(export_dir / "bundle", model_file)
             outs = []
             with progress_bar(f"eval {name}", len(questions)) as advance:
                 for start in range(0, len(questions), cfg.eval_batch_size):
@@ -91,12 +114,12 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
                     outs += gen.generate(chunk, cfg.eval_max_new_tokens, cfg.eval_batch_size)
                     advance(len(chunk))
             summary, rows = score(outs, problems, task)
-            f = export_dir / "bundle" / "model.int8.onnx"
-            summary["bytes"] = f.stat().st_size + (f.with_name(f.name + ".data").stat().st_size if f.with_name(f.name + ".data").exists() else 0)
+            summary["bytes"] = exp.get("quant_bytes", exp.get("fp32_bytes"))
+            summary["model_file"] = model_file
         else:  # pragma: no cover - validated by the recipe model
             raise ValueError(name)
         summary["seconds"] = time.time() - t0
-        summary["label"] = LABELS[name]
+        summary["label"] = LABELS[name] if name != "student_onnx" else f"student {recipe.export.quantization} ONNX"
         scores[name] = summary
         _write_rows(out / f"{name}.jsonl", rows)
         console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")

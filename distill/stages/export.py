@@ -1,4 +1,4 @@
-"""Stage 3 — export: the trained student to ONNX with KV cache, int8-quantized, in a runnable bundle.
+"""Stage 3 — export: the trained student to ONNX with KV cache, quantized, in a runnable bundle.
 
 Verified after export: logits vs torch on real prompts (max abs error) and greedy tokens identical.
 """
@@ -14,7 +14,6 @@ from distill.progress import console
 from export.runtime import GENERATION_FILE
 
 FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
 
 
 @dataclass
@@ -31,12 +30,15 @@ def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
     nodes = matmul_nodes(model_path)  # the lm_head may or may not be among them (tied weights)
     per_layer = len(nodes) // n_layers if n_layers else 0
     keep = []
-    if per_layer == 7 and len(nodes) - 7 * n_layers in (0, 1):  # q, k, v, o, gate, up, down per layer (Llama/Qwen/Mistral-style blocks)
+    if per_layer == 7 and len(nodes) - 7 * n_layers in (
+        0,
+        1,
+    ):  # q, k, v, o, gate, up, down per layer (Llama/Qwen/Mistral-style blocks)
         keep += [nodes[7 * i + 6] for i in range(n_layers)]  # down_proj: large activation outliers
     return keep
 
 
-def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int) -> dict:
+def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int, model_file: str) -> dict:
     """Tokenizer + generation metadata a torch-free runtime needs; returns the metadata."""
     from export.onnx_export import kv_shape
     from students.data import PLACEHOLDER, prompt_template
@@ -53,6 +55,7 @@ def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int) -> 
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
         "max_new_tokens": max_new_tokens,
+        "model_file": model_file,  # the variant runtimes load by default
     }
     write_json(bundle / GENERATION_FILE, meta)
     return meta
@@ -81,38 +84,54 @@ def verify(model, tokenizer, bundle: Path, model_file: str, questions: list[str]
     torch_out = generate_torch(model, tokenizer, gen.meta["prompt_template"], questions, max_new_tokens, 8, "verify")
     onnx_out = gen.generate(questions, max_new_tokens)
     same = sum(a == b for a, b in zip(torch_out, onnx_out))
-    return {"max_abs_logit_error": max_err, "top1_agreement": agree / total, "greedy_identical": same, "prompts": len(questions)}
+    return {
+        "max_abs_logit_error": max_err,
+        "top1_agreement": agree / total,
+        "greedy_identical": same,
+        "prompts": len(questions),
+    }
 
 
 def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportResult:
     """Export ``train_dir/model`` into ``out/bundle``; returns sizes and verification numbers."""
     import pyarrow.parquet as pq
 
-    from export.onnx_export import export_decoder, kv_shape
-    from export.quantize import quantize_dynamic_int8
     from distill.stages.train import load_student
+    from export.onnx_export import export_decoder, kv_shape
+    from export.quantize import quantize_dynamic_int8, quantize_weight_only
 
     cfg = recipe.export
     bundle = out / "bundle"
     bundle.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_student(str(train_dir / "model"))
     model = model.cpu().eval()
+    if cfg.smooth_alpha > 0:
+        _smooth(model, tokenizer, gen_dir, cfg.smooth_alpha)
     console.print(f"[bold]export[/] {train_dir / 'model'} → ONNX (dynamo, opset {cfg.opset})")
     t0 = time.time()
     export_decoder(model, bundle / FP32_FILE, opset=cfg.opset)
-    write_bundle_files(tokenizer, model.config, bundle, recipe.student.eval_max_new_tokens)
+    meta = write_bundle_files(tokenizer, model.config, bundle, recipe.student.eval_max_new_tokens, FP32_FILE)
     metrics: dict = {"export_seconds": time.time() - t0, "fp32_bytes": _size(bundle, FP32_FILE)}
     questions = [r["question"] for r in pq.read_table(gen_dir / "dataset" / "eval.parquet").to_pylist()[:4]]
     metrics["fp32_verify"] = verify(model, tokenizer, bundle, FP32_FILE, questions, 32)
-    if cfg.quantization == "int8_dynamic":
+    if cfg.quantization != "none":
+        QUANT_FILE = f"model.{cfg.quantization}.onnx"
         t1 = time.time()
-        keep = default_fp32_nodes(bundle / FP32_FILE, kv_shape(model.config)[0]) + list(cfg.keep_fp32_nodes)
-        qcfg = quantize_dynamic_int8(bundle / FP32_FILE, bundle / INT8_FILE, keep)
+        keep = list(cfg.keep_fp32_nodes)
+        if cfg.quantization == "int8_dynamic":
+            keep += default_fp32_nodes(bundle / FP32_FILE, kv_shape(model.config)[0])
+            qcfg = quantize_dynamic_int8(bundle / FP32_FILE, bundle / QUANT_FILE, keep)
+        else:
+            bits = 8 if cfg.quantization == "int8" else 4
+            qcfg = quantize_weight_only(bundle / FP32_FILE, bundle / QUANT_FILE, bits, cfg.block_size, 4, keep)
         write_json(bundle / "quantization_config.json", qcfg)
+        metrics["quantization"] = qcfg
         metrics["quantize_seconds"] = time.time() - t1
-        metrics["int8_bytes"] = _size(bundle, INT8_FILE)
-        metrics["int8_fp32_size_ratio"] = metrics["int8_bytes"] / metrics["fp32_bytes"]
-        metrics["int8_verify"] = verify(model, tokenizer, bundle, INT8_FILE, questions, 32)
+        metrics["quant_bytes"] = _size(bundle, QUANT_FILE)
+        metrics["quant_fp32_size_ratio"] = metrics["quant_bytes"] / metrics["fp32_bytes"]
+        metrics["quant_verify"] = verify(model, tokenizer, bundle, QUANT_FILE, questions, 32)
+        metrics["quant_file"] = QUANT_FILE
+        write_json(bundle / GENERATION_FILE, {**meta, "model_file": QUANT_FILE})
     write_json(out / "metrics.json", metrics)
     write_config(out, "export", cfg.model_dump(), recipe.dump())
     write_config(bundle, "export", cfg.model_dump(), recipe.dump())
@@ -121,13 +140,30 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         f"export: fp32 {metrics['fp32_bytes'] / 1e6:.0f} MB (max logit err {v['max_abs_logit_error']:.1e}, "
         f"greedy identical {v['greedy_identical']}/{v['prompts']})"
         + (
-            f", int8 {metrics['int8_bytes'] / 1e6:.0f} MB (ratio {metrics['int8_fp32_size_ratio']:.2f}, "
-            f"top-1 agreement {metrics['int8_verify']['top1_agreement']:.1%})"
-            if "int8_bytes" in metrics
+            f", {cfg.quantization} {metrics['quant_bytes'] / 1e6:.0f} MB (ratio {metrics['quant_fp32_size_ratio']:.2f}, "
+            f"top-1 agreement {metrics['quant_verify']['top1_agreement']:.1%})"
+            if "quant_bytes" in metrics
             else ""
         )
     )
     return ExportResult(out, bundle, metrics)
+
+
+def _smooth(model, tokenizer, gen_dir: Path, alpha: float) -> None:
+    """Fold SmoothQuant scales into the model, calibrated on prompts from the distilled dataset."""
+    import pyarrow.parquet as pq
+
+    from export.smooth import calibrate, smooth, smoothable
+    from students.data import prompt_template, render_prompt
+
+    if not smoothable(model):
+        console.print("[yellow]export.smooth_alpha ignored: not a Llama-style decoder[/]")
+        return
+    template = prompt_template(tokenizer)
+    rows = pq.read_table(gen_dir / "dataset" / "train.parquet").to_pylist()[:32]
+    texts = [render_prompt(template, r["question"]) + r["rationale"] for r in rows]
+    batches = [dict(tokenizer(t, return_tensors="pt", add_special_tokens=False)) for t in texts]
+    smooth(model, calibrate(model, batches), alpha)
 
 
 def _size(folder: Path, name: str) -> int:

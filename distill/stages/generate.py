@@ -153,7 +153,9 @@ def generate(recipe, out: Path) -> GenerateResult:
         "shards": shards,
     }
     write_json(out / "metrics.json", metrics)
-    write_config(out, "generate", {"task": recipe.task.model_dump(), "teacher": recipe.teacher.model_dump()}, recipe.dump())
+    write_config(
+        out, "generate", {"task": recipe.task.model_dump(), "teacher": recipe.teacher.model_dump()}, recipe.dump()
+    )
     console.print(
         f"generate: kept {train_rows.num_rows}/{len(train)} train rationales, teacher eval accuracy "
         f"{teacher_acc:.1%}, {stats['cached']} rows from cache, {metrics['seconds']:.0f}s"

@@ -19,7 +19,14 @@ def accuracy_rows(scores: dict) -> list[tuple[str, str, str, str]]:
     rows = []
     for s in scores.values():
         lo, hi = s["ci95"]
-        rows.append((s["label"], f"{s['accuracy']:.1%} ({s['correct']}/{s['n']})", f"{lo:.1%}–{hi:.1%}", _fmt_bytes(s.get("bytes"))))
+        rows.append(
+            (
+                s["label"],
+                f"{s['accuracy']:.1%} ({s['correct']}/{s['n']})",
+                f"{lo:.1%}–{hi:.1%}",
+                _fmt_bytes(s.get("bytes")),
+            )
+        )
     return rows
 
 
@@ -47,7 +54,10 @@ def _plot_models(scores: dict, path: Path) -> None:
 
     labels = [s["label"] for s in scores.values()]
     acc = [100 * s["accuracy"] for s in scores.values()]
-    err = [[100 * (s["accuracy"] - s["ci95"][0]) for s in scores.values()], [100 * (s["ci95"][1] - s["accuracy"]) for s in scores.values()]]
+    err = [
+        [100 * (s["accuracy"] - s["ci95"][0]) for s in scores.values()],
+        [100 * (s["ci95"][1] - s["accuracy"]) for s in scores.values()],
+    ]
     size = [(s.get("bytes") or 0) / 1e6 for s in scores.values()]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     a1.barh(labels, acc, xerr=err, color="#4477aa", capsize=3)
@@ -82,17 +92,27 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
     lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
     gen = stage_metrics.get("generate", {})
     if gen:
-        lines += ["", f"Teacher `{gen.get('teacher_model')}`: kept {gen.get('train_rows_kept')} of {gen.get('train_problems')} "
-                  f"train rationales (correct answers only), {gen.get('tokens_out')} tokens generated, "
-                  f"{gen.get('cached_rows')} rows served from the cache."]
+        lines += [
+            "",
+            f"Teacher `{gen.get('teacher_model')}`: kept {gen.get('train_rows_kept')} of {gen.get('train_problems')} "
+            f"train rationales (correct answers only), {gen.get('tokens_out')} tokens generated, "
+            f"{gen.get('cached_rows')} rows served from the cache.",
+        ]
     exp = stage_metrics.get("export", {})
     if exp:
         v = exp.get("fp32_verify", {})
-        lines += ["", f"ONNX fp32: max |logit − torch| {v.get('max_abs_logit_error', float('nan')):.2e}, greedy outputs identical "
-                  f"{v.get('greedy_identical')}/{v.get('prompts')}."]
-        if "int8_bytes" in exp:
-            lines += [f"int8/fp32 size ratio {exp['int8_fp32_size_ratio']:.2f}; int8 top-1 agreement with torch "
-                      f"{exp['int8_verify']['top1_agreement']:.1%}."]
+        lines += [
+            "",
+            f"ONNX fp32: max |logit − torch| {v.get('max_abs_logit_error', float('nan')):.2e}, greedy outputs identical "
+            f"{v.get('greedy_identical')}/{v.get('prompts')}.",
+        ]
+        if "quant_bytes" in exp:
+            q = exp["quantization"]
+            lines += [
+                f"Quantized ({q['preset']}, `{exp['quant_file']}`): size ratio to fp32 {exp['quant_fp32_size_ratio']:.2f}, "
+                f"top-1 agreement with torch {exp['quant_verify']['top1_agreement']:.1%}, greedy outputs identical "
+                f"{exp['quant_verify']['greedy_identical']}/{exp['quant_verify']['prompts']}."
+            ]
     if loss_file.exists():
         _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png")
         lines += ["", "![training loss](plots/loss.png)"]

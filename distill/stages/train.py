@@ -63,7 +63,9 @@ def train_stage(recipe, gen_dir: Path, out: Path) -> TrainStageResult:
     task = Task(recipe.task.answer_type)
     template = prompt_template(tokenizer)
     examples = [
-        tokenize_example(tokenizer, render_prompt(template, r["question"]), target_text(r, cfg.format, task), cfg.max_length)
+        tokenize_example(
+            tokenizer, render_prompt(template, r["question"]), target_text(r, cfg.format, task), cfg.max_length
+        )
         for r in rows
     ]
     console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}), {cfg.epochs} epochs")
@@ -84,5 +86,7 @@ def train_stage(recipe, gen_dir: Path, out: Path) -> TrainStageResult:
     write_json(out / "metrics.json", metrics)
     write_config(out, "train", cfg.model_dump(), recipe.dump())
     write_config(model_dir, "train", cfg.model_dump(), recipe.dump())
-    console.print(f"train: {result.steps} steps, {result.tokens_per_second:.0f} tok/s, final loss {metrics['final_loss']:.3f}")
+    console.print(
+        f"train: {result.steps} steps, {result.tokens_per_second:.0f} tok/s, final loss {metrics['final_loss']:.3f}"
+    )
     return TrainStageResult(out, model_dir, metrics)

@@ -2,7 +2,6 @@
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -20,10 +19,23 @@ def recipe_file(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
         "output_dir": str(root / "runs"),
         "cache": str(root / "cache.sqlite"),
         "task": tiny_task_cfg.model_dump(),
-        "teacher": {"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "batch_size": 4, "workers": 2,
-                    "executor": "ray", "dtype": "float32"},
-        "student": {"model": f"hf:{tiny_student}", "epochs": 3, "lr": 3e-3, "batch_size": 4, "micro_batch_size": 2,
-                    "max_length": 128, "eval_max_new_tokens": 16},
+        "teacher": {
+            "model": f"hf:{tiny_teacher}",
+            "max_new_tokens": 24,
+            "batch_size": 4,
+            "workers": 2,
+            "executor": "ray",
+            "dtype": "float32",
+        },
+        "student": {
+            "model": f"hf:{tiny_student}",
+            "epochs": 3,
+            "lr": 3e-3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "max_length": 128,
+            "eval_max_new_tokens": 16,
+        },
     }
     f = root / "recipe.yaml"
     f.write_text(yaml.safe_dump(recipe))
@@ -47,8 +59,12 @@ def test_generate_writes_parquet_shards_with_schema(first_run):
     every = datasets.load_dataset("parquet", data_dir=f"{gen}/shards")["train"]
     assert every.num_rows == 18 and sorted(every["id"]) == sorted(set(every["id"]))
     assert all((r["pred"] is None) == (r["parse_error"] is not None) for r in every)
-    ds = datasets.load_dataset("parquet", data_files={"train": f"{gen}/dataset/train.parquet", "eval": f"{gen}/dataset/eval.parquet"})
-    assert {"question", "rationale", "pred", "gold", "correct", "parse_error", "prompt"} <= set(ds["train"].column_names)
+    ds = datasets.load_dataset(
+        "parquet", data_files={"train": f"{gen}/dataset/train.parquet", "eval": f"{gen}/dataset/eval.parquet"}
+    )
+    assert {"question", "rationale", "pred", "gold", "correct", "parse_error", "prompt"} <= set(
+        ds["train"].column_names
+    )
     # Correct-only filter: every kept training row is right, and it kept some but not all.
     assert all(ds["train"]["correct"]) and 0 < ds["train"].num_rows <= 12
     assert ds["eval"].num_rows == 6
@@ -73,7 +89,8 @@ def test_onnx_greedy_tokens_equal_torch(first_run):
     m = json.loads(open(f"{first_run['output_dir']}/tiny/export/metrics.json").read())
     v = m["fp32_verify"]
     assert v["greedy_identical"] == v["prompts"] > 0 and v["max_abs_logit_error"] < 1e-3
-    assert 0 < m["int8_fp32_size_ratio"] < 1
+    assert 0 < m["quant_fp32_size_ratio"] < 1 and m["quant_file"] == "model.int8.onnx"
+    assert m["quant_verify"]["top1_agreement"] > 0.9
 
 
 def test_report_has_numbers_for_every_model(first_run):
@@ -92,7 +109,9 @@ def test_report_has_numbers_for_every_model(first_run):
 
 
 def test_rerun_reuses_stages_and_pays_no_teacher_call(first_run, recipe_file, ray_cluster):
-    result = CliRunner().invoke(app, ["generate", str(recipe_file), "--force", "teacher.batch_size=3", "teacher.workers=1"])
+    result = CliRunner().invoke(
+        app, ["generate", str(recipe_file), "--force", "teacher.batch_size=3", "teacher.workers=1"]
+    )
     assert result.exit_code == 0, result.output
     m = json.loads(open(f"{first_run['output_dir']}/tiny/generate/metrics.json").read())
     assert m["cached_rows"] == m["problems"]  # every row served from the completion cache

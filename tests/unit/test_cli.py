@@ -7,7 +7,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "distill", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_help_imports_no_heavy_library():
@@ -28,7 +34,12 @@ def test_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 
 def test_missing_model_path_is_clear(tmp_path):
-    res = _cli("generate", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}", "teacher.model=hf:/no/such/model")
+    res = _cli(
+        "generate",
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        f"output_dir={tmp_path}",
+        "teacher.model=hf:/no/such/model",
+    )
     assert res.returncode == 2
     assert "does not exist" in res.stderr and "/no/such/model" in res.stderr
     # The failed stage left no half-written folder behind.
@@ -43,4 +54,4 @@ def test_stage_without_its_input_says_which_command_to_run(tmp_path):
 
 def test_infer_on_missing_bundle(tmp_path):
     res = _cli("infer", str(tmp_path), "1 + 1 =")
-    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert res.returncode == 2 and "not an export bundle" in res.stderr

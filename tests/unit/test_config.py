@@ -55,7 +55,11 @@ def test_content_hash_ignores_batching_and_workers():
     assert content_hash(a.teacher) != content_hash(c.teacher)
 
 
-@given(st.text(min_size=1, max_size=20).filter(lambda s: "=" not in s and "." not in s and s.strip() == s and s.isidentifier()))
+@given(
+    st.text(min_size=1, max_size=20).filter(
+        lambda s: "=" not in s and "." not in s and s.strip() == s and s.isidentifier()
+    )
+)
 def test_any_unknown_top_level_key_is_rejected(key):
     if key in Recipe.model_fields:
         return

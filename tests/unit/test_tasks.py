@@ -28,7 +28,7 @@ def test_extract_number_marks_explicit_and_failure():
     assert miss.answer is None and miss.reason
 
 
-@given(st.integers(min_value=-10**9, max_value=10**9))
+@given(st.integers(min_value=-(10**9), max_value=10**9))
 def test_integer_answer_roundtrips_through_answer_sentence(n):
     task = Task("number")
     assert task.extract(task.answer_sentence(str(n))).answer == str(n)
@@ -47,7 +47,9 @@ def test_text_task_compares_normalised():
 
 
 def test_problems_are_disjoint_and_deterministic():
-    cfg = TaskConfig(name="chain_sum", params={"min_terms": 2, "max_terms": 2, "max_digits": 1}, train_size=30, eval_size=10)
+    cfg = TaskConfig(
+        name="chain_sum", params={"min_terms": 2, "max_terms": 2, "max_digits": 1}, train_size=30, eval_size=10
+    )
     train, evals = load_problems(cfg)
     assert len(train) == 30 and len(evals) == 10
     assert not {p["question"] for p in train} & {p["question"] for p in evals}

@@ -16,8 +16,10 @@ def test_cache_key_ignores_batching_and_separates_decoding():
 
 def test_batched_generation_matches_one_by_one(tiny_teacher):
     backend = TransformersBackend(tiny_teacher, batch_size=4)
-    prompts = [backend.chat_prompt([{"role": "user", "content": q}], "Let's think step by step.") for q in
-               ["State 1 + 2 =", "State the final answer to the following arithmetic problem: 7 + 8 =", "9 - 4 ="]]
+    prompts = [
+        backend.chat_prompt([{"role": "user", "content": q}], "Let's think step by step.")
+        for q in ["State 1 + 2 =", "State the final answer to the following arithmetic problem: 7 + 8 =", "9 - 4 ="]
+    ]
     reqs = [GenerationRequest(p, Decoding(max_new_tokens=10)) for p in prompts]
     batched = backend.generate(reqs)
     single = [backend.generate([r])[0] for r in reqs]

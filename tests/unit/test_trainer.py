@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,9 +34,10 @@ def _examples(tok):
     return [tokenize_example(tok, f"Q: {i} + 1 =", f" Therefore, the answer is {i + 1}.", 64) for i in range(12)]
 
 
-def test_training_lowers_loss_and_is_deterministic(tiny_student):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_lowers_loss_and_is_deterministic(tiny_student, precision):
     tok = AutoTokenizer.from_pretrained(tiny_student)
-    cfg = StudentConfig(model="x", epochs=4, lr=3e-3, batch_size=4, micro_batch_size=2, seed=1)
+    cfg = StudentConfig(model="x", epochs=4, lr=3e-3, batch_size=4, micro_batch_size=2, seed=1, precision=precision)
     weights = []
     for _ in range(2):
         model = AutoModelForCausalLM.from_pretrained(tiny_student)
@@ -51,7 +53,9 @@ def test_gradient_accumulation_matches_full_batch(tiny_student):
     finals = []
     for micro in (4, 1):
         model = AutoModelForCausalLM.from_pretrained(tiny_student)
-        cfg = StudentConfig(model="x", epochs=1, lr=1e-3, batch_size=4, micro_batch_size=micro, seed=0)
+        cfg = StudentConfig(
+            model="x", epochs=1, lr=1e-3, batch_size=4, micro_batch_size=micro, seed=0, precision="fp32"
+        )
         finals.append(train(model, _examples(tok), cfg, tok.pad_token_id).losses)
     for a, b in zip(*finals):
         assert abs(a["loss"] - b["loss"]) < 1e-4
