@@ -85,17 +85,22 @@ class StudentConfig(Strict):
 
 
 class ExportConfig(Strict):
-    """ONNX export and quantization of the trained student."""
+    """ONNX export, quantized variants, the quality gate that picks one, and the bundle."""
 
     enabled: bool = True
-    quantization: Literal["int8", "int8_dynamic", "int4", "none"] = Field(
-        "int8", description="int8: blockwise weight-only MatMulNBits with int8 compute; see export/quantize.py"
+    variants: list[Literal["int8", "int8_dynamic", "int4", "fp16"]] = Field(
+        default_factory=lambda: ["int8", "int4"],
+        description="variants tried besides fp32: int8 (blockwise MatMulNBits, int8 compute), int8_dynamic "
+        "(per-channel quantize_dynamic), int4 (MatMulNBits), fp16",
     )
+    gate: bool = Field(True, description="score every variant on the eval split and keep the smallest within tolerance")
+    tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a variant may lose vs fp32 (0.01 = 1 point)")
     smooth_alpha: float = Field(
         0.0, ge=0, le=1, description="SmoothQuant migration strength folded into weights before export (0 = off)"
     )
     block_size: int = Field(32, ge=16, description="quantization block size for int8/int4 (power of two)")
     keep_fp32_nodes: list[str] = Field(default_factory=list, description="MatMul node names to keep in fp32")
+    opset: int = Field(18, ge=17)
 
     @field_validator("block_size")
     @classmethod
@@ -103,8 +108,6 @@ class ExportConfig(Strict):
         if v & (v - 1):
             raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
         return v
-
-    opset: int = Field(18, ge=17)
 
 
 class EvalConfig(Strict):

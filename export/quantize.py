@@ -7,6 +7,7 @@
 - ``int8_dynamic``: classic ``quantize_dynamic`` (per-channel int8 weights, one uint8 scale per
   activation tensor), with the sensitive MatMuls kept fp32.
 - ``int4``: weight-only ``MatMulNBits`` bits=4.
+- ``fp16``: every float tensor in half precision (inputs/outputs stay fp32), for GPU/NPU targets.
 """
 
 from __future__ import annotations
@@ -82,3 +83,28 @@ def quantize_weight_only(
         "accuracy_level": accuracy_level,
         "nodes_kept_fp32": sorted(exclude),
     }
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    """Half-precision weights and compute; graph inputs and outputs keep fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
+    onnx.save(model, str(dst), save_as_external_data=model.ByteSize() > 1.8e9)
+    return {"preset": "fp16", "keep_io_types": True}
+
+
+def make_variant(
+    preset: str, src: Path, dst: Path, block_size: int = 32, keep_fp32: list[str] = (), dynamic_keep: list[str] = ()
+) -> dict:
+    """Write the ``preset`` variant of ``src`` to ``dst``; returns the config used."""
+    if preset == "int8":
+        return quantize_weight_only(src, dst, 8, block_size, 4, list(keep_fp32))
+    if preset == "int4":
+        return quantize_weight_only(src, dst, 4, block_size, 4, list(keep_fp32))
+    if preset == "int8_dynamic":
+        return quantize_dynamic_int8(src, dst, list(keep_fp32) + list(dynamic_keep))
+    if preset == "fp16":
+        return convert_fp16(src, dst)
+    raise ValueError(f"unknown quantization preset {preset!r}")

@@ -1,12 +1,16 @@
 """Torch-free runtime for exported students: onnxruntime + tokenizers + numpy only.
 
-``OnnxGenerator(bundle_dir)`` loads the bundle's default model (or a named variant), the tokenizer and
-``distill_generation.json`` and runs batched greedy decoding with the KV cache.
+``OnnxGenerator(bundle_dir)`` loads the bundle's default model (or a named variant), the tokenizer
+and ``distill_generation.json``, and runs batched KV-cache decoding: greedy or sampled
+(temperature, top-p, seeded), with stop strings. Export bundles carry a copy of this file, so
+``python distill_runtime.py <bundle> "question"`` works in an environment holding only
+onnxruntime, tokenizers and numpy.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +29,25 @@ def make_session(model_path: Path | str, threads: int = 1):
     return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """One token per row: argmax when temperature is 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    out = np.empty(len(p), dtype=np.int64)
+    for i, row in enumerate(p):
+        order = np.argsort(-row)
+        keep = np.cumsum(row[order]) - row[order] < top_p  # smallest prefix with mass >= top_p
+        probs = row[order][keep]
+        out[i] = order[keep][rng.choice(len(probs), p=probs / probs.sum())]
+    return out
+
+
 class OnnxGenerator:
-    """Greedy KV-cache generation over an exported decoder; no torch anywhere."""
+    """KV-cache generation over an exported decoder; no torch anywhere."""
 
     def __init__(self, bundle_dir: Path | str, model_file: str | None = None, threads: int = 1):
         from tokenizers import Tokenizer
@@ -41,6 +62,7 @@ class OnnxGenerator:
         self.kv_heads, self.head_dim = self.meta["num_kv_heads"], self.meta["head_dim"]
         first = self.session.get_inputs()[3] if len(self.session.get_inputs()) > 3 else None
         self.kv_dtype = np.float16 if first is not None and "float16" in first.type else np.float32
+        self.tokens_generated = 0
 
     def render(self, question: str) -> str:
         """The prompt string the student was trained on, for one question."""
@@ -53,9 +75,18 @@ class OnnxGenerator:
         outs = self.session.run(None, feed)
         return outs[0], outs[1:]
 
-    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy decoding of a batch of token-id prompts (left-padded); returns new token ids each."""
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: tuple[str, ...] = (),
+    ) -> list[list[int]]:
+        """Decode a batch of token-id prompts (left-padded together); returns the new token ids of each."""
         n = len(prompts)
+        rng = np.random.default_rng(seed)
         width = max(len(p) for p in prompts)
         ids = np.full((n, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
@@ -68,13 +99,16 @@ class OnnxGenerator:
         done = np.zeros(n, dtype=bool)
         for _ in range(max_new_tokens):
             logits, past = self.step(ids, mask, positions, past)
-            nxt = logits[:, -1, :].argmax(-1)
+            nxt = _sample(logits[:, -1, :], temperature, top_p, rng)
             for i in np.flatnonzero(~done):
                 tok = int(nxt[i])
                 if tok in self.eos_ids:
                     done[i] = True
-                else:
-                    out[i].append(tok)
+                    continue
+                out[i].append(tok)
+                self.tokens_generated += 1
+                if stop and any(s in self.tokenizer.decode(out[i][-16:]) for s in stop):
+                    done[i] = True
             if done.all():
                 break
             ids = np.where(done, self.pad_id, nxt)[:, None].astype(np.int64)
@@ -82,12 +116,49 @@ class OnnxGenerator:
             positions = positions[:, -1:] + 1
         return out
 
-    def generate(self, questions: list[str], max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
-        """Greedy completions for ``questions`` rendered with the training prompt template."""
+    def generate(
+        self,
+        questions: list[str],
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: tuple[str, ...] = (),
+    ) -> list[str]:
+        """Completions for ``questions`` rendered with the training prompt template (cut at stop strings)."""
         texts: list[str] = []
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
             prompts = [self.tokenizer.encode(self.render(q), add_special_tokens=False).ids for q in chunk]
-            for ids in self.generate_ids(prompts, max_new_tokens):
-                texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+            for ids in self.generate_ids(prompts, max_new_tokens, temperature, top_p, seed + start, stop):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                for s in stop:
+                    text = text.split(s)[0] if s in text else text
+                texts.append(text)
         return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python distill_runtime.py BUNDLE QUESTION [--model FILE] [--max-new-tokens N] [--temperature T]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Answer a question with a distill export bundle (onnxruntime only).")
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("question")
+    ap.add_argument("--model", default=None, help="ONNX file inside the bundle (default: the bundle's choice)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not (args.bundle / GENERATION_FILE).is_file():
+        print(f"error: {args.bundle} is not an export bundle (no {GENERATION_FILE})", file=sys.stderr)
+        return 2
+    gen = OnnxGenerator(args.bundle, args.model)
+    print(gen.generate([args.question], args.max_new_tokens, 1, args.temperature, args.top_p, args.seed)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ LABELS = {
     "teacher": "teacher",
     "student_base": "student (before training)",
     "student": "student (after training)",
-    "student_onnx": "student quantized ONNX",
+    "student_onnx": "student ONNX (gated variant)",
 }
 
 
@@ -98,28 +98,36 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
             summary["bytes"] = summary["parameters"] * 4
             del model
         elif name == "student_onnx":
-            meta_file = export_dir / "metrics.json" if export_dir else None
-            if meta_file is None or not meta_file.exists():
+            if export_dir is None or not (export_dir / "metrics.json").exists():
                 continue
-            exp = json.loads(meta_file.read_text())
-            model_file = exp.get("quant_file", "model.onnx")
-            from distill.progress import progress_bar
-            from export.runtime import OnnxGenerator
+            exp = json.loads((export_dir / "metrics.json").read_text())
+            chosen = next(v for v in exp["variants"] if v["chosen"])
+            gate_rows = export_dir / "gate" / f"{chosen['preset']}.jsonl"
+            if exp.get("gated") and gate_rows.exists():
+                # The gate already scored this exact file on this split through the same runtime.
+                rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
+                correct = sum(r["correct"] for r in rows)
+                lo, hi = wilson_interval(correct, len(rows))
+                summary = {"accuracy": correct / len(rows), "correct": correct, "n": len(rows), "ci95": [lo, hi]}
+            else:
+                from export.gate import score_variant
 
-            gen = OnnxGenerator(export_dir / "bundle", model_file)
-            outs = []
-            with progress_bar(f"eval {name}", len(questions)) as advance:
-                for start in range(0, len(questions), cfg.eval_batch_size):
-                    chunk = questions[start : start + cfg.eval_batch_size]
-                    outs += gen.generate(chunk, cfg.eval_max_new_tokens, cfg.eval_batch_size)
-                    advance(len(chunk))
-            summary, rows = score(outs, problems, task)
-            summary["bytes"] = exp.get("quant_bytes", exp.get("fp32_bytes"))
-            summary["model_file"] = model_file
+                summary, rows = score_variant(
+                    export_dir / "bundle",
+                    chosen["file"],
+                    problems,
+                    task,
+                    cfg.eval_max_new_tokens,
+                    cfg.eval_batch_size,
+                    name,
+                )
+            summary["bytes"] = chosen["bytes"]
+            summary["model_file"] = chosen["file"]
+            summary["preset"] = chosen["preset"]
         else:  # pragma: no cover - validated by the recipe model
             raise ValueError(name)
         summary["seconds"] = time.time() - t0
-        summary["label"] = LABELS[name] if name != "student_onnx" else f"student {recipe.export.quantization} ONNX"
+        summary["label"] = LABELS[name] if name != "student_onnx" else f"student {summary['preset']} ONNX"
         scores[name] = summary
         _write_rows(out / f"{name}.jsonl", rows)
         console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")

@@ -1,15 +1,20 @@
-"""Stage 3 — export: the trained student to ONNX with KV cache, quantized, in a runnable bundle.
+"""Stage 3 — export: the trained student to ONNX with KV cache, quantized variants, a quality gate
+that keeps the smallest variant within tolerance of fp32 accuracy, and a runnable bundle.
 
-Verified after export: logits vs torch on real prompts (max abs error) and greedy tokens identical.
+Every variant is verified against torch on real prompts (max logit error, top-1 agreement, greedy
+tokens identical). Layout: ``variants/`` holds every file tried, ``gate/`` the per-example outputs,
+``bundle/`` what a device needs (chosen model, tokenizer, generation + genai config, runtime, card).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import write_config, write_json
+from distill.artifacts import write_config, write_json, write_text
 from distill.progress import console
 from export.runtime import GENERATION_FILE
 
@@ -23,19 +28,20 @@ class ExportResult:
     metrics: dict
 
 
+def variant_file(preset: str) -> str:
+    return FP32_FILE if preset == "fp32" else f"model.{preset}.onnx"
+
+
 def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
-    """MatMuls kept in fp32 by default: the ones our sensitivity sweep found quantization breaks."""
+    """MatMuls ``int8_dynamic`` keeps in fp32: the MLP down-projections, whose inputs carry the
+    activation outliers that per-tensor scales cannot represent (found by a per-group sweep)."""
     from export.quantize import matmul_nodes
 
     nodes = matmul_nodes(model_path)  # the lm_head may or may not be among them (tied weights)
     per_layer = len(nodes) // n_layers if n_layers else 0
-    keep = []
-    if per_layer == 7 and len(nodes) - 7 * n_layers in (
-        0,
-        1,
-    ):  # q, k, v, o, gate, up, down per layer (Llama/Qwen/Mistral-style blocks)
-        keep += [nodes[7 * i + 6] for i in range(n_layers)]  # down_proj: large activation outliers
-    return keep
+    if per_layer == 7 and len(nodes) - 7 * n_layers in (0, 1):  # q, k, v, o, gate, up, down
+        return [nodes[7 * i + 6] for i in range(n_layers)]
+    return []
 
 
 def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int, model_file: str) -> dict:
@@ -43,6 +49,7 @@ def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int, mod
     from export.onnx_export import kv_shape
     from students.data import PLACEHOLDER, prompt_template
 
+    bundle.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(bundle)
     n_layers, kv_heads, head_dim = kv_shape(config)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -61,7 +68,55 @@ def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int, mod
     return meta
 
 
-def verify(model, tokenizer, bundle: Path, model_file: str, questions: list[str], max_new_tokens: int) -> dict:
+def genai_config(config, meta: dict, context_length: int) -> dict:
+    """``genai_config.json`` in the layout onnxruntime-genai reads for a decoder-only model."""
+    text = config.get_text_config(decoder=True)
+    return {
+        "model": {
+            "bos_token_id": text.bos_token_id if text.bos_token_id is not None else meta["pad_token_id"],
+            "context_length": context_length,
+            "eos_token_id": meta["eos_token_ids"] if len(meta["eos_token_ids"]) > 1 else meta["eos_token_ids"][0],
+            "pad_token_id": meta["pad_token_id"],
+            "type": text.model_type,
+            "vocab_size": text.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": meta["model_file"],
+                "head_size": meta["head_dim"],
+                "hidden_size": text.hidden_size,
+                "num_attention_heads": text.num_attention_heads,
+                "num_hidden_layers": meta["num_layers"],
+                "num_key_value_heads": meta["num_kv_heads"],
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": context_length,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def verify(model, tokenizer, folder: Path, model_file: str, questions: list[str], max_new_tokens: int) -> dict:
     """Compare ONNX against torch: max |logit diff| on the prompts, greedy-token equality, top-1 agreement."""
     import numpy as np
     import torch
@@ -69,7 +124,7 @@ def verify(model, tokenizer, bundle: Path, model_file: str, questions: list[str]
     from export.runtime import OnnxGenerator
     from students.evaluate import generate_torch
 
-    gen = OnnxGenerator(bundle, model_file)
+    gen = OnnxGenerator(folder, model_file)
     max_err, agree, total = 0.0, 0, 0
     for q in questions:
         ids = tokenizer(gen.render(q), add_special_tokens=False, return_tensors="pt").input_ids
@@ -93,60 +148,166 @@ def verify(model, tokenizer, bundle: Path, model_file: str, questions: list[str]
 
 
 def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportResult:
-    """Export ``train_dir/model`` into ``out/bundle``; returns sizes and verification numbers."""
-    import pyarrow.parquet as pq
-
+    """Export ``train_dir/model``, build and gate the variants, assemble ``out/bundle``."""
+    from distill.stages.evaluate import eval_problems
     from distill.stages.train import load_student
+    from distill.tasks import Task
+    from export.gate import VariantResult, choose, score_variant
     from export.onnx_export import export_decoder, kv_shape
-    from export.quantize import quantize_dynamic_int8, quantize_weight_only
+    from export.quantize import make_variant
 
     cfg = recipe.export
-    bundle = out / "bundle"
-    bundle.mkdir(parents=True, exist_ok=True)
+    variants_dir, bundle = out / "variants", out / "bundle"
     model, tokenizer = load_student(str(train_dir / "model"))
     model = model.cpu().eval()
     if cfg.smooth_alpha > 0:
         _smooth(model, tokenizer, gen_dir, cfg.smooth_alpha)
-    console.print(f"[bold]export[/] {train_dir / 'model'} → ONNX (dynamo, opset {cfg.opset})")
     t0 = time.time()
-    export_decoder(model, bundle / FP32_FILE, opset=cfg.opset)
-    meta = write_bundle_files(tokenizer, model.config, bundle, recipe.student.eval_max_new_tokens, FP32_FILE)
-    metrics: dict = {"export_seconds": time.time() - t0, "fp32_bytes": _size(bundle, FP32_FILE)}
-    questions = [r["question"] for r in pq.read_table(gen_dir / "dataset" / "eval.parquet").to_pylist()[:4]]
-    metrics["fp32_verify"] = verify(model, tokenizer, bundle, FP32_FILE, questions, 32)
-    if cfg.quantization != "none":
-        QUANT_FILE = f"model.{cfg.quantization}.onnx"
-        t1 = time.time()
-        keep = list(cfg.keep_fp32_nodes)
-        if cfg.quantization == "int8_dynamic":
-            keep += default_fp32_nodes(bundle / FP32_FILE, kv_shape(model.config)[0])
-            qcfg = quantize_dynamic_int8(bundle / FP32_FILE, bundle / QUANT_FILE, keep)
-        else:
-            bits = 8 if cfg.quantization == "int8" else 4
-            qcfg = quantize_weight_only(bundle / FP32_FILE, bundle / QUANT_FILE, bits, cfg.block_size, 4, keep)
-        write_json(bundle / "quantization_config.json", qcfg)
-        metrics["quantization"] = qcfg
-        metrics["quantize_seconds"] = time.time() - t1
-        metrics["quant_bytes"] = _size(bundle, QUANT_FILE)
-        metrics["quant_fp32_size_ratio"] = metrics["quant_bytes"] / metrics["fp32_bytes"]
-        metrics["quant_verify"] = verify(model, tokenizer, bundle, QUANT_FILE, questions, 32)
-        metrics["quant_file"] = QUANT_FILE
-        write_json(bundle / GENERATION_FILE, {**meta, "model_file": QUANT_FILE})
+    with console.status(f"export {train_dir / 'model'} → ONNX (dynamo, opset {cfg.opset})"):
+        export_decoder(model, variants_dir / FP32_FILE, opset=cfg.opset)
+    meta = write_bundle_files(tokenizer, model.config, variants_dir, recipe.student.eval_max_new_tokens, FP32_FILE)
+    metrics: dict = {"export_seconds": time.time() - t0, "fp32_bytes": _size(variants_dir, FP32_FILE)}
+    problems = eval_problems(gen_dir)
+    questions = [p["question"] for p in problems[:4]]
+
+    results: list[VariantResult] = []
+    dynamic_keep = default_fp32_nodes(variants_dir / FP32_FILE, kv_shape(model.config)[0])
+    quant_configs = {}
+    for preset in ["fp32", *cfg.variants]:
+        file = variant_file(preset)
+        try:
+            if preset != "fp32":
+                with console.status(f"quantize {preset}"):
+                    quant_configs[preset] = make_variant(
+                        preset,
+                        variants_dir / FP32_FILE,
+                        variants_dir / file,
+                        cfg.block_size,
+                        cfg.keep_fp32_nodes,
+                        dynamic_keep,
+                    )
+            v = verify(model, tokenizer, variants_dir, file, questions, 32)
+            results.append(
+                VariantResult(
+                    preset,
+                    file,
+                    _size(variants_dir, file),
+                    top1_agreement=v["top1_agreement"],
+                    greedy_identical=f"{v['greedy_identical']}/{v['prompts']}",
+                )
+            )
+            if preset == "fp32":
+                metrics["fp32_verify"] = v
+        except Exception as e:  # a variant the runtime cannot build or run is a row in the table, not a crash
+            if preset == "fp32":
+                raise
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            results.append(VariantResult(preset, file, 0, error=msg))
+            console.print(f"[yellow]variant {preset} failed: {msg}[/]")
+
+    task = Task(recipe.task.answer_type)
+    if cfg.gate:
+        for r in results:
+            if r.error:
+                continue
+            summary, rows = score_variant(
+                variants_dir,
+                r.file,
+                problems,
+                task,
+                recipe.student.eval_max_new_tokens,
+                recipe.student.eval_batch_size,
+                r.preset,
+            )
+            r.accuracy, r.correct, r.n = summary["accuracy"], summary["correct"], summary["n"]
+            r.tokens_per_second = summary["tokens_per_second"]
+            write_text(out / "gate" / f"{r.preset}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
+        chosen = choose(results, cfg.tolerance)
+    else:
+        chosen = min((r for r in results if not r.error), key=lambda r: r.bytes)
+    chosen.chosen = True
+
+    _assemble_bundle(
+        recipe, model.config, tokenizer, variants_dir, bundle, chosen, meta, results, quant_configs, gen_dir
+    )
+    metrics.update(
+        {
+            "variants": [r.row() for r in results],
+            "chosen": chosen.preset,
+            "chosen_file": chosen.file,
+            "chosen_bytes": chosen.bytes,
+            "chosen_fp32_size_ratio": chosen.bytes / metrics["fp32_bytes"],
+            "tolerance": cfg.tolerance,
+            "gated": cfg.gate,
+            "seconds": time.time() - t0,
+        }
+    )
     write_json(out / "metrics.json", metrics)
     write_config(out, "export", cfg.model_dump(), recipe.dump())
-    write_config(bundle, "export", cfg.model_dump(), recipe.dump())
-    v = metrics["fp32_verify"]
+    _print_table(results)
     console.print(
-        f"export: fp32 {metrics['fp32_bytes'] / 1e6:.0f} MB (max logit err {v['max_abs_logit_error']:.1e}, "
-        f"greedy identical {v['greedy_identical']}/{v['prompts']})"
-        + (
-            f", {cfg.quantization} {metrics['quant_bytes'] / 1e6:.0f} MB (ratio {metrics['quant_fp32_size_ratio']:.2f}, "
-            f"top-1 agreement {metrics['quant_verify']['top1_agreement']:.1%})"
-            if "quant_bytes" in metrics
-            else ""
-        )
+        f"export: kept {chosen.preset} ({chosen.bytes / 1e6:.0f} MB, {chosen.bytes / metrics['fp32_bytes']:.2f} of fp32) "
+        f"in {out.parent / 'export' / 'bundle'}"
     )
     return ExportResult(out, bundle, metrics)
+
+
+def _assemble_bundle(recipe, config, tokenizer, variants_dir, bundle, chosen, meta, results, quant_configs, gen_dir):
+    """The device folder: chosen model, tokenizer, generation/genai config, runtime copy, model card."""
+    import hashlib
+
+    import export.runtime as runtime
+
+    bundle.mkdir(parents=True, exist_ok=True)
+    for f in [chosen.file, chosen.file + ".data"]:
+        if (variants_dir / f).exists():
+            shutil.copy2(variants_dir / f, bundle / f)
+    meta = write_bundle_files(tokenizer, config, bundle, meta["max_new_tokens"], chosen.file)
+    context = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
+    write_json(bundle / "genai_config.json", genai_config(config, meta, context))
+    if chosen.preset in quant_configs:
+        write_json(bundle / "quantization_config.json", quant_configs[chosen.preset])
+    shutil.copy2(runtime.__file__, bundle / "distill_runtime.py")
+    recipe_hash = hashlib.sha256(json.dumps(recipe.dump(), sort_keys=True).encode()).hexdigest()[:16]
+    gen_metrics = json.loads((gen_dir / "metrics.json").read_text()) if (gen_dir / "metrics.json").exists() else {}
+    lines = [
+        f"# {recipe.name}: distilled student ({chosen.preset} ONNX)",
+        "",
+        f"- student: `{recipe.student.model}`, fine-tuned on `{recipe.student.format}` targets",
+        f"- teacher: `{recipe.teacher.model}` ({recipe.teacher.method}), {gen_metrics.get('train_rows_kept', '?')} "
+        f"kept rationales on `{recipe.task.source}:{recipe.task.name}`",
+        f"- recipe hash: `{recipe_hash}` (full recipe in `distill_config.json`)",
+        f"- model file: `{chosen.file}`; runs with onnxruntime + tokenizers only: "
+        f'`python distill_runtime.py . "question"`',
+        "",
+        "| variant | size | top-1 vs torch | accuracy | tokens/s (1 thread) | kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        acc = f"{r.accuracy:.1%} ({r.correct}/{r.n})" if r.accuracy is not None else (r.error or "—")
+        tps = f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—"
+        agree = f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—"
+        lines.append(f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {agree} | {acc} | {tps} | {'✓' if r.chosen else ''} |")
+    write_text(bundle / "README.md", "\n".join(lines) + "\n")
+    write_config(bundle, "export", recipe.export.model_dump(), recipe.dump())
+
+
+def _print_table(results) -> None:
+    from rich.table import Table
+
+    table = Table(title="export variants")
+    for col in ("variant", "size", "top-1 vs torch", "accuracy", "tok/s (1 thread)", "kept"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.preset,
+            f"{r.bytes / 1e6:.1f} MB",
+            f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—",
+            f"{r.accuracy:.1%}" if r.accuracy is not None else (r.error or "—"),
+            f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—",
+            "✓" if r.chosen else "",
+        )
+    console.print(table)
 
 
 def _smooth(model, tokenizer, gen_dir: Path, alpha: float) -> None:

@@ -104,15 +104,19 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
         lines += [
             "",
             f"ONNX fp32: max |logit − torch| {v.get('max_abs_logit_error', float('nan')):.2e}, greedy outputs identical "
-            f"{v.get('greedy_identical')}/{v.get('prompts')}.",
+            f"{v.get('greedy_identical')}/{v.get('prompts')}. Kept variant: **{exp['chosen']}** "
+            f"(size ratio to fp32 {exp['chosen_fp32_size_ratio']:.2f}, tolerance {exp['tolerance']:.0%}).",
+            "",
+            "| variant | size | top-1 vs torch | accuracy | tokens/s (1 thread) | kept |",
+            "|---|---|---|---|---|---|",
         ]
-        if "quant_bytes" in exp:
-            q = exp["quantization"]
-            lines += [
-                f"Quantized ({q['preset']}, `{exp['quant_file']}`): size ratio to fp32 {exp['quant_fp32_size_ratio']:.2f}, "
-                f"top-1 agreement with torch {exp['quant_verify']['top1_agreement']:.1%}, greedy outputs identical "
-                f"{exp['quant_verify']['greedy_identical']}/{exp['quant_verify']['prompts']}."
-            ]
+        for r in exp["variants"]:
+            acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else (r["error"] or "—")
+            tps = f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "—"
+            agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "—"
+            lines.append(
+                f"| {r['preset']} | {r['bytes'] / 1e6:.1f} MB | {agree} | {acc} | {tps} | {'✓' if r['chosen'] else ''} |"
+            )
     if loss_file.exists():
         _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png")
         lines += ["", "![training loss](plots/loss.png)"]

@@ -85,12 +85,40 @@ def test_student_is_loadable_and_changed(first_run, tiny_student):
     assert losses[-1]["loss"] < losses[0]["loss"]
 
 
-def test_onnx_greedy_tokens_equal_torch(first_run):
-    m = json.loads(open(f"{first_run['output_dir']}/tiny/export/metrics.json").read())
+def test_onnx_greedy_tokens_equal_torch_and_gate_keeps_a_variant(first_run):
+    run = f"{first_run['output_dir']}/tiny"
+    m = json.loads(open(f"{run}/export/metrics.json").read())
     v = m["fp32_verify"]
     assert v["greedy_identical"] == v["prompts"] > 0 and v["max_abs_logit_error"] < 1e-3
-    assert 0 < m["quant_fp32_size_ratio"] < 1 and m["quant_file"] == "model.int8.onnx"
-    assert m["quant_verify"]["top1_agreement"] > 0.9
+    rows = {r["preset"]: r for r in m["variants"]}
+    assert set(rows) == {"fp32", "int8", "int4"}
+    assert rows["int8"]["top1_agreement"] > 0.9 and rows["int8"]["bytes"] < rows["fp32"]["bytes"]
+    for r in rows.values():  # every variant scored on the whole eval split through onnxruntime
+        assert r["n"] == 6 and r["tokens_per_second"] > 0
+    chosen = rows[m["chosen"]]
+    assert chosen["chosen"] and chosen["accuracy"] >= rows["fp32"]["accuracy"] - m["tolerance"]
+    assert all(
+        r["bytes"] >= chosen["bytes"]
+        for r in rows.values()
+        if r["accuracy"] >= rows["fp32"]["accuracy"] - m["tolerance"]
+    )
+    bundle = f"{run}/export/bundle"
+    meta = json.loads(open(f"{bundle}/distill_generation.json").read())
+    assert meta["model_file"] == chosen["file"]
+    genai = json.loads(open(f"{bundle}/genai_config.json").read())
+    assert genai["model"]["decoder"]["filename"] == chosen["file"]
+    assert "recipe hash" in open(f"{bundle}/README.md").read()
+
+
+def test_bundle_runs_with_its_own_runtime_copy(first_run):
+    import subprocess
+    import sys
+
+    bundle = f"{first_run['output_dir']}/tiny/export/bundle"
+    # Run from the bundle folder with an isolated interpreter: nothing from this repository importable.
+    code = "import runpy, sys; sys.argv = ['distill_runtime.py', '.', '1 + 2 =', '--max-new-tokens', '4']; runpy.run_path('distill_runtime.py', run_name='__main__')"
+    res = subprocess.run([sys.executable, "-I", "-c", code], cwd=bundle, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 def test_report_has_numbers_for_every_model(first_run):
@@ -100,7 +128,7 @@ def test_report_has_numbers_for_every_model(first_run):
     for s in metrics["scores"].values():
         assert s["n"] == 6 and 0 <= s["accuracy"] <= 1 and s["ci95"][0] <= s["accuracy"] <= s["ci95"][1]
     report = open(f"{run}/report.md").read()
-    assert "| teacher |" in report and "student int8 ONNX" in report
+    assert "| teacher |" in report and "ONNX" in report and "| int4 |" in report
     import os
 
     assert os.path.getsize(f"{run}/plots/loss.png") > 1000 and os.path.getsize(f"{run}/plots/models.png") > 1000
