@@ -72,9 +72,11 @@ def quantize_weight_only(
         nodes_to_exclude=list(exclude),
     )
     quantizer.process()
+    shared = share_quantized_embedding(quantizer.model.model, block_size, accuracy_level)
     large = quantizer.model.model.ByteSize() > 1.8e9
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
     return {
+        "tied_embedding": "int8 GatherBlockQuantized + MatMulNBits sharing one tensor" if shared else "unchanged",
         "preset": f"int{bits}",
         "op": "MatMulNBits",
         "bits": bits,
@@ -108,3 +110,86 @@ def make_variant(
     if preset == "fp16":
         return convert_fp16(src, dst)
     raise ValueError(f"unknown quantization preset {preset!r}")
+
+
+def share_quantized_embedding(model, block_size: int = 32, accuracy_level: int = 4) -> bool:
+    """Quantize a tied embedding / LM head once to blockwise int8 and use it for both.
+
+    Finds ``Gather(W, ids)`` and ``MatMul(h, Transpose(W))`` on the same fp32 initializer ``W``
+    [vocab, hidden] and rewrites them to ``GatherBlockQuantized`` and ``MatMulNBits`` reading one
+    uint8 tensor (symmetric, zero point 128) — the tied weight stays stored once, now at a quarter
+    of the size. Returns False (model untouched) when the pattern is absent. Edits ``model`` in place.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    for gather in [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits]:
+        w_name = gather.input[0]
+        users = consumers.get(w_name, [])
+        transposes = [n for n in users if n.op_type == "Transpose"]
+        if len(users) != 2 or len(transposes) != 1:
+            continue
+        matmuls = [n for n in consumers.get(transposes[0].output[0], []) if n.op_type == "MatMul"]
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        if len(matmuls) != 1 or w.ndim != 2 or w.shape[1] % block_size:
+            continue
+        vocab, hidden = w.shape
+        blocks = w.reshape(vocab, hidden // block_size, block_size)
+        scale = np.abs(blocks).max(-1) / 127.0
+        scale[scale == 0] = 1.0
+        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        base = w_name.replace(".", "_")
+        new_inits = [
+            numpy_helper.from_array(q, f"{base}_q8"),
+            numpy_helper.from_array(scale[..., None].astype(np.float32), f"{base}_q8_scales3d"),
+            numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{base}_q8_scales"),
+            numpy_helper.from_array(np.full((vocab, hidden // block_size, 1), 128, np.uint8), f"{base}_q8_zp"),
+            numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{base}_q8_shape"),
+        ]
+        gathered = f"{gather.output[0]}_blocks"
+        new_nodes = [
+            helper.make_node(
+                "GatherBlockQuantized",
+                [f"{base}_q8", gather.input[1], f"{base}_q8_scales3d", f"{base}_q8_zp"],
+                [gathered],
+                name=f"{gather.name}_q8",
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=2,
+                block_size=block_size,
+                bits=8,
+            ),
+            helper.make_node(
+                "Reshape", [gathered, f"{base}_q8_shape"], [gather.output[0]], name=f"{gather.name}_reshape"
+            ),
+            helper.make_node(
+                "MatMulNBits",
+                [matmuls[0].input[0], f"{base}_q8", f"{base}_q8_scales"],
+                [matmuls[0].output[0]],
+                name=f"{matmuls[0].name}_q8",
+                domain="com.microsoft",
+                K=hidden,
+                N=vocab,
+                bits=8,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+            ),
+        ]
+        # Substitute in place so the graph stays topologically sorted.
+        replace = {id(gather): new_nodes[:2], id(transposes[0]): [], id(matmuls[0]): new_nodes[2:]}
+        kept = [m for n in g.node for m in replace.get(id(n), [n])]
+        del g.node[:]
+        g.node.extend(kept)
+        g.initializer.remove(inits[w_name])
+        g.initializer.extend(new_inits)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        return True
+    return False

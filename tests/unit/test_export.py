@@ -100,7 +100,10 @@ def test_weight_only_quantization_keeps_tokens(bundle, bits):
     cfg = quantize_weight_only(out / FP32_FILE, out / name, bits=bits, block_size=16, accuracy_level=4)
     assert cfg["bits"] == bits and cfg["op"] == "MatMulNBits"
     q = onnx.load(str(out / name))
-    assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(nodes)
+    ops = [n.op_type for n in q.graph.node]
+    # Every linear layer, plus the tied LM head now sharing the int8 embedding tensor.
+    assert ops.count("MatMulNBits") == len(nodes) + 1 and ops.count("GatherBlockQuantized") == 1
+    assert "Gather" not in ops and "tied_embedding" in cfg
     v = verify(model, tok, out, name, QUESTIONS, 8)
     # 8-bit blockwise barely moves a tiny random model; 4-bit may flip near-ties but mostly agrees.
     assert v["top1_agreement"] >= (0.95 if bits == 8 else 0.6)

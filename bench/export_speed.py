@@ -1,0 +1,119 @@
+"""Greedy decoding speed at 1 thread: torch fp32 student vs its ONNX variants, same prompts, same run.
+
+    .venv/bin/python bench/export_speed.py runs/quickstart [--prompts 8] [--new-tokens 64]
+
+Prints tokens/s, ratio to torch fp32, size ratio to fp32 ONNX and peak RSS of each runtime process
+(each variant runs in its own process so peak memory is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _questions(run: Path, n: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [r["question"] for r in pq.read_table(run / "generate" / "dataset" / "eval.parquet").to_pylist()[:n]]
+
+
+def torch_speed(run: Path, questions: list[str], new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from students.data import prompt_template, render_prompt
+
+    torch.set_num_threads(1)
+    path = run / "train" / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    template = prompt_template(tok)
+    tokens, t0 = 0, None
+    for i, q in enumerate(questions):
+        ids = tok(render_prompt(template, q), return_tensors="pt", add_special_tokens=False)
+        if i == 1:
+            tokens, t0 = 0, time.perf_counter()  # first prompt is warm-up
+        with torch.inference_mode():
+            out = model.generate(
+                **ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+    return {"tokens_per_second": tokens / (time.perf_counter() - t0), "peak_rss_mb": _rss()}
+
+
+def ort_speed(folder: Path, file: str, questions: list[str], new_tokens: int) -> dict:
+    from export.runtime import OnnxGenerator
+
+    gen = OnnxGenerator(folder, file, threads=1)
+    gen.eos_ids = set()  # fixed-length decoding, as min_new_tokens does for torch
+    t0 = None
+    for i, q in enumerate(questions):
+        if i == 1:
+            gen.tokens_generated, t0 = 0, time.perf_counter()
+        gen.generate([q], new_tokens, 1)
+    return {"tokens_per_second": gen.tokens_generated / (time.perf_counter() - t0), "peak_rss_mb": _rss()}
+
+
+def _rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(kind: str, *args) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", type=Path, nargs="?")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--child", nargs="+")
+    args = ap.parse_args()
+    if args.child:
+        kind, run, n, new = args.child[0], Path(args.child[1]), int(args.child[2]), int(args.child[3])
+        qs = _questions(run, n)
+        res = torch_speed(run, qs, new) if kind == "torch" else ort_speed(run / "export" / "variants", kind, qs, new)
+        print(json.dumps(res))
+        return
+    run = args.run
+    m = json.loads((run / "export" / "metrics.json").read_text())
+    base = _child("torch", run, args.prompts, args.new_tokens)
+    print(f"{'model':<14}{'tok/s':>8}{'vs torch':>10}{'size':>10}{'size/fp32':>11}{'peak RSS':>10}{'accuracy':>10}")
+    print(
+        f"{'torch fp32':<14}{base['tokens_per_second']:>8.1f}{1.0:>10.2f}{'':>10}{'':>11}{base['peak_rss_mb']:>8.0f}MB"
+    )
+    for v in m["variants"]:
+        if v["error"]:
+            print(f"{v['preset']:<14} failed: {v['error']}")
+            continue
+        r = _child(v["file"], run, args.prompts, args.new_tokens)
+        acc = f"{v['accuracy']:.1%}" if v["accuracy"] is not None else "—"
+        print(
+            f"{'onnx ' + v['preset']:<14}{r['tokens_per_second']:>8.1f}{r['tokens_per_second'] / base['tokens_per_second']:>10.2f}"
+            f"{v['bytes'] / 1e6:>8.0f}MB{v['bytes'] / m['fp32_bytes']:>11.2f}{r['peak_rss_mb']:>8.0f}MB{acc:>10}"
+        )
+
+
+if __name__ == "__main__":
+    main()
