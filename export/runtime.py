@@ -59,6 +59,7 @@ class OnnxGenerator:
         self.eos_ids = set(self.meta["eos_token_ids"])
         self.pad_id = self.meta["pad_token_id"]
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.kv_heads, self.head_dim = self.meta["num_kv_heads"], self.meta["head_dim"]
         first = self.session.get_inputs()[3] if len(self.session.get_inputs()) > 3 else None
         self.kv_dtype = np.float16 if first is not None and "float16" in first.type else np.float32
@@ -69,11 +70,26 @@ class OnnxGenerator:
         return self.meta["prompt_template"].replace(self.meta["placeholder"], question)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past):
-        """One forward pass; returns (logits, present list)."""
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        feed.update(zip(self.past_names, past))
-        outs = self.session.run(None, feed)
-        return outs[0], outs[1:]
+        """One forward pass; returns (logits as numpy, present key/values as OrtValues).
+
+        Past/present stay OrtValues bound through IOBinding, so the cache is never copied into
+        numpy and back between steps; ``past`` may be numpy arrays or OrtValues.
+        """
+        import onnxruntime as ort
+
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            io.bind_ortvalue_input(name, value)
+        for out in self.output_names:
+            io.bind_output(out)
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        return outs[0].numpy(), outs[1:]
 
     def generate_ids(
         self,

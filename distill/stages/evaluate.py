@@ -39,6 +39,15 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _weights_bytes(source: str) -> int | None:
+    """On-disk fp32 size of a model source's weights (safetensors), or None when unknown."""
+    from distill.sources import resolve_model
+
+    folder = Path(resolve_model(source))
+    sizes = [f.stat().st_size for f in folder.glob("*.safetensors")] if folder.exists() else []
+    return sum(sizes) or None
+
+
 def eval_problems(gen_dir: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -71,6 +80,7 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
             ]
             correct = sum(r["correct"] for r in rows)
             summary = {
+                "bytes": _weights_bytes(recipe.teacher.model),
                 "accuracy": correct / len(rows),
                 "correct": correct,
                 "n": len(rows),
