@@ -189,14 +189,18 @@ def _set_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError) -> DistillError:
+    """The first validation problem as one line: the key, what is wrong, and the fix."""
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        return f"unknown recipe key '{key}' — {_suggest(key)}"
-    if e["type"] == "literal_error":
-        return f"recipe key '{key}': {e['msg']} (got {e.get('input')!r})"
-    return f"recipe key '{key}': {e['msg']} (got {e.get('input')!r})" if key else e["msg"]
+        return DistillError(f"unknown recipe key '{key}'", _suggest(key))
+    msg = e["msg"].removeprefix("Value error, ")
+    if not key:
+        return DistillError(msg, "fix the recipe or the override")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return DistillError(f"recipe key '{key}': {msg}{shown}", "fix the recipe or the override")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -217,4 +221,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise DistillError(_format_error(e), "fix the recipe or the override") from None
+        raise _format_error(e) from None

@@ -26,7 +26,7 @@ class EmbeddedModel:
     """A GGUF file shipped inside pinned wheels: ``parts`` are (distribution, version, file suffix)."""
 
     parts: tuple[tuple[str, str, str], ...]
-    sha256: str
+    sha256: str | None
     filename: str
     license: str
 
