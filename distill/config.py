@@ -25,10 +25,11 @@ class Strict(BaseModel):
 class TaskConfig(Strict):
     """Where problems come from and how answers are checked."""
 
-    source: Literal["reasoning_gym", "jsonl"] = Field(
-        "reasoning_gym", description="reasoning_gym generator, or a JSONL file with question/answer fields"
+    source: Literal["reasoning_gym", "file"] = Field(
+        "reasoning_gym",
+        description="reasoning_gym generator, or a file: .jsonl (question/answer), .json, zero-shot-CoT .log",
     )
-    name: str = Field("chain_sum", description="reasoning_gym dataset name, or the JSONL path for source=jsonl")
+    name: str = Field("chain_sum", description="reasoning_gym dataset name, or the file path for source=file")
     params: dict[str, Any] = Field(default_factory=dict, description="generator config (reasoning_gym kwargs)")
     answer_type: Literal["number", "text"] = Field("number", description="how answers are extracted and compared")
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
@@ -39,7 +40,10 @@ class TaskConfig(Strict):
 class TeacherConfig(Strict):
     """The large model that writes chain-of-thought rationales."""
 
-    model: str = Field("embedded:qwen2.5-coder-0.5b-instruct", description="model source (hf:/gguf:/embedded:)")
+    model: str = Field(
+        "embedded:qwen2.5-coder-0.5b-instruct",
+        description="model source (hf:/gguf:/embedded:), or replay:<file> to use recorded outputs (no model call)",
+    )
     method: Literal["zero_shot_cot"] = Field("zero_shot_cot", description="prompting method")
     system_prompt: str | None = Field(None, description="optional system message for chat models")
     trigger: str = Field("Let's think step by step.", description="zero-shot CoT reasoning trigger")

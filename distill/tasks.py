@@ -111,22 +111,39 @@ def _reasoning_gym(name: str, params: dict, size: int, seed: int) -> list[dict]:
     return [{"question": x["question"].strip(), "gold": str(x["answer"])} for x in data]
 
 
-def _jsonl(path: str) -> list[dict]:
+def _file(path: str) -> list[dict]:
+    """Problems from a file: JSONL (question/answer), JSON ({"examples": [...]} or MultiArith-style
+    sQuestion/lSolutions rows), or a zero-shot-CoT log (Q:/GT:)."""
     p = Path(path)
     if not p.is_file():
-        raise DistillError(f"task file {p} does not exist", "set task.name to a JSONL file path")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise DistillError(f"{p}:{i + 1} is not valid JSON", "one JSON object per line") from None
-        if "question" not in row or "answer" not in row:
-            raise DistillError(f"{p}:{i + 1} lacks 'question' or 'answer'", "each row needs both fields")
-        rows.append({"question": str(row["question"]).strip(), "gold": str(row["answer"])})
-    return rows
+        raise DistillError(f"task file {p} does not exist", "set task.name to a .jsonl/.json/.log path")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DistillError(f"task file {p} is not UTF-8 text", "re-encode it as UTF-8") from None
+    if p.suffix == ".log":
+        from teachers.replay import parse_kojima_log
+
+        return [{"question": r["question"], "gold": r["gold"]} for r in parse_kojima_log(p)]
+    if p.suffix == ".json":
+        data = json.loads(text)
+        rows = data["examples"] if isinstance(data, dict) and "examples" in data else data
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DistillError(f"{p}:{i + 1} is not valid JSON", "one JSON object per line") from None
+    out = []
+    for i, row in enumerate(rows):
+        if "sQuestion" in row and "lSolutions" in row:
+            row = {"question": row["sQuestion"], "answer": row["lSolutions"][0]}
+        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+            raise DistillError(f"{p} row {i + 1} lacks 'question' or 'answer'", "each row needs both fields")
+        out.append({"question": str(row["question"]).strip(), "gold": str(row["answer"])})
+    return out
 
 
 def load_problems(cfg) -> tuple[list[dict], list[dict]]:
@@ -135,9 +152,13 @@ def load_problems(cfg) -> tuple[list[dict], list[dict]]:
         evals = _reasoning_gym(cfg.name, cfg.params, cfg.eval_size, cfg.seed + 1_000_003)
         # Over-draw train problems so de-duplication against eval still leaves train_size of them.
         pool = _reasoning_gym(cfg.name, cfg.params, cfg.train_size * 2 + 16, cfg.seed)
-    else:
-        rows = _jsonl(cfg.name)
-        evals, pool = rows[: cfg.eval_size], rows[cfg.eval_size :]
+    else:  # file order: the last eval_size rows are held out (as in the published splits)
+        rows = _file(cfg.name)
+        if len(rows) <= cfg.eval_size:
+            raise DistillError(
+                f"{cfg.name} has {len(rows)} rows, not more than task.eval_size={cfg.eval_size}", "lower task.eval_size"
+            )
+        evals, pool = rows[-cfg.eval_size :], rows[: -cfg.eval_size]
     if not evals or not pool:
         raise DistillError("the task produced no problems", "check task.name / task.params / the JSONL file")
     eval_questions = {r["question"] for r in evals}

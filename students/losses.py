@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +41,49 @@ def selected_cross_entropy(hidden: torch.Tensor, lm_head, labels: torch.Tensor, 
     logits = lm_head(hidden[b, t]).float()
     n = y.numel()
     return F.cross_entropy(logits, y, reduction="sum") / max(n, 1), torch.tensor(n)
+
+
+def multitask_loss(label_loss: torch.Tensor, rationale_loss: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Distilling step-by-step: ``alpha * label + (1 - alpha) * rationale`` (Hsieh et al. 2023)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha * label_loss + (1.0 - alpha) * rationale_loss
+
+
+def _topk_log_probs(student_logits, teacher_ids, teacher_logprobs, temperature: float):
+    """Student and teacher log-probabilities on the teacher's top-k support, both renormalised there.
+
+    The teacher stored only its top-k tokens, so both distributions are compared on that support.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids)
+    t = teacher_logprobs.float() / temperature
+    return s - torch.logsumexp(s, -1, keepdim=True), t - torch.logsumexp(t, -1, keepdim=True)
+
+
+def topk_forward_kl(student_logits, teacher_ids, teacher_logprobs, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k, times T² (Hinton et al.).
+
+    ``student_logits`` [N, V]; ``teacher_ids`` [N, K] token ids; ``teacher_logprobs`` [N, K].
+    """
+    s, t = _topk_log_probs(student_logits, teacher_ids, teacher_logprobs, temperature)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def topk_generalized_jsd(
+    student_logits, teacher_ids, teacher_logprobs, beta: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """Generalized JSD (Agarwal et al. 2024, TRL's GKD) on the teacher's top-k support.
+
+    ``beta * KL(teacher || m) + (1 - beta) * KL(student || m)`` with ``m = beta * teacher +
+    (1 - beta) * student``; beta 0 is forward KL(teacher || student), beta 1 reverse KL.
+    """
+    s, t = _topk_log_probs(student_logits, teacher_ids, teacher_logprobs, temperature)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1).mean()
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1).mean()
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+    kl_t = (t.exp() * (t - m)).sum(-1)
+    kl_s = (s.exp() * (s - m)).sum(-1)
+    return (beta * kl_t + (1 - beta) * kl_s).mean()

@@ -6,6 +6,7 @@ import pyarrow as pa
 
 from distill.tasks import Task
 from teachers.methods import METHODS
+from teachers.replay import ReplayTeacher
 
 ROW_SCHEMA = pa.schema(
     [
@@ -38,16 +39,22 @@ class TeacherWorker:
         from teachers.backends.transformers import TransformersBackend
         from teachers.cache import CachedTeacher, CompletionCache
 
-        torch.set_num_threads(1)
         self.cfg = TeacherConfig.model_validate(teacher_cfg)
+        self.task = Task(answer_type)
+        if self.cfg.model.startswith("replay:"):
+            self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
+            return
+        torch.set_num_threads(1)
         backend = TransformersBackend(model_path, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size)
         self.teacher = CachedTeacher(backend, CompletionCache(cache_path))
-        self.task = Task(answer_type)
         self.method = METHODS[self.cfg.method]
 
     def __call__(self, batch) -> pa.Table:
         problems = batch.to_pylist() if isinstance(batch, pa.Table) else list(batch)
-        rows = self.method(self.teacher, problems, self.cfg, self.task)
+        if isinstance(self.teacher, ReplayTeacher):
+            rows = self.teacher.rows(problems, self.task)
+        else:
+            rows = self.method(self.teacher, problems, self.cfg, self.task)
         for r in rows:
             r["teacher"] = self.teacher.model_id
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)

@@ -43,6 +43,8 @@ def _weights_bytes(source: str) -> int | None:
     """On-disk fp32 size of a model source's weights (safetensors), or None when unknown."""
     from distill.sources import resolve_model
 
+    if source.startswith("replay:"):
+        return None
     folder = Path(resolve_model(source))
     sizes = [f.stat().st_size for f in folder.glob("*.safetensors")] if folder.exists() else []
     return sum(sizes) or None

@@ -87,7 +87,12 @@ def generate(recipe, out: Path) -> GenerateResult:
 
     train, evals = load_problems(recipe.task)
     problems = evals + train  # eval first: the teacher's score is known early
-    teacher_path = str(resolve_model(recipe.teacher.model))
+    replay = recipe.teacher.model.startswith("replay:")
+    if replay:  # recorded outputs: check the file now, in the driver, for a one-line error
+        from teachers.replay import load_records
+
+        load_records(recipe.teacher.model.removeprefix("replay:"))
+    teacher_path = "" if replay else str(resolve_model(recipe.teacher.model))
     worker_kwargs = dict(
         model_path=teacher_path,
         teacher_cfg=recipe.teacher.model_dump(),

@@ -10,12 +10,17 @@ from distill.errors import DistillError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted([*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "bench" / "recipes").glob("*.yaml")]),
+    ids=lambda p: p.name,
+)
 def test_every_shipped_recipe_validates_and_names_its_command(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     first_lines = path.read_text().splitlines()[:4]
     assert any(str(path.relative_to(ROOT)) in line or "make quickstart" in line for line in first_lines)
+    assert recipe.name == path.stem
 
 
 def test_unknown_key_suggests_closest(tmp_path):
