@@ -19,6 +19,10 @@ app = typer.Typer(
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. student.epochs=1")]
 Force = Annotated[bool, typer.Option("--force", help="redo stages even if their outputs are up to date")]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume/--restart", help="continue a killed training run from its last checkpoint, or start over"),
+]
 
 
 def _env_defaults() -> None:
@@ -47,7 +51,7 @@ def _guard(fn):
         raise typer.Exit(2) from None
 
 
-def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool) -> None:
+def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool, resume: bool = True) -> None:
     from distill.config import load_recipe
 
     def go():
@@ -55,15 +59,15 @@ def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool) 
         recipe = load_recipe(recipe_path, overrides or [])
         from distill.pipeline import run
 
-        run(recipe, stages, force)
+        run(recipe, stages, force, resume)
 
     _guard(go)
 
 
 @app.command()
-def run(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
+def run(recipe: RecipeArg, overrides: Overrides = None, force: Force = False, resume: Resume = True) -> None:
     """Run the whole pipeline: generate → train → export → evaluate → report."""
-    _stages(recipe, overrides, ("generate", "train", "export", "evaluate"), force)
+    _stages(recipe, overrides, ("generate", "train", "export", "evaluate"), force, resume)
 
 
 @app.command()
@@ -73,9 +77,9 @@ def generate(recipe: RecipeArg, overrides: Overrides = None, force: Force = Fals
 
 
 @app.command()
-def train(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
-    """Fine-tune the student on the generated dataset."""
-    _stages(recipe, overrides, ("train",), force)
+def train(recipe: RecipeArg, overrides: Overrides = None, force: Force = False, resume: Resume = True) -> None:
+    """Fine-tune the student on the generated dataset (a killed run resumes from its checkpoint)."""
+    _stages(recipe, overrides, ("train",), force, resume)
 
 
 @app.command()

@@ -37,6 +37,14 @@ class TaskConfig(Strict):
     seed: int = Field(0, description="generator seed; train and eval use disjoint seeds")
 
 
+class Demo(Strict):
+    """A worked example shown to the teacher (few-shot CoT)."""
+
+    question: str
+    rationale: str
+    answer: str
+
+
 class TeacherConfig(Strict):
     """The large model that writes chain-of-thought rationales."""
 
@@ -44,7 +52,13 @@ class TeacherConfig(Strict):
         "embedded:qwen2.5-coder-0.5b-instruct",
         description="model source (hf:/gguf:/embedded:), or replay:<file> to use recorded outputs (no model call)",
     )
-    method: Literal["zero_shot_cot"] = Field("zero_shot_cot", description="prompting method")
+    method: Literal["zero_shot_cot", "few_shot_cot", "self_consistency"] = Field(
+        "zero_shot_cot", description="prompting method (self_consistency also uses demos when given)"
+    )
+    demos: list[Demo] = Field(default_factory=list, description="worked examples for few_shot_cot")
+    samples: int = Field(5, ge=1, le=64, description="reasoning paths per problem for self_consistency")
+    temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature for self_consistency")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass for self_consistency")
     system_prompt: str | None = Field(None, description="optional system message for chat models")
     trigger: str = Field("Let's think step by step.", description="zero-shot CoT reasoning trigger")
     answer_trigger: str = Field(
@@ -59,6 +73,12 @@ class TeacherConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray actors, one CPU each (does not change results)")
     executor: Literal["ray", "local"] = Field("ray", description="ray actor pool, or in-process for debugging")
     keep: Literal["correct", "all"] = Field("correct", description="keep only rationales whose answer is correct")
+
+    @model_validator(mode="after")
+    def _demos_for_few_shot(self):
+        if self.method == "few_shot_cot" and not self.demos:
+            raise ValueError("few_shot_cot needs teacher.demos (a list of question, rationale, answer)")
+        return self
 
 
 class StudentConfig(Strict):
@@ -78,6 +98,7 @@ class StudentConfig(Strict):
         "auto", description="bf16 autocast on CUDA and on CPUs with native bf16; fp32 elsewhere"
     )
     seed: int = Field(0)
+    save_every: int = Field(25, ge=0, description="optimizer steps between resumable checkpoints (0 = none)")
     eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
     eval_batch_size: int = Field(8, ge=1)
 

@@ -65,8 +65,12 @@ def _metrics(folder: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def run_stage(recipe: Recipe, stage: str, force: bool = False) -> tuple[float, dict]:
-    """Run one stage of ``recipe`` (its inputs must exist); returns (seconds, stage metrics)."""
+def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = True) -> tuple[float, dict]:
+    """Run one stage of ``recipe`` (its inputs must exist); returns (seconds, stage metrics).
+
+    Training keeps resumable checkpoints in ``<run>/.train.ckpt-<hash>`` until it succeeds; with
+    ``resume`` a killed run continues from there, otherwise it starts over.
+    """
     run_dir = recipe.run_dir
     digest = stage_hash(recipe, stage)
     if not force and _done(run_dir / stage, digest):
@@ -89,7 +93,10 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> tuple[float, d
         elif stage == "train":
             from distill.stages.train import train_stage
 
-            train_stage(recipe, run_dir / "generate", out)
+            ckpt = run_dir / f".train.ckpt-{digest[:12]}"
+            if not resume:
+                shutil.rmtree(ckpt, ignore_errors=True)
+            train_stage(recipe, run_dir / "generate", out, checkpoint_dir=ckpt)
         elif stage == "export":
             from distill.stages.export import export_stage
 
@@ -101,10 +108,12 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False) -> tuple[float, d
             evaluate_stage(recipe, run_dir / "generate", run_dir / "train", export_dir, out)
         seconds = time.time() - t0
         metrics = _metrics(out)
+    if stage == "train":
+        shutil.rmtree(run_dir / f".train.ckpt-{digest[:12]}", ignore_errors=True)
     return seconds, metrics
 
 
-def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict:
+def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, resume: bool = True) -> dict:
     """Run ``stages`` in order, then write the report; returns the scores."""
     from distill.stages.report import print_table, write_report
 
@@ -116,7 +125,7 @@ def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False) -
     for stage in stages:
         if stage == "export" and not recipe.export.enabled:
             continue
-        seconds[stage], metrics[stage] = run_stage(recipe, stage, force)
+        seconds[stage], metrics[stage] = run_stage(recipe, stage, force, resume)
     scores = _read_scores(run_dir)
     timings_file = run_dir / "stage_seconds.json"
     previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}

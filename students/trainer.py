@@ -71,8 +71,79 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model, examples: list[dict], cfg, pad_id: int) -> TrainResult:
-    """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log."""
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after`` (tests simulate a crash with it); the last checkpoint survives."""
+
+
+CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_RNG = "rng.json"
+
+
+def save_checkpoint(folder: Path, model, opt, sched, position: dict) -> None:
+    """Model, optimizer, scheduler, RNG and data position, written to a temp folder then renamed."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_model
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
+        tmp / CHECKPOINT_STATE,
+    )
+    np_state = np.random.get_state()
+    rng = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    (tmp / CHECKPOINT_RNG).write_text(json.dumps({"rng": rng, "position": position}))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model, opt, sched) -> dict:
+    """Restore a checkpoint written by ``save_checkpoint``; returns the data position."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_model
+
+    load_model(model, str(folder / "model.safetensors"))
+    state = torch.load(folder / CHECKPOINT_STATE, weights_only=True)  # tensors and plain containers only
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    meta = json.loads((folder / CHECKPOINT_RNG).read_text())
+    py = meta["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npr = meta["rng"]["numpy"]
+    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+    return meta["position"]
+
+
+def train(
+    model,
+    examples: list[dict],
+    cfg,
+    pad_id: int,
+    checkpoint_dir: Path | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log.
+
+    With ``checkpoint_dir``, a checkpoint is written every ``cfg.save_every`` steps and, if one is
+    there already, training continues from it — to the same weights an uninterrupted run reaches.
+    """
     import torch
 
     seed_everything(cfg.seed)
@@ -92,12 +163,19 @@ def train(model, examples: list[dict], cfg, pad_id: int) -> TrainResult:
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
     bf16 = use_bf16(cfg.precision, device)
-    log, tokens, step, epoch = [], 0, 0, 0
+    pos = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "log": []}
+    if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_RNG).exists():
+        pos = load_checkpoint(checkpoint_dir, model, opt, sched)
+    log, tokens, step, epoch = pos["log"], pos["tokens"], pos["step"], pos["epoch"]
+    skip = pos["batch"]
     t0 = time.time()
     with progress_bar("train", total) as advance:
+        advance(step, "resumed" if step else "")
         while step < total:
             batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
-            for batch_idx in batches:
+            for bi, batch_idx in enumerate(batches):
+                if bi < skip:
+                    continue
                 if step >= total:
                     break
                 micro = [
@@ -119,7 +197,13 @@ def train(model, examples: list[dict], cfg, pad_id: int) -> TrainResult:
                 log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
                 step += 1
                 advance(1, f"loss {step_loss:.3f}, {tokens / (time.time() - t0):.0f} tok/s")
+                if checkpoint_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    position = {"step": step, "epoch": epoch, "batch": bi + 1, "tokens": tokens, "log": log}
+                    save_checkpoint(checkpoint_dir, model, opt, sched, position)
+                if stop_after is not None and step >= stop_after:
+                    raise TrainingInterrupted(f"stopped after step {step}")
             epoch += 1
+            skip = 0
     model.eval()
     model.config.use_cache = True
     return TrainResult(steps=step, tokens=tokens, seconds=time.time() - t0, losses=log)

@@ -98,6 +98,7 @@ class ReplayTeacher:
                     "rationale": r["rationale"] if r else "",
                     "answer_raw": r.get("answer_raw", str(r["answer"])) if r else "",
                     "pred": pred,
+                    "confidence": 1.0 if pred is not None else 0.0,
                     "correct": task.is_correct(pred, p["gold"]),
                     "parse_error": None
                     if pred is not None

@@ -18,6 +18,7 @@ ROW_SCHEMA = pa.schema(
         ("rationale", pa.string()),
         ("answer_raw", pa.string()),
         ("pred", pa.string()),
+        ("confidence", pa.float64()),
         ("correct", pa.bool_()),
         ("parse_error", pa.string()),
         ("finish_reason", pa.string()),

@@ -52,8 +52,12 @@ def read_train_rows(dataset_file: Path) -> list[dict]:
     return table.to_pylist()
 
 
-def train_stage(recipe, gen_dir: Path, out: Path) -> TrainStageResult:
-    """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``."""
+def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = None) -> TrainStageResult:
+    """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``.
+
+    With ``checkpoint_dir``, resumable checkpoints go there (outside the stage's temp folder, so a
+    killed run keeps them) and an existing one is continued from.
+    """
     from students.data import prompt_template, render_prompt, target_text, tokenize_example
     from students.trainer import save_student, train
 
@@ -70,7 +74,9 @@ def train_stage(recipe, gen_dir: Path, out: Path) -> TrainStageResult:
     ]
     console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}), {cfg.epochs} epochs")
     t0 = time.time()
-    result = train(model, examples, cfg, tokenizer.pad_token_id)
+    if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():
+        console.print(f"train: resuming from the checkpoint in {checkpoint_dir}")
+    result = train(model, examples, cfg, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir)
     model_dir = out / "model"
     save_student(model, tokenizer, model_dir)
     metrics = {

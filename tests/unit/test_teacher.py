@@ -57,3 +57,39 @@ def test_zero_shot_cot_rows_score_and_keep_raw_output(tiny_teacher, tiny_task_cf
     rows2 = zero_shot_cot(teacher, train[:4], cfg.model_copy(update={"answer_extraction": "always"}), Task("number"))
     assert all(r["answer_raw"] != "" or r["tokens_out"] > 0 for r in rows2)
     assert teacher.calls == 8 + 4  # stage 1 reused from the cache, only stage 2 paid
+
+
+def test_self_consistency_votes_and_reports_agreement(tiny_teacher, tiny_task_cfg, tmp_path):
+    train, _ = load_problems(tiny_task_cfg)
+    teacher = CachedTeacher(TransformersBackend(tiny_teacher, batch_size=8), CompletionCache(tmp_path / "c.sqlite"))
+    cfg = TeacherConfig(method="self_consistency", samples=4, temperature=1.0, max_new_tokens=24)
+    rows = zero_shot_cot(teacher, train[:3], cfg, Task("number"))
+    assert teacher.calls >= 12  # four sampled paths per problem (plus stage-2 prompts where needed)
+    for r in rows:
+        assert r["confidence"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert (r["pred"] is None) == (r["confidence"] == 0.0)
+        assert r["pred"] is None or r["pred"] in r["rationale"] + r["answer_raw"]
+    calls = teacher.calls
+    again = zero_shot_cot(teacher, train[:3], cfg, Task("number"))
+    assert teacher.calls == calls and again == [{**r, "cached": True} for r in rows]
+
+
+def test_few_shot_prompt_carries_the_demonstrations(tiny_teacher, tiny_task_cfg, tmp_path):
+    from distill.config import Demo
+
+    train, _ = load_problems(tiny_task_cfg)
+    demo = Demo(question="2 + 2 =", rationale="Two plus two is four.", answer="4")
+    cfg = TeacherConfig(method="few_shot_cot", demos=[demo], max_new_tokens=24)
+    rows = zero_shot_cot(TransformersBackend(tiny_teacher), train[:2], cfg, Task("number"))
+    assert all("Two plus two is four.\nTherefore, the answer is 4." in r["prompt"] for r in rows)
+    assert all(r["prompt"].index("2 + 2 =") < r["prompt"].index(r["question"]) for r in rows)
+
+
+def test_few_shot_without_demos_is_a_config_error():
+    import pytest
+
+    from distill.config import load_recipe
+    from distill.errors import DistillError
+
+    with pytest.raises(DistillError, match="demos"):
+        load_recipe(None, ["teacher.method=few_shot_cot"])

@@ -59,3 +59,24 @@ def test_gradient_accumulation_matches_full_batch(tiny_student):
         finals.append(train(model, _examples(tok), cfg, tok.pad_token_id).losses)
     for a, b in zip(*finals):
         assert abs(a["loss"] - b["loss"]) < 1e-4
+
+
+def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tiny_student, tmp_path):
+    from students.trainer import TrainingInterrupted
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    cfg = StudentConfig(
+        model="x", epochs=3, lr=3e-3, batch_size=4, micro_batch_size=2, seed=5, save_every=2, precision="fp32"
+    )
+    straight = AutoModelForCausalLM.from_pretrained(tiny_student)
+    ref = train(straight, _examples(tok), cfg, tok.pad_token_id)
+    ckpt = tmp_path / "ckpt"
+    crashed = AutoModelForCausalLM.from_pretrained(tiny_student)
+    with pytest.raises(TrainingInterrupted):
+        train(crashed, _examples(tok), cfg, tok.pad_token_id, checkpoint_dir=ckpt, stop_after=5)  # mid-epoch 2
+    resumed = AutoModelForCausalLM.from_pretrained(tiny_student)  # a fresh process: weights from disk only
+    result = train(resumed, _examples(tok), cfg, tok.pad_token_id, checkpoint_dir=ckpt)
+    assert result.steps == ref.steps == 9
+    assert [x["loss"] for x in result.losses] == [x["loss"] for x in ref.losses]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
