@@ -83,6 +83,29 @@ class ShardWriter:
         self.shards: list[dict] = []
         folder.mkdir(parents=True, exist_ok=True)
 
+    def resume(self) -> list:
+        """Adopt shards committed by an earlier (killed) run; returns their tables.
+
+        A shard whose bytes no longer match its manifest checksum is dropped (and deleted), so its
+        rows are produced again instead of trusted.
+        """
+        import pyarrow.parquet as pq
+
+        if not self.manifest.exists():
+            return []
+        tables = []
+        for shard in json.loads(self.manifest.read_text())["shards"]:
+            f = self.folder / shard["file"]
+            if f.exists() and hashlib.sha256(f.read_bytes()).hexdigest() == shard["sha256"]:
+                self.shards.append(shard)
+                tables.append(pq.read_table(f))
+            elif f.exists():
+                f.unlink()
+        # Renumber nothing: new shards continue after the highest committed index.
+        self._next = max((int(s["file"][5:10]) for s in self.shards), default=-1) + 1
+        write_json(self.manifest, {"shards": self.shards})
+        return tables
+
     def add(self, table) -> None:
         self.buffer.append(table)
         if sum(t.num_rows for t in self.buffer) >= self.rows_per_shard:
@@ -95,7 +118,9 @@ class ShardWriter:
             return
         table = pa.concat_tables(self.buffer).cast(self.schema)
         self.buffer = []
-        name = f"part-{len(self.shards):05d}.parquet"
+        index = getattr(self, "_next", len(self.shards))
+        self._next = index + 1
+        name = f"part-{index:05d}.parquet"
         digest = write_parquet(self.folder / name, table)
         self.shards.append({"file": name, "rows": table.num_rows, "sha256": digest})
         write_json(self.manifest, {"shards": self.shards})

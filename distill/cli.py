@@ -123,6 +123,94 @@ def infer(
     _guard(go)
 
 
+jobs_app = typer.Typer(no_args_is_help=True, help="Generation jobs: submit, watch, cancel, resume.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+) -> None:
+    """Start the generate stage of a recipe in the background; prints the job id at once."""
+
+    def go():
+        _env_defaults()
+        from distill.jobs import submit
+
+        print(submit(recipe, overrides or [], address))
+
+    _guard(go)
+
+
+@jobs_app.command("list")
+def jobs_list() -> None:
+    """All jobs, newest last."""
+
+    def go():
+        from distill.jobs import JobStore
+
+        for job in JobStore().all():
+            p = job["progress"]
+            done = f"{p.get('rows', 0)}/{p['total']}" if p.get("total") else "-"
+            print(f"{job['id']}  {job['state']:<9}  rows {done:<9}  {job['recipe']}")
+
+    _guard(go)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str) -> None:
+    """Rows done / failed / remaining, tokens, estimated cost and rate of one job."""
+
+    def go():
+        from distill.jobs import JobStore, status_lines
+
+        print("\n".join(status_lines(JobStore().get(job_id))))
+
+    _guard(go)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    """Stop a running job; committed rows and cached completions are kept for `resume`."""
+
+    def go():
+        from distill.jobs import cancel, status_lines
+
+        print("\n".join(status_lines(cancel(job_id))))
+
+    _guard(go)
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str) -> None:
+    """Continue a cancelled, failed or budget-stopped job where it stopped."""
+
+    def go():
+        _env_defaults()
+        from distill.jobs import resume
+
+        resume(job_id)
+        print(job_id)
+
+    _guard(go)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, lines: Annotated[int, typer.Option("-n", min=1)] = 40) -> None:
+    """The last lines of a job's log."""
+
+    def go():
+        from distill.jobs import JobStore
+
+        log = Path(JobStore().get(job_id)["log"])
+        text = log.read_text(errors="replace").splitlines() if log.exists() else []
+        print("\n".join(text[-lines:]))
+
+    _guard(go)
+
+
 def main() -> None:
     app()
 

@@ -73,6 +73,11 @@ class TeacherConfig(Strict):
     workers: int = Field(2, ge=1, description="Ray actors, one CPU each (does not change results)")
     executor: Literal["ray", "local"] = Field("ray", description="ray actor pool, or in-process for debugging")
     keep: Literal["correct", "all"] = Field("correct", description="keep only rationales whose answer is correct")
+    shard_rows: int = Field(64, ge=1, description="rows per committed Parquet shard (a kill loses at most this many)")
+    price_per_1k_input: float = Field(0.0, ge=0, description="cost estimate per 1k prompt tokens")
+    price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
+    max_tokens: int = Field(0, ge=0, description="stop cleanly (resumable) after this many tokens in+out; 0 = no cap")
+    max_cost: float = Field(0.0, ge=0, description="stop cleanly (resumable) at this estimated cost; 0 = no cap")
 
     @model_validator(mode="after")
     def _demos_for_few_shot(self):
@@ -170,7 +175,19 @@ class Recipe(Strict):
 
 
 # Settings that do not change what a stage computes: excluded from content hashes.
-NON_SEMANTIC = {"batch_size", "workers", "executor", "eval_batch_size", "micro_batch_size"}
+NON_SEMANTIC = {
+    "batch_size",
+    "workers",
+    "executor",
+    "eval_batch_size",
+    "micro_batch_size",
+    "save_every",
+    "price_per_1k_input",
+    "price_per_1k_output",
+    "max_tokens",
+    "max_cost",
+    "shard_rows",
+}
 
 
 def content_hash(section: BaseModel | dict) -> str:

@@ -65,11 +65,18 @@ def _metrics(folder: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = True) -> tuple[float, dict]:
+def work_dir(recipe: Recipe, stage: str) -> Path:
+    """Where a stage keeps what must survive a kill (generate: committed shards; train: checkpoints)."""
+    return recipe.run_dir / f".{stage}.work-{stage_hash(recipe, stage)[:12]}"
+
+
+def run_stage(
+    recipe: Recipe, stage: str, force: bool = False, resume: bool = True, on_progress=None
+) -> tuple[float, dict]:
     """Run one stage of ``recipe`` (its inputs must exist); returns (seconds, stage metrics).
 
-    Training keeps resumable checkpoints in ``<run>/.train.ckpt-<hash>`` until it succeeds; with
-    ``resume`` a killed run continues from there, otherwise it starts over.
+    Generation commits shards and training keeps checkpoints in ``work_dir`` until the stage
+    succeeds; with ``resume`` a killed run continues from there, otherwise it starts over.
     """
     run_dir = recipe.run_dir
     digest = stage_hash(recipe, stage)
@@ -84,19 +91,19 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = Tr
                 f"stage {stage} needs {run_dir / upstream} from this recipe, which is missing or stale",
                 f"run `distill {upstream}` (or `distill run`) with the same recipe first",
             )
+    work = work_dir(recipe, stage)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     t0 = time.time()
     with stage_dir(run_dir, stage, digest) as out:
         if stage == "generate":
             from distill.stages.generate import generate
 
-            generate(recipe, out)
+            generate(recipe, out, work=work, on_progress=on_progress)
         elif stage == "train":
             from distill.stages.train import train_stage
 
-            ckpt = run_dir / f".train.ckpt-{digest[:12]}"
-            if not resume:
-                shutil.rmtree(ckpt, ignore_errors=True)
-            train_stage(recipe, run_dir / "generate", out, checkpoint_dir=ckpt)
+            train_stage(recipe, run_dir / "generate", out, checkpoint_dir=work)
         elif stage == "export":
             from distill.stages.export import export_stage
 
@@ -108,8 +115,7 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = Tr
             evaluate_stage(recipe, run_dir / "generate", run_dir / "train", export_dir, out)
         seconds = time.time() - t0
         metrics = _metrics(out)
-    if stage == "train":
-        shutil.rmtree(run_dir / f".train.ckpt-{digest[:12]}", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return seconds, metrics
 
 

@@ -78,13 +78,30 @@ def _run_local(problems, worker_kwargs, cfg, on_batch):
         on_batch(worker(problems[start : start + cfg.batch_size]))
 
 
-def generate(recipe, out: Path) -> GenerateResult:
-    """Run the teacher over train + eval problems into ``out``; returns counts and teacher accuracy."""
+class BudgetExceeded(DistillError):
+    """The job spent its token or cost budget; committed shards stay and ``resume`` continues."""
+
+
+def cost_of(tokens_in: int, tokens_out: int, cfg) -> float:
+    """Estimated spend from the recipe's per-1k-token prices."""
+    return tokens_in / 1000 * cfg.price_per_1k_input + tokens_out / 1000 * cfg.price_per_1k_output
+
+
+def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> GenerateResult:
+    """Run the teacher over train + eval problems into ``out``; returns counts and teacher accuracy.
+
+    Shards are committed to ``work`` (default ``out``) as they complete; a run over the same ``work``
+    folder skips every problem already in a committed, checksum-valid shard — exactly once across
+    kills. ``on_progress(stats)`` is called after every batch.
+    """
+    import shutil
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from teachers.workers import ROW_SCHEMA
 
+    work = work or out
     train, evals = load_problems(recipe.task)
     problems = evals + train  # eval first: the teacher's score is known early
     replay = recipe.teacher.model.startswith("replay:")
@@ -99,32 +116,73 @@ def generate(recipe, out: Path) -> GenerateResult:
         answer_type=recipe.task.answer_type,
         cache_path=str(Path(recipe.cache).resolve()),
     )
-    writer = ShardWriter(out / "shards", out / "shards.json", ROW_SCHEMA)
-    stats = {"rows": 0, "correct": 0, "tokens_out": 0, "cached": 0, "parse_errors": 0}
+    writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=recipe.teacher.shard_rows)
+    stats = {
+        "rows": 0,
+        "correct": 0,
+        "tokens_in": 0,
+        "tokens_out": 0,
+        "cached": 0,
+        "parse_errors": 0,
+        "total": len(problems),
+    }
     t0 = time.time()
+
+    def count(batch: pa.Table) -> None:
+        stats["rows"] += batch.num_rows
+        stats["correct"] += pc.sum(batch["correct"]).as_py() or 0
+        stats["tokens_in"] += pc.sum(batch["tokens_in"]).as_py() or 0
+        stats["tokens_out"] += pc.sum(batch["tokens_out"]).as_py() or 0
+        stats["cached"] += pc.sum(batch["cached"]).as_py() or 0
+        stats["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
+
+    done_ids: set[str] = set()
+    for table in writer.resume():
+        count(table)
+        done_ids.update(table["id"].to_pylist())
+    todo = [p for p in problems if p["id"] not in done_ids]
+    if done_ids:
+        console.print(f"generate: {len(done_ids)} rows already committed, {len(todo)} to go")
     console.print(
         f"[bold]generate[/] {len(train)} train + {len(evals)} eval problems, teacher {recipe.teacher.model}, "
         f"{recipe.teacher.workers} {recipe.teacher.executor} worker(s)"
     )
+    cfg = recipe.teacher
     with progress_bar("generate", len(problems)) as advance:
+        advance(len(done_ids))
 
         def on_batch(batch: pa.Table) -> None:
             writer.add(batch)
-            stats["rows"] += batch.num_rows
-            stats["correct"] += pc.sum(batch["correct"]).as_py() or 0
-            stats["tokens_out"] += pc.sum(batch["tokens_out"]).as_py() or 0
-            stats["cached"] += pc.sum(batch["cached"]).as_py() or 0
-            stats["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
-            rate = stats["tokens_out"] / max(time.time() - t0, 1e-9)
+            count(batch)
+            stats["seconds"] = time.time() - t0
+            stats["cost"] = cost_of(stats["tokens_in"], stats["tokens_out"], cfg)
+            rate = stats["tokens_out"] / max(stats["seconds"], 1e-9)
             advance(batch.num_rows, f"{stats['correct']}/{stats['rows']} correct, {rate:.0f} tok/s")
+            if on_progress:
+                on_progress(dict(stats))
+            over_tokens = cfg.max_tokens and stats["tokens_in"] + stats["tokens_out"] >= cfg.max_tokens
+            over_cost = cfg.max_cost and stats["cost"] >= cfg.max_cost
+            if over_tokens or over_cost:
+                writer.flush()
+                raise BudgetExceeded(
+                    f"budget reached after {stats['rows']}/{len(problems)} rows "
+                    f"({stats['tokens_in'] + stats['tokens_out']} tokens, cost {stats['cost']:.4f})",
+                    "raise teacher.max_tokens / teacher.max_cost and resume; committed rows are kept",
+                )
 
         runner = _run_ray if recipe.teacher.executor == "ray" else _run_local
-        runner(problems, worker_kwargs, recipe.teacher, on_batch)
+        if todo:
+            runner(todo, worker_kwargs, recipe.teacher, on_batch)
     shards = writer.close()
 
     import pyarrow.parquet as pq
 
+    if work != out:
+        shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
+        shutil.copy2(work / "shards.json", out / "shards.json")
     table = pa.concat_tables([pq.read_table(out / "shards" / s["file"]) for s in shards]).sort_by("id")
+    if table.num_rows != len(problems) or len(set(table["id"].to_pylist())) != len(problems):
+        raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
     if stats["parse_errors"] == table.num_rows:
         raise DistillError(
             "the teacher gave no parsable answer for any problem",
@@ -150,7 +208,9 @@ def generate(recipe, out: Path) -> GenerateResult:
         "train_rows_kept": train_rows.num_rows,
         "keep_rate": train_rows.num_rows / max(len(train), 1),
         "teacher_eval_accuracy": teacher_acc,
+        "tokens_in": stats["tokens_in"],
         "tokens_out": stats["tokens_out"],
+        "estimated_cost": cost_of(stats["tokens_in"], stats["tokens_out"], cfg),
         "cached_rows": stats["cached"],
         "parse_errors": stats["parse_errors"],
         "seconds": time.time() - t0,

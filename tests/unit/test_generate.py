@@ -1,0 +1,60 @@
+"""Generation commits shards exactly once: budget stops, kills and corrupted shards resume cleanly."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from distill.config import Recipe
+from distill.pipeline import run_stage, work_dir
+from distill.stages.generate import BudgetExceeded
+
+
+def _recipe(tmp_path, teacher, task_cfg, **teacher_kw):
+    return Recipe.model_validate(
+        {
+            "name": "g",
+            "output_dir": str(tmp_path / "runs"),
+            "cache": str(tmp_path / "cache.sqlite"),
+            "task": task_cfg.model_dump(),
+            "teacher": {
+                "model": f"hf:{teacher}",
+                "max_new_tokens": 24,
+                "batch_size": 3,
+                "executor": "local",
+                "dtype": "float32",
+                "keep": "all",
+                **teacher_kw,
+            },
+        }
+    )
+
+
+def _rows(run_dir):
+    t = pq.read_table(run_dir / "generate" / "dataset" / "train.parquet").to_pylist()
+    t += pq.read_table(run_dir / "generate" / "dataset" / "eval.parquet").to_pylist()
+    return sorted((r["id"], r["rationale"], r["pred"]) for r in t)
+
+
+def test_budget_stop_then_resume_is_exactly_once(tmp_path, tiny_teacher, tiny_task_cfg):
+    ref_recipe = _recipe(tmp_path / "ref", tiny_teacher, tiny_task_cfg)
+    run_stage(ref_recipe, "generate")
+    reference = _rows(ref_recipe.run_dir)
+
+    capped = _recipe(tmp_path / "job", tiny_teacher, tiny_task_cfg, max_tokens=400)
+    with pytest.raises(BudgetExceeded, match="budget reached"):
+        run_stage(capped, "generate")
+    work = work_dir(capped, "generate")
+    committed = json.loads((work / "shards.json").read_text())["shards"]
+    assert 0 < sum(s["rows"] for s in committed) < 18  # partial progress kept, nothing published
+    assert not (capped.run_dir / "generate").exists()
+    # Corrupt one committed shard: it must be detected by checksum and regenerated, not trusted.
+    victim = work / "shards" / committed[0]["file"]
+    victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
+
+    uncapped = _recipe(tmp_path / "job", tiny_teacher, tiny_task_cfg)  # same semantic hash: resumes
+    seconds, metrics = run_stage(uncapped, "generate")
+    assert _rows(uncapped.run_dir) == reference
+    ids = pq.read_table(uncapped.run_dir / "generate" / "shards")["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 18
+    assert not work.exists()
