@@ -74,7 +74,7 @@ def test_killed_job_resumes_to_the_same_dataset(tmp_path, tiny_teacher, tiny_tas
     kills = 0
     for _ in range(3):  # kill -9 at a random point, three times
         target = random.randint(2, 80)
-        s = _wait(job, cwd, env, lambda s: s["progress"].get("rows", 0) >= target or s["state"] != "running")
+        s = _wait(job, cwd, env, lambda s, t=target: s["progress"].get("rows", 0) >= t or s["state"] != "running")
         if s["state"] != "running":
             break
         os.killpg(s["pid"], signal.SIGKILL)
