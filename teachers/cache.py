@@ -57,12 +57,20 @@ class CompletionCache:
         self.db.close()
 
 
-class CachedTeacher:
-    """Wraps a backend: answers from the cache when it can, pays (and records) only for misses."""
+class CacheMiss(LookupError):
+    """A cache-only teacher was asked for a completion it does not have."""
 
-    def __init__(self, backend: TeacherBackend, cache: CompletionCache):
+
+class CachedTeacher:
+    """Wraps a backend: answers from the cache when it can, pays (and records) only for misses.
+
+    With ``cache_only`` a miss raises ``CacheMiss`` instead of calling the backend.
+    """
+
+    def __init__(self, backend: TeacherBackend, cache: CompletionCache, cache_only: bool = False):
         self.backend = backend
         self.cache = cache
+        self.cache_only = cache_only
         self.model_id = backend.model_id
         self.calls = 0  # completions actually generated (paid for)
 
@@ -73,6 +81,8 @@ class CachedTeacher:
         keys = [r.key(self.model_id) for r in requests]
         hits = self.cache.get_many(list(set(keys)))
         missing = {k: r for k, r in zip(keys, requests) if k not in hits}
+        if missing and self.cache_only:
+            raise CacheMiss(f"{len(missing)} of {len(keys)} completions are not cached")
         if missing:
             fresh = self.backend.generate(list(missing.values()))
             self.calls += len(fresh)

@@ -33,7 +33,7 @@ ROW_SCHEMA = pa.schema(
 class TeacherWorker:
     """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows."""
 
-    def __init__(self, model_path: str, teacher_cfg: dict, answer_type: str, cache_path: str):
+    def __init__(self, model_path: str, teacher_cfg: dict, answer_type: str, cache_path: str, cache_only: bool = False):
         import torch
 
         from distill.config import TeacherConfig
@@ -47,7 +47,7 @@ class TeacherWorker:
             return
         torch.set_num_threads(1)
         backend = TransformersBackend(model_path, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size)
-        self.teacher = CachedTeacher(backend, CompletionCache(cache_path))
+        self.teacher = CachedTeacher(backend, CompletionCache(cache_path), cache_only=cache_only)
         self.method = METHODS[self.cfg.method]
 
     def __call__(self, batch) -> pa.Table:

@@ -70,6 +70,25 @@ def _run_ray(problems, worker_kwargs, cfg, on_batch):
         on_batch(batch)
 
 
+def _serve_from_cache(problems, worker_kwargs, cfg, on_batch) -> list[dict]:
+    """Answer every batch the completion cache fully covers, in-process (tokenizer only, no weights,
+    no Ray); returns the problems that still need the teacher."""
+    from teachers.cache import CacheMiss
+    from teachers.workers import TeacherWorker
+
+    if cfg.model.startswith("replay:") or not Path(worker_kwargs["cache_path"]).exists():
+        return problems
+    worker = TeacherWorker(**worker_kwargs, cache_only=True)
+    rest: list[dict] = []
+    for start in range(0, len(problems), cfg.batch_size):
+        batch = problems[start : start + cfg.batch_size]
+        try:
+            on_batch(worker(batch))
+        except CacheMiss:
+            rest += batch
+    return rest
+
+
 def _run_local(problems, worker_kwargs, cfg, on_batch):
     from teachers.workers import TeacherWorker
 
@@ -171,6 +190,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
                 )
 
         runner = _run_ray if recipe.teacher.executor == "ray" else _run_local
+        todo = _serve_from_cache(todo, worker_kwargs, recipe.teacher, on_batch) if todo else todo
         if todo:
             runner(todo, worker_kwargs, recipe.teacher, on_batch)
     shards = writer.close()

@@ -27,23 +27,43 @@ def model_identity(path: Path | str, dtype: str) -> str:
 
 
 class TransformersBackend:
-    """A causal LM from a local folder, generating on CPU (or CUDA when present)."""
+    """A causal LM from a local folder, generating on CPU (or CUDA when present).
+
+    Weights load on the first real generation: a run answered entirely from the completion cache
+    needs only the tokenizer.
+    """
 
     def __init__(self, path: Path | str, dtype: str = "float32", batch_size: int = 16, threads: int = 1):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer, GenerationConfig
 
         torch.set_num_threads(threads)
+        self.path, self.dtype = path, dtype
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self._model = None
         self.batch_size = batch_size
         self.model_id = model_identity(path, dtype)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {e for e in eos if e is not None} | {self.tokenizer.eos_token_id}
+
+    @property
+    def model(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            self._model = (
+                AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+            )
+        return self._model
 
     def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
         """Render messages with the model's chat template (plain text when it has none)."""

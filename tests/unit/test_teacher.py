@@ -1,3 +1,5 @@
+import pytest
+
 from distill.config import TeacherConfig
 from distill.tasks import Task, load_problems
 from teachers.backends.base import Decoding, GenerationRequest
@@ -33,12 +35,17 @@ def test_cached_teacher_never_pays_twice(tiny_teacher, tmp_path):
     first = CachedTeacher(backend, CompletionCache(tmp_path / "c.sqlite"))
     out1 = first.generate(reqs)
     assert first.calls == 5
-    # A new process-like instance over the same file, different batch size: zero calls.
-    backend.batch_size = 5
-    second = CachedTeacher(backend, CompletionCache(tmp_path / "c.sqlite"))
+    # A new process-like instance over the same file, different batch size: zero calls, and the
+    # weights are never even loaded.
+    fresh = TransformersBackend(tiny_teacher, batch_size=5)
+    second = CachedTeacher(fresh, CompletionCache(tmp_path / "c.sqlite"), cache_only=True)
     out2 = second.generate(reqs + reqs[:2])
-    assert second.calls == 0
+    assert second.calls == 0 and fresh._model is None
     assert [c.text for c in out2[:5]] == [c.text for c in out1] and all(c.cached for c in out2)
+    from teachers.cache import CacheMiss
+
+    with pytest.raises(CacheMiss):
+        second.generate([GenerationRequest("never asked", Decoding(max_new_tokens=6))])
 
 
 def test_zero_shot_cot_rows_score_and_keep_raw_output(tiny_teacher, tiny_task_cfg, tmp_path):
