@@ -60,6 +60,9 @@ class TeacherConfig(Strict):
     temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature for self_consistency")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass for self_consistency")
     system_prompt: str | None = Field(None, description="optional system message for chat models")
+    prompt_template: str = Field(
+        "{{ question }}", description="Jinja template of the user message (sandboxed; variables: question)"
+    )
     trigger: str = Field("Let's think step by step.", description="zero-shot CoT reasoning trigger")
     answer_trigger: str = Field(
         "Therefore, the answer (arabic numerals) is", description="stage-2 answer extraction prompt (Kojima et al.)"
@@ -78,6 +81,14 @@ class TeacherConfig(Strict):
     price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
     max_tokens: int = Field(0, ge=0, description="stop cleanly (resumable) after this many tokens in+out; 0 = no cap")
     max_cost: float = Field(0.0, ge=0, description="stop cleanly (resumable) at this estimated cost; 0 = no cap")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_renders(cls, v: str) -> str:
+        from teachers.prompts import render
+
+        render(v, question="1 + 1 =")  # a broken or unsafe template fails here, before any job starts
+        return v
 
     @model_validator(mode="after")
     def _demos_for_few_shot(self):
@@ -221,7 +232,10 @@ def _set_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise DistillError(f"override {override!r} is not key=value", "write overrides like student.epochs=2")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:  # not YAML (e.g. a Jinja template): take it as a plain string
+        value = raw
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:

@@ -16,6 +16,7 @@ from collections import Counter
 
 from distill.tasks import Task
 from teachers.backends.base import Decoding, GenerationRequest
+from teachers.prompts import render
 
 
 def _messages(question: str, cfg, task: Task) -> list[dict]:
@@ -23,10 +24,10 @@ def _messages(question: str, cfg, task: Task) -> list[dict]:
     m = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     for d in cfg.demos if cfg.method != "zero_shot_cot" else []:
         m += [
-            {"role": "user", "content": d.question},
+            {"role": "user", "content": render(cfg.prompt_template, question=d.question)},
             {"role": "assistant", "content": f"{cfg.trigger} {d.rationale.strip()}\n{task.answer_sentence(d.answer)}"},
         ]
-    return m + [{"role": "user", "content": question}]
+    return m + [{"role": "user", "content": render(cfg.prompt_template, question=question)}]
 
 
 def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding: Decoding) -> list[list[dict]]:

@@ -21,5 +21,8 @@ def render(template: str, **values) -> str:
 
     try:
         return _env().from_string(template).render(**values)
-    except TemplateError as e:
-        raise DistillError(f"prompt template failed: {e}", "fix the template in the recipe") from None
+    except (TemplateError, TypeError) as e:  # TypeError: include/import with no loader (no filesystem)
+        raise DistillError(
+            f"prompt template {template!r} failed: {type(e).__name__}: {e}",
+            "use only the documented variables ({{ question }}); attributes, imports and files are not allowed",
+        ) from None

@@ -32,7 +32,13 @@ def load_student(source: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:  # safetensors only: a pickle checkpoint can run code on load
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except OSError as e:
+        raise DistillError(
+            f"{path} has no loadable safetensors weights ({str(e).splitlines()[0][:120]})",
+            "save the model with save_pretrained(..., safe_serialization=True); pickle checkpoints are not loaded",
+        ) from None
     if torch.cuda.is_available():
         model = model.cuda()
     return model, tokenizer

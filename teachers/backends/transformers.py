@@ -61,7 +61,10 @@ class TransformersBackend:
             from transformers import AutoModelForCausalLM
 
             self._model = (
-                AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+                # safetensors only: a pickle checkpoint can run code on load
+                AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype), use_safetensors=True)
+                .to(self.device)
+                .eval()
             )
         return self._model
 

@@ -55,3 +55,24 @@ def test_stage_without_its_input_says_which_command_to_run(tmp_path):
 def test_infer_on_missing_bundle(tmp_path):
     res = _cli("infer", str(tmp_path), "1 + 1 =")
     assert res.returncode == 2 and "not an export bundle" in res.stderr
+
+
+def test_pickle_only_student_is_refused(tmp_path, tiny_student):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from distill.errors import DistillError
+    from distill.stages.train import load_student
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_student, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    try:
+        load_student(f"hf:{folder}")
+    except DistillError as e:
+        assert "safetensors" in str(e)
+    else:
+        raise AssertionError("a pickle checkpoint was loaded")
