@@ -21,7 +21,6 @@ from pathlib import Path
 
 from distill.errors import DistillError
 
-STATES = ("queued", "running", "done", "failed", "cancelled", "budget")
 
 
 def store_path() -> Path:
