@@ -52,9 +52,10 @@ class TeacherConfig(Strict):
         "embedded:qwen2.5-coder-0.5b-instruct",
         description="model source (hf:/gguf:/embedded:), or replay:<file> to use recorded outputs (no model call)",
     )
-    method: Literal["zero_shot_cot", "few_shot_cot", "self_consistency"] = Field(
+    method: Literal["zero_shot_cot", "few_shot_cot", "self_consistency", "least_to_most", "self_ask"] = Field(
         "zero_shot_cot", description="prompting method (self_consistency also uses demos when given)"
     )
+    max_subquestions: int = Field(4, ge=1, le=16, description="least_to_most: sub-questions kept per problem")
     demos: list[Demo] = Field(default_factory=list, description="worked examples for few_shot_cot")
     samples: int = Field(5, ge=1, le=64, description="reasoning paths per problem for self_consistency")
     temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature for self_consistency")

@@ -22,7 +22,6 @@ from pathlib import Path
 from distill.errors import DistillError
 
 
-
 def store_path() -> Path:
     return Path(os.environ.get("DISTILL_JOBS_DB", ".distill/jobs.sqlite"))
 

@@ -8,6 +8,8 @@
 - ``self_consistency`` (Wang et al. 2023): ``samples`` sampled reasoning paths per problem, majority
   vote over their answers; the agreement ratio is kept as ``confidence`` and the kept rationale is
   the first one that reached the voted answer.
+- ``least_to_most`` (Zhou et al. 2023): decompose into sub-questions, then solve them in order.
+- ``self_ask`` (Press et al. 2023): follow-up questions and intermediate answers, then the answer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from teachers.prompts import render
 def _messages(question: str, cfg, task: Task) -> list[dict]:
     """System prompt, worked demonstrations (few-shot), then the question."""
     m = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    for d in cfg.demos if cfg.method != "zero_shot_cot" else []:
+    for d in cfg.demos if cfg.method in ("few_shot_cot", "self_consistency") else []:
         m += [
             {"role": "user", "content": render(cfg.prompt_template, question=d.question)},
             {"role": "assistant", "content": f"{cfg.trigger} {d.rationale.strip()}\n{task.answer_sentence(d.answer)}"},
@@ -117,3 +119,125 @@ def zero_shot_cot(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
 
 
 METHODS = {"zero_shot_cot": chain_of_thought, "few_shot_cot": chain_of_thought, "self_consistency": chain_of_thought}
+
+
+# --- Least-to-most (Zhou et al. 2023): decompose, then solve the sub-questions in order. ---
+
+DECOMPOSE = (
+    "{question}\n\nDo not solve it yet. List the simpler sub-questions that lead to the answer, one per line, "
+    "and end with the original question."
+)
+
+
+def _subquestions(text: str, question: str, limit: int) -> list[str]:
+    """Sub-questions from a decomposition (numbered or bulleted lines), the original question last."""
+    import re
+
+    lines = [re.sub(r"^\s*(?:\d+[.)]|[-*•])\s*", "", ln).strip() for ln in text.splitlines()]
+    subs = [ln for ln in lines if ln.endswith("?") and ln.strip() != question.strip()]
+    return subs[:limit] + [question]
+
+
+def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
+    """Decompose each problem, then answer its sub-questions one after another (batched across
+    problems at each step), each answer feeding the next; the last answer is the prediction."""
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    question = [render(cfg.prompt_template, question=p["question"]) for p in problems]
+    dec_prompts = [
+        teacher.chat_prompt(system + [{"role": "user", "content": DECOMPOSE.format(question=q)}]) for q in question
+    ]
+    decomp = teacher.generate([GenerationRequest(p, Decoding(max_new_tokens=cfg.max_new_tokens)) for p in dec_prompts])
+    plans = [_subquestions(c.text, q, cfg.max_subquestions) for c, q in zip(decomp, question)]
+    transcripts = ["" for _ in problems]
+    usage = [[c.tokens_in, c.tokens_out, c.cached] for c in decomp]
+    finish = ["stop"] * len(problems)
+    last_answer = [""] * len(problems)
+    for step in range(max(len(p) for p in plans)):
+        active = [i for i, plan in enumerate(plans) if step < len(plan)]
+        prompts = [
+            teacher.chat_prompt(
+                system
+                + [
+                    {
+                        "role": "user",
+                        "content": f"{question[i]}\n\nSolve it step by step.{transcripts[i]}\n\nQ: {plans[i][step]}",
+                    }
+                ],
+                assistant_prefix="A:",
+            )
+            for i in active
+        ]
+        outs = teacher.generate([GenerationRequest(p, Decoding(max_new_tokens=cfg.max_new_tokens)) for p in prompts])
+        for i, c in zip(active, outs):
+            answer = c.text.strip()
+            transcripts[i] += f"\n\nQ: {plans[i][step]}\nA: {answer}"
+            last_answer[i] = answer
+            usage[i][0] += c.tokens_in
+            usage[i][1] += c.tokens_out
+            usage[i][2] = usage[i][2] and c.cached
+            finish[i] = c.finish_reason
+    paths = []
+    for i in range(len(problems)):
+        ex = task.extract(last_answer[i])
+        paths.append(
+            [
+                {
+                    "prompt": dec_prompts[i],
+                    "rationale": transcripts[i].strip(),
+                    "answer_raw": last_answer[i],
+                    "pred": ex.answer,
+                    "finish_reason": finish[i],
+                    "tokens_in": usage[i][0],
+                    "tokens_out": usage[i][1],
+                    "cached": usage[i][2],
+                }
+            ]
+        )
+    return _rows(problems, paths, task)
+
+
+# --- Self-ask (Press et al. 2023): the teacher asks and answers its own follow-up questions. ---
+
+SELF_ASK_DEMO = (
+    "Question: A shop sells pens at 3 dollars each. Ann buys 4 pens and pays with a 20-dollar bill. "
+    "How much change does she get?\n"
+    "Are follow up questions needed here: Yes.\n"
+    "Follow up: How much do 4 pens cost?\n"
+    "Intermediate answer: 4 x 3 = 12 dollars.\n"
+    "Follow up: What is 20 minus 12?\n"
+    "Intermediate answer: 8 dollars.\n"
+    "So the final answer is: 8"
+)
+
+
+def self_ask(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
+    """One generation per problem in the self-ask scaffold (a worked demo, then the question); the
+    follow-up chain is the rationale and "So the final answer is" the answer (stage 2 if absent)."""
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    demo = cfg.demos[0] if cfg.demos else None
+    shot = (
+        SELF_ASK_DEMO
+        if demo is None
+        else (
+            f"Question: {demo.question}\nAre follow up questions needed here: Yes.\n{demo.rationale.strip()}\n"
+            f"So the final answer is: {demo.answer}"
+        )
+    )
+    prompts = [
+        teacher.chat_prompt(
+            system
+            + [
+                {
+                    "role": "user",
+                    "content": f"{shot}\n\nQuestion: {render(cfg.prompt_template, question=p['question'])}",
+                }
+            ],
+            assistant_prefix="Are follow up questions needed here:",
+        )
+        for p in problems
+    ]
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, stop=("\nQuestion:",))
+    return _rows(problems, _reason(teacher, prompts, cfg, task, 1, decoding), task)
+
+
+METHODS.update({"least_to_most": least_to_most, "self_ask": self_ask})

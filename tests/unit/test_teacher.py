@@ -100,3 +100,43 @@ def test_few_shot_without_demos_is_a_config_error():
 
     with pytest.raises(DistillError, match="demos"):
         load_recipe(None, ["teacher.method=few_shot_cot"])
+
+
+def test_subquestions_parse_numbered_lists_and_end_with_the_question():
+    from teachers.methods import _subquestions
+
+    text = "1. What is 3 + 4?\n2) What is 7 - 2?\n- Then what?\nSome prose without a question mark"
+    assert _subquestions(text, "3 + 4 - 2 = ?", 2) == ["What is 3 + 4?", "What is 7 - 2?", "3 + 4 - 2 = ?"]
+
+
+def test_least_to_most_solves_each_step_and_keeps_the_transcript(tiny_teacher, tiny_task_cfg, tmp_path):
+    from teachers.methods import least_to_most
+
+    train, _ = load_problems(tiny_task_cfg)
+    teacher = CachedTeacher(TransformersBackend(tiny_teacher, batch_size=4), CompletionCache(tmp_path / "c.sqlite"))
+    cfg = TeacherConfig(method="least_to_most", max_new_tokens=16)
+    rows = least_to_most(teacher, train[:3], cfg, Task("number"))
+    for r, p in zip(rows, train[:3]):
+        # The original question is always the last step of the transcript.
+        assert r["rationale"].split("Q: ")[-1].startswith(p["question"])
+        assert (r["pred"] is None) == (r["parse_error"] is not None)
+        assert r["correct"] == (r["pred"] == r["gold"])
+    calls = teacher.calls
+    assert least_to_most(teacher, train[:3], cfg, Task("number")) == [{**r, "cached": True} for r in rows]
+    assert teacher.calls == calls  # a re-run pays nothing
+
+
+def test_self_ask_prompt_uses_the_scaffold(tiny_teacher, tiny_task_cfg):
+    from teachers.methods import self_ask
+
+    train, _ = load_problems(tiny_task_cfg)
+    rows = self_ask(
+        TransformersBackend(tiny_teacher),
+        train[:2],
+        TeacherConfig(method="self_ask", max_new_tokens=24),
+        Task("number"),
+    )
+    for r, p in zip(rows, train[:2]):
+        assert "Follow up: How much do 4 pens cost?" in r["prompt"]
+        assert r["prompt"].endswith("Are follow up questions needed here:")
+        assert f"Question: {p['question']}" in r["prompt"]
