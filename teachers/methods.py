@@ -199,44 +199,34 @@ def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
 # --- Self-ask (Press et al. 2023): the teacher asks and answers its own follow-up questions. ---
 
 SELF_ASK_DEMO = (
-    "Question: A shop sells pens at 3 dollars each. Ann buys 4 pens and pays with a 20-dollar bill. "
-    "How much change does she get?\n"
-    "Are follow up questions needed here: Yes.\n"
+    "A shop sells pens at 3 dollars each. Ann buys 4 pens and pays with a 20-dollar bill. How much change does she get?",
     "Follow up: How much do 4 pens cost?\n"
     "Intermediate answer: 4 x 3 = 12 dollars.\n"
     "Follow up: What is 20 minus 12?\n"
-    "Intermediate answer: 8 dollars.\n"
-    "So the final answer is: 8"
+    "Intermediate answer: 8 dollars.",
+    "8",
 )
+SELF_ASK_LEAD = "Are follow up questions needed here:"
 
 
 def self_ask(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
-    """One generation per problem in the self-ask scaffold (a worked demo, then the question); the
-    follow-up chain is the rationale and "So the final answer is" the answer (stage 2 if absent)."""
+    """One generation per problem in the self-ask scaffold (a worked demo as a previous chat turn,
+    then the question); the follow-up chain is the rationale and "So the final answer is" the
+    answer (stage 2 when it is missing)."""
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    demo = cfg.demos[0] if cfg.demos else None
-    shot = (
-        SELF_ASK_DEMO
-        if demo is None
-        else (
-            f"Question: {demo.question}\nAre follow up questions needed here: Yes.\n{demo.rationale.strip()}\n"
-            f"So the final answer is: {demo.answer}"
-        )
-    )
+    demo = (cfg.demos[0].question, cfg.demos[0].rationale.strip(), cfg.demos[0].answer) if cfg.demos else SELF_ASK_DEMO
+    shot = [
+        {"role": "user", "content": render(cfg.prompt_template, question=demo[0])},
+        {"role": "assistant", "content": f"{SELF_ASK_LEAD} Yes.\n{demo[1]}\nSo the final answer is: {demo[2]}"},
+    ]
     prompts = [
         teacher.chat_prompt(
-            system
-            + [
-                {
-                    "role": "user",
-                    "content": f"{shot}\n\nQuestion: {render(cfg.prompt_template, question=p['question'])}",
-                }
-            ],
-            assistant_prefix="Are follow up questions needed here:",
+            system + shot + [{"role": "user", "content": render(cfg.prompt_template, question=p["question"])}],
+            assistant_prefix=SELF_ASK_LEAD,
         )
         for p in problems
     ]
-    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, stop=("\nQuestion:",))
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens)
     return _rows(problems, _reason(teacher, prompts, cfg, task, 1, decoding), task)
 
 

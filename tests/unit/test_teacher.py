@@ -139,4 +139,4 @@ def test_self_ask_prompt_uses_the_scaffold(tiny_teacher, tiny_task_cfg):
     for r, p in zip(rows, train[:2]):
         assert "Follow up: How much do 4 pens cost?" in r["prompt"]
         assert r["prompt"].endswith("Are follow up questions needed here:")
-        assert f"Question: {p['question']}" in r["prompt"]
+        assert r["prompt"].index("How much do 4 pens cost?") < r["prompt"].index(p["question"])
