@@ -102,7 +102,10 @@ class StudentConfig(Strict):
     """The small model being trained."""
 
     model: str = Field("embedded:smollm2-135m-instruct", description="model source (hf:/gguf:/embedded:)")
-    format: Literal["rationale", "label"] = Field("rationale", description="target: rationale + answer, or answer only")
+    format: Literal["rationale", "label", "multitask"] = Field(
+        "rationale", description="target: rationale + answer, answer only, or [label]/[explain] multitask"
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="multitask: weight of the label loss (rationale gets 1 - alpha)")
     epochs: float = Field(2.0, gt=0, description="passes over the training set")
     lr: float = Field(1e-4, gt=0, lt=1, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0)

@@ -1,7 +1,9 @@
 """Training examples for students: prompt (the question in the student's chat format) → target.
 
-Formats: ``rationale`` (Fine-tune-CoT: reasoning, then "Therefore, the answer is X.") and
-``label`` (answer only — the baseline). Loss is on the target tokens only.
+Formats: ``rationale`` (Fine-tune-CoT: reasoning, then "Therefore, the answer is X."), ``label``
+(answer only — the baseline) and ``multitask`` (Distilling step-by-step: each question twice, with a
+``[label]`` prefix → the answer and an ``[explain]`` prefix → the rationale; the student answers with
+the ``[label]`` prefix). Loss is on the target tokens only.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ from distill.tasks import Task
 PLACEHOLDER = "<<<DISTILL_QUESTION>>>"
 
 
-def prompt_template(tokenizer) -> str:
-    """The student's prompt with ``PLACEHOLDER`` where the question goes (stored in export bundles)."""
+LABEL_PREFIX, EXPLAIN_PREFIX = "[label] ", "[explain] "
+
+
+def prompt_template(tokenizer, fmt: str = "rationale") -> str:
+    """The student's prompt with ``PLACEHOLDER`` where the question goes (stored in export bundles).
+
+    A multitask student is asked with the ``[label]`` prefix, the task it answers with.
+    """
+    content = (LABEL_PREFIX if fmt == "multitask" else "") + PLACEHOLDER
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": PLACEHOLDER}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
-    return f"Question: {PLACEHOLDER}\nAnswer: "
+    return f"Question: {content}\nAnswer: "
 
 
 def render_prompt(template: str, question: str) -> str:
@@ -32,6 +41,25 @@ def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think ste
     if fmt == "label":
         return task.answer_sentence(answer)
     return f"{trigger} {row['rationale'].strip()}\n{task.answer_sentence(answer)}"
+
+
+def build_examples(tokenizer, rows: list[dict], fmt: str, task: Task, max_length: int) -> list[dict]:
+    """Tokenized training examples for ``rows`` in format ``fmt``; each carries its loss ``task``."""
+    template = prompt_template(tokenizer)  # the bare question; multitask adds its own prefixes
+    out = []
+    for r in rows:
+        if fmt == "multitask":
+            for prefix, part, sub in ((LABEL_PREFIX, "label", "label"), (EXPLAIN_PREFIX, "rationale", "rationale")):
+                ex = tokenize_example(
+                    tokenizer, render_prompt(template, prefix + r["question"]), target_text(r, part, task), max_length
+                )
+                out.append({**ex, "task": sub})
+        else:
+            ex = tokenize_example(
+                tokenizer, render_prompt(template, r["question"]), target_text(r, fmt, task), max_length
+            )
+            out.append({**ex, "task": fmt})
+    return out
 
 
 def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> dict:

@@ -62,6 +62,13 @@ def forward_loss(model, batch):
     return selected_cross_entropy(hidden, head, batch["labels"])
 
 
+def task_weight(cfg, task: str) -> float:
+    """Loss weight of a task: multitask uses alpha for [label] and 1 - alpha for [explain]."""
+    if getattr(cfg, "format", None) == "multitask":
+        return cfg.alpha if task == "label" else 1.0 - cfg.alpha
+    return 1.0
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -181,15 +188,22 @@ def train(
                 micro = [
                     batch_idx[i : i + cfg.micro_batch_size] for i in range(0, len(batch_idx), cfg.micro_batch_size)
                 ]
-                n_target = sum(sum(1 for x in examples[i]["labels"][1:] if x != -100) for i in batch_idx)
+                # Token-weighted mean per loss task, combined with the task weights (multitask: alpha).
+                n_target: dict[str, int] = {}
+                for i in batch_idx:
+                    t = examples[i].get("task", "rationale")
+                    n_target[t] = n_target.get(t, 0) + sum(1 for x in examples[i]["labels"][1:] if x != -100)
                 step_loss = 0.0
                 for mb in micro:
-                    batch = {k: v.to(device) for k, v in collate([examples[i] for i in mb], pad_id).items()}
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        loss, n = forward_loss(model, batch)
-                    (loss * n / max(n_target, 1)).backward()
-                    step_loss += loss.item() * n.item() / max(n_target, 1)
-                    tokens += int(batch["attention_mask"].sum())
+                    for t in sorted({examples[i].get("task", "rationale") for i in mb}):
+                        group = [examples[i] for i in mb if examples[i].get("task", "rationale") == t]
+                        batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                            loss, n = forward_loss(model, batch)
+                        w = task_weight(cfg, t) * n / max(n_target[t], 1)
+                        (loss * w).backward()
+                        step_loss += loss.item() * float(w)
+                        tokens += int(batch["attention_mask"].sum())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()

@@ -99,7 +99,7 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
             outs = generate_torch(
                 model,
                 tokenizer,
-                prompt_template(tokenizer),
+                prompt_template(tokenizer, "rationale" if name == "student_base" else cfg.format),
                 questions,
                 cfg.eval_max_new_tokens,
                 cfg.eval_batch_size,

@@ -44,7 +44,9 @@ def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
     return []
 
 
-def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int, model_file: str) -> dict:
+def write_bundle_files(
+    tokenizer, config, bundle: Path, max_new_tokens: int, model_file: str, fmt: str = "rationale"
+) -> dict:
     """Tokenizer + generation metadata a torch-free runtime needs; returns the metadata."""
     from export.onnx_export import kv_shape
     from students.data import PLACEHOLDER, prompt_template
@@ -54,7 +56,7 @@ def write_bundle_files(tokenizer, config, bundle: Path, max_new_tokens: int, mod
     n_layers, kv_heads, head_dim = kv_shape(config)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     meta = {
-        "prompt_template": prompt_template(tokenizer),
+        "prompt_template": prompt_template(tokenizer, fmt),
         "placeholder": PLACEHOLDER,
         "eos_token_ids": sorted({*eos, tokenizer.eos_token_id} - {None}),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -165,7 +167,9 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     t0 = time.time()
     with console.status(f"export {train_dir / 'model'} → ONNX (dynamo, opset {cfg.opset})"):
         export_decoder(model, variants_dir / FP32_FILE, opset=cfg.opset)
-    meta = write_bundle_files(tokenizer, model.config, variants_dir, recipe.student.eval_max_new_tokens, FP32_FILE)
+    meta = write_bundle_files(
+        tokenizer, model.config, variants_dir, recipe.student.eval_max_new_tokens, FP32_FILE, recipe.student.format
+    )
     metrics: dict = {"export_seconds": time.time() - t0, "fp32_bytes": _size(variants_dir, FP32_FILE)}
     problems = eval_problems(gen_dir)
     questions = [p["question"] for p in problems[:4]]
@@ -262,7 +266,7 @@ def _assemble_bundle(recipe, config, tokenizer, variants_dir, bundle, chosen, me
     for f in [chosen.file, chosen.file + ".data"]:
         if (variants_dir / f).exists():
             shutil.copy2(variants_dir / f, bundle / f)
-    meta = write_bundle_files(tokenizer, config, bundle, meta["max_new_tokens"], chosen.file)
+    meta = write_bundle_files(tokenizer, config, bundle, meta["max_new_tokens"], chosen.file, recipe.student.format)
     context = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
     write_json(bundle / "genai_config.json", genai_config(config, meta, context))
     if chosen.preset in quant_configs:

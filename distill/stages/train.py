@@ -64,20 +64,14 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     With ``checkpoint_dir``, resumable checkpoints go there (outside the stage's temp folder, so a
     killed run keeps them) and an existing one is continued from.
     """
-    from students.data import prompt_template, render_prompt, target_text, tokenize_example
+    from students.data import build_examples
     from students.trainer import save_student, train
 
     cfg = recipe.student
     rows = read_train_rows(gen_dir / "dataset" / "train.parquet")
     model, tokenizer = load_student(cfg.model)
     task = Task(recipe.task.answer_type)
-    template = prompt_template(tokenizer)
-    examples = [
-        tokenize_example(
-            tokenizer, render_prompt(template, r["question"]), target_text(r, cfg.format, task), cfg.max_length
-        )
-        for r in rows
-    ]
+    examples = build_examples(tokenizer, rows, cfg.format, task, cfg.max_length)
     console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}), {cfg.epochs} epochs")
     t0 = time.time()
     if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():

@@ -80,3 +80,44 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tiny_student, tm
     assert [x["loss"] for x in result.losses] == [x["loss"] for x in ref.losses]
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_multitask_examples_and_alpha_weighting(tiny_student):
+    from distill.tasks import Task
+    from students.data import build_examples, prompt_template
+    from students.losses import multitask_loss
+    from students.trainer import forward_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    rows = [
+        {"question": f"{i} + 1 =", "rationale": f"{i} plus one.", "gold": str(i + 1), "pred": str(i + 1)}
+        for i in range(4)
+    ]
+    ex = build_examples(tok, rows, "multitask", Task("number"), 64)
+    assert [e["task"] for e in ex] == ["label", "rationale"] * 4
+    assert "[label] 0 + 1 =" in tok.decode(ex[0]["input_ids"]) and "[explain] 0 + 1 =" in tok.decode(ex[1]["input_ids"])
+    assert "[label] " in prompt_template(tok, "multitask") and "[label]" not in prompt_template(tok)
+
+    # One optimizer step on the whole set equals alpha * label loss + (1 - alpha) * rationale loss.
+    cfg = StudentConfig(
+        model="x",
+        format="multitask",
+        alpha=0.3,
+        epochs=1,
+        lr=1e-9,
+        batch_size=8,
+        micro_batch_size=8,
+        precision="fp32",
+        warmup_ratio=0.0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_student)
+    from students.data import collate
+
+    with torch.no_grad():
+        per_task = {
+            t: forward_loss(model, collate([e for e in ex if e["task"] == t], tok.pad_token_id))[0]
+            for t in ("label", "rationale")
+        }
+    expected = multitask_loss(per_task["label"], per_task["rationale"], 0.3).item()
+    result = train(model, ex, cfg, tok.pad_token_id)
+    assert abs(result.losses[0]["loss"] - expected) < 1e-5
