@@ -42,7 +42,9 @@ test-slow: install models
 	$(PY) -m pytest -q -m slow
 
 bench: install models
-	$(PY) bench/run_all.py
+	$(PY) bench/teacher_throughput.py
+	test -f runs/quickstart/export/DONE.json || $(VENV)/bin/distill run recipes/quickstart.yaml
+	$(PY) bench/export_speed.py runs/quickstart
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
