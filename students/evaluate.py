@@ -35,9 +35,14 @@ def score(outputs: list[str], problems: list[dict], task: Task) -> tuple[dict, l
                 "correct": task.is_correct(ex.answer, p["gold"]),
             }
         )
-    correct = sum(r["correct"] for r in rows)
+    return summarize(rows), rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Accuracy, counts and 95% Wilson interval of per-example rows carrying ``correct``."""
+    correct = sum(bool(r["correct"]) for r in rows)
     lo, hi = wilson_interval(correct, len(rows))
-    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "ci95": [lo, hi]}, rows
+    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "ci95": [lo, hi]}
 
 
 def generate_torch(

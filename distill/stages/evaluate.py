@@ -15,7 +15,7 @@ from distill.artifacts import write_config, write_json
 from distill.errors import DistillError
 from distill.progress import console
 from distill.tasks import Task
-from students.evaluate import score, wilson_interval
+from students.evaluate import score, summarize
 
 LABELS = {
     "teacher": "teacher",
@@ -80,14 +80,7 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
                 }
                 for p in problems
             ]
-            correct = sum(r["correct"] for r in rows)
-            summary = {
-                "bytes": _weights_bytes(recipe.teacher.model),
-                "accuracy": correct / len(rows),
-                "correct": correct,
-                "n": len(rows),
-                "ci95": list(wilson_interval(correct, len(rows))),
-            }
+            summary = {**summarize(rows), "bytes": _weights_bytes(recipe.teacher.model)}
         elif name in ("student_base", "student"):
             from distill.stages.train import load_student
             from students.data import prompt_template
@@ -118,9 +111,7 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
             if exp.get("gated") and gate_rows.exists():
                 # The gate already scored this exact file on this split through the same runtime.
                 rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
-                correct = sum(r["correct"] for r in rows)
-                lo, hi = wilson_interval(correct, len(rows))
-                summary = {"accuracy": correct / len(rows), "correct": correct, "n": len(rows), "ci95": [lo, hi]}
+                summary = summarize(rows)
             else:
                 from export.gate import score_variant
 
