@@ -61,6 +61,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so multi-hundred-MB GGUFs are hashed
+    once, not at every stage; any change to the file makes it hash again."""
+    import json
+
+    st = path.stat()
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    memo = cache_dir() / "digests" / f"{key}.json"
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if memo.exists():
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp:
+            return known["sha256"]
+    digest = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({**stamp, "sha256": digest}))
+    return digest
+
+
 def _locate_wheel_file(dist: str, version: str, suffix: str) -> Path:
     import importlib.metadata as md
 
@@ -83,12 +102,12 @@ def _embedded_gguf(name: str) -> tuple[Path, str]:
     files = [_locate_wheel_file(*p) for p in spec.parts]
     if len(files) == 1:
         path = files[0]
-        digest = sha256_file(path)
+        digest = file_digest(path)
         if spec.sha256 and digest != spec.sha256:
             raise DistillError(f"{path} has sha256 {digest}, expected {spec.sha256}", "reinstall with `make models`")
         return path, digest
     out = cache_dir() / "gguf" / spec.filename
-    if out.exists() and sha256_file(out) == spec.sha256:
+    if out.exists() and file_digest(out) == spec.sha256:
         return out, spec.sha256
     out.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
@@ -157,7 +176,7 @@ def resolve_model(source: str) -> Path | str:
         path = Path(value).expanduser()
         if not path.is_file():
             raise DistillError(f"GGUF file {path} does not exist", "fix the model source path in the recipe")
-        return convert_gguf(path, sha256_file(path))
+        return convert_gguf(path, file_digest(path))
     path = Path(value).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
