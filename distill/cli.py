@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -45,10 +46,26 @@ def _guard(fn):
     try:
         return fn()
     except DistillError as e:
-        from distill.progress import console
+        _fail(str(e))
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        _fail(
+            f"cannot write{where}: {os.strerror(e.errno)} — free space or make the output folder writable "
+            "(output_dir=...), then run the same command again: committed work is kept"
+        )
 
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+
+# Storage failures a user fixes (full disk, quota, read-only or forbidden folder, file size limit).
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _fail(message: str):
+    from distill.progress import console
+
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool, resume: bool = True) -> None:
@@ -119,6 +136,41 @@ def infer(
                 f"{bundle / name} does not exist", "pick an .onnx file inside the bundle with --model-file"
             )
         print(OnnxGenerator(bundle, name).generate([question], max_new_tokens)[0])
+
+    _guard(go)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="teacher model source: embedded:/hf:/gguf:")],
+    host: Annotated[str, typer.Option(help="address to bind; not loopback needs a token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    token_env: Annotated[
+        str, typer.Option(help="environment variable holding the token clients must send as their API key")
+    ] = "DISTILL_SERVE_TOKEN",
+    name: Annotated[str | None, typer.Option(help="served model name (default: the model's identity)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    max_batch: Annotated[int, typer.Option(min=1, help="requests generated together")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(min=0, help="how long to gather a batch")] = 10.0,
+) -> None:
+    """Serve a local teacher as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions)."""
+
+    def go():
+        _env_defaults()
+        from distill.progress import console
+        from teachers.serve import serve as run_server
+
+        def ready(server):
+            console.print(
+                f"serving [bold]{server.name}[/] on http://{host}:{port}/v1 "
+                f"({'token required' if server.token else 'no token: loopback only'})",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        if dtype not in ("float32", "bfloat16"):
+            raise DistillError(f"--dtype {dtype} is not supported", "use float32 or bfloat16")
+        run_server(model, host, port, token_env, name, dtype, max_batch, batch_window_ms, on_ready=ready)
 
     _guard(go)
 

@@ -82,6 +82,33 @@ class TeacherConfig(Strict):
     price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
     max_tokens: int = Field(0, ge=0, description="stop cleanly (resumable) after this many tokens in+out; 0 = no cap")
     max_cost: float = Field(0.0, ge=0, description="stop cleanly (resumable) at this estimated cost; 0 = no cap")
+    long_prompts: Literal["reject", "truncate"] = Field(
+        "reject",
+        description="a prompt longer than the teacher's context: reject the row (recorded with the reason) or "
+        "truncate the middle of the prompt with a warning",
+    )
+    # OpenAI-compatible HTTP teachers (model: openai:<served model name>)
+    base_url: str | None = Field(None, description="openai: endpoint, e.g. http://127.0.0.1:8000/v1")
+    api: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions or /completions")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: environment variable holding the API key (keys never go in recipes)"
+    )
+    concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight per worker")
+    requests_per_minute: float = Field(0, ge=0, description="openai: request rate cap per worker (0 = none)")
+    tokens_per_minute: float = Field(0, ge=0, description="openai: token rate cap per worker (0 = none)")
+    max_retries: int = Field(6, ge=0, le=50, description="openai: retries on 429/5xx/timeouts/dropped connections")
+    request_timeout: float = Field(120.0, gt=0, description="openai: seconds before a request is retried")
+    retry_base: float = Field(0.5, ge=0, description="openai: first backoff in seconds (doubles, full jitter)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys_in_recipes(cls, data):
+        if isinstance(data, dict) and any(k in data for k in ("api_key", "token", "password")):
+            raise ValueError(
+                "API keys are never read from recipes (they end up in logs and reports): export the key in an "
+                "environment variable and name it in teacher.api_key_env"
+            )
+        return data
 
     @field_validator("prompt_template")
     @classmethod
@@ -90,6 +117,12 @@ class TeacherConfig(Strict):
 
         render(v, question="1 + 1 =")  # a broken or unsafe template fails here, before any job starts
         return v
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self):
+        if self.model.startswith("openai:") and not self.base_url:
+            raise ValueError("an openai: teacher needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
 
     @model_validator(mode="after")
     def _demos_for_few_shot(self):
@@ -202,6 +235,15 @@ NON_SEMANTIC = {
     "max_tokens",
     "max_cost",
     "shard_rows",
+    # how an HTTP teacher is reached, not what it answers
+    "base_url",
+    "api_key_env",
+    "concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_retries",
+    "request_timeout",
+    "retry_base",
 }
 
 

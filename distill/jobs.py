@@ -137,7 +137,9 @@ def resume(job_id: str) -> int:
     store = JobStore()
     job = store.get(job_id)
     if job["state"] in ("running", "done"):
-        raise DistillError(f"job {job_id} is {job['state']}", "only failed, cancelled or budget-stopped jobs resume")
+        raise DistillError(
+            f"job {job_id} is {job['state']}", "only failed, partial, cancelled or budget-stopped jobs resume"
+        )
     return start_runner(store, job_id)
 
 
@@ -147,7 +149,11 @@ def status_lines(job: dict, recipe=None) -> list[str]:
     total, rows = p.get("total"), p.get("rows", 0)
     lines = [f"job {job['id']}: {job['state']}", f"  recipe   {job['recipe']} {' '.join(job['overrides'])}".rstrip()]
     if total:
-        lines.append(f"  rows     {rows}/{total} done, {p.get('parse_errors', 0)} unparsed, {total - rows} remaining")
+        failed = p.get("failed", 0)
+        lines.append(
+            f"  rows     {rows}/{total} done, {failed} failed, {p.get('parse_errors', 0)} unparsed, "
+            f"{total - rows} remaining"
+        )
     if p:
         rate = p.get("tokens_out", 0) / max(p.get("seconds", 0), 1e-9)
         lines.append(f"  tokens   {p.get('tokens_in', 0)} in, {p.get('tokens_out', 0)} out, {rate:.0f} tok/s")
@@ -181,12 +187,26 @@ def run_job(job_id: str, db: str) -> int:
             store.update(job_id, progress=stats)  # one small WAL write per batch
 
         _, metrics = run_stage(recipe, "generate", on_progress=progress)
-        final = {**store.get(job_id)["progress"], "rows": metrics["problems"], "total": metrics["problems"]}
+        failed = metrics.get("failed_rows", 0)
+        final = {
+            **store.get(job_id)["progress"],
+            "rows": metrics["problems"] - failed,
+            "failed": failed,
+            "total": metrics["problems"],
+        }
+        if failed:  # finished, but some rows spent their retries: `resume` retries only those
+            reasons = "; ".join(metrics.get("failure_reasons", []))[:400]
+            store.update(job_id, state="partial", finished=time.time(), progress=final, error=reasons)
+            return 4
         store.update(job_id, state="done", finished=time.time(), progress=final)
         return 0
     except BudgetExceeded as e:
         store.update(job_id, state="budget", finished=time.time(), error=str(e))
         return 3
+    except DistillError as e:  # bad input or a refused endpoint: the reason, no traceback
+        store.update(job_id, state="failed", finished=time.time(), error=str(e)[:500])
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         store.update(job_id, state="cancelled", finished=time.time(), error="cancelled")
         return 130

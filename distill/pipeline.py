@@ -80,7 +80,9 @@ def run_stage(
     """
     run_dir = recipe.run_dir
     digest = stage_hash(recipe, stage)
-    if not force and _done(run_dir / stage, digest):
+    # A generation with failed rows (retries spent) is done enough for the next stages, but a new
+    # run retries those rows from the kept work folder instead of reusing it.
+    if not force and _done(run_dir / stage, digest) and not _metrics(run_dir / stage).get("failed_rows"):
         console.print(f"[dim]{stage}: up to date in {run_dir / stage}, reusing (pass --force to redo)[/]")
         return 0.0, _metrics(run_dir / stage)
     for upstream in STAGES[: STAGES.index(stage)]:
@@ -115,7 +117,8 @@ def run_stage(
             evaluate_stage(recipe, run_dir / "generate", run_dir / "train", export_dir, out)
         seconds = time.time() - t0
         metrics = _metrics(out)
-    shutil.rmtree(work, ignore_errors=True)
+    if not metrics.get("failed_rows"):
+        shutil.rmtree(work, ignore_errors=True)
     return seconds, metrics
 
 

@@ -43,7 +43,12 @@ class CompletionCache:
 
     def put_many(self, model: str, items: list[tuple[str, Completion]]) -> None:
         rows = [
-            (k, model, json.dumps({kk: v for kk, v in c.__dict__.items() if kk != "cached"}), time.time())
+            (
+                k,
+                model,
+                json.dumps({kk: v for kk, v in c.__dict__.items() if kk not in ("cached", "error")}),
+                time.time(),
+            )
             for k, c in items
         ]
         with self.lock, self.db:
@@ -87,6 +92,8 @@ class CachedTeacher:
             fresh = self.backend.generate(list(missing.values()))
             self.calls += len(fresh)
             new = list(zip(missing.keys(), fresh))
-            self.cache.put_many(self.model_id, new)
+            # A failed call is not a result: it is returned (the row records why) but never cached,
+            # so the next run asks again.
+            self.cache.put_many(self.model_id, [(k, c) for k, c in new if c.error is None])
             hits.update(new)
         return [hits[k] for k in keys]

@@ -51,9 +51,14 @@ def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding
                 "tokens_out": c.tokens_out,
                 "cached": c.cached,
                 "explicit": ex.explicit,
+                "error": c.error,
             }
         )
-    todo = [i for i, p in enumerate(paths) if cfg.answer_extraction == "always" or not p["explicit"]]
+    todo = [
+        i
+        for i, p in enumerate(paths)
+        if p["error"] is None and (cfg.answer_extraction == "always" or not p["explicit"])
+    ]
     if todo:
         dec2 = Decoding(max_new_tokens=24, stop=("\n",))
         second = teacher.generate(
@@ -68,6 +73,7 @@ def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding
             p["tokens_in"] += c.tokens_in
             p["tokens_out"] += c.tokens_out
             p["cached"] = p["cached"] and c.cached
+            p["error"] = c.error
             ex = task.extract(c.text)
             p["pred"] = ex.answer if ex.answer is not None else p["pred"]
     return [paths[i * samples : (i + 1) * samples] for i in range(len(prompts))]
@@ -77,9 +83,16 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
     """One row per problem: majority answer over its paths, the first path reaching it, agreement."""
     rows = []
     for p, paths in zip(problems, groups):
-        votes = Counter(x["pred"] for x in paths if x["pred"] is not None)
+        # A path whose teacher call failed for good fails the row (recorded, retried on resume):
+        # a vote over fewer samples would differ from an uninterrupted run.
+        error = next((x["error"] for x in paths if x.get("error")), None)
+        votes = Counter(x["pred"] for x in paths if x["pred"] is not None) if error is None else Counter()
         pred = max(votes, key=lambda a: (votes[a], -[x["pred"] for x in paths].index(a))) if votes else None
         chosen = next((x for x in paths if x["pred"] == pred), paths[0])
+        if error:
+            parse_error = f"teacher call failed: {error}"
+        else:
+            parse_error = None if pred is not None else "no answer found in rationale or answer prompt"
         rows.append(
             {
                 "id": p["id"],
@@ -92,7 +105,8 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
                 "pred": pred,
                 "confidence": votes[pred] / len(paths) if pred is not None else 0.0,
                 "correct": task.is_correct(pred, p["gold"]),
-                "parse_error": None if pred is not None else "no answer found in rationale or answer prompt",
+                "parse_error": parse_error,
+                "error": error,
                 "finish_reason": chosen["finish_reason"],
                 "tokens_in": sum(x["tokens_in"] for x in paths),
                 "tokens_out": sum(x["tokens_out"] for x in paths),
@@ -150,9 +164,11 @@ def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
     plans = [_subquestions(c.text, q, cfg.max_subquestions) for c, q in zip(decomp, question)]
     transcripts = ["" for _ in problems]
     usage = [[c.tokens_in, c.tokens_out, c.cached] for c in decomp]
+    errors = [c.error for c in decomp]
+    plans = [plan if err is None else [] for plan, err in zip(plans, errors)]
     finish = ["stop"] * len(problems)
     last_answer = [""] * len(problems)
-    for step in range(max(len(p) for p in plans)):
+    for step in range(max(len(p) for p in plans)):  # (0 steps when every decomposition failed)
         active = [i for i, plan in enumerate(plans) if step < len(plan)]
         prompts = [
             teacher.chat_prompt(
@@ -176,6 +192,8 @@ def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
             usage[i][1] += c.tokens_out
             usage[i][2] = usage[i][2] and c.cached
             finish[i] = c.finish_reason
+            if c.error:
+                errors[i], plans[i] = c.error, plans[i][: step + 1]  # stop this problem here
     paths = []
     for i in range(len(problems)):
         ex = task.extract(last_answer[i])
@@ -190,6 +208,7 @@ def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
                     "tokens_in": usage[i][0],
                     "tokens_out": usage[i][1],
                     "cached": usage[i][2],
+                    "error": errors[i],
                 }
             ]
         )

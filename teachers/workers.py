@@ -26,8 +26,31 @@ ROW_SCHEMA = pa.schema(
         ("tokens_out", pa.int64()),
         ("cached", pa.bool_()),
         ("teacher", pa.string()),
+        ("error", pa.string()),
     ]
 )
+
+
+def make_backend(cfg, model_path: str):
+    """The backend a teacher config names: an OpenAI-compatible endpoint or a local model folder."""
+    if cfg.model.startswith("openai:"):
+        from teachers.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(
+            cfg.model.removeprefix("openai:"),
+            cfg.base_url,
+            api=cfg.api,
+            api_key_env=cfg.api_key_env,
+            concurrency=cfg.concurrency,
+            requests_per_minute=cfg.requests_per_minute,
+            tokens_per_minute=cfg.tokens_per_minute,
+            max_retries=cfg.max_retries,
+            timeout=cfg.request_timeout,
+            retry_base=cfg.retry_base,
+        )
+    from teachers.backends.transformers import TransformersBackend
+
+    return TransformersBackend(model_path, dtype=cfg.dtype, batch_size=cfg.batch_size, long_prompts=cfg.long_prompts)
 
 
 class TeacherWorker:
@@ -37,7 +60,6 @@ class TeacherWorker:
         import torch
 
         from distill.config import TeacherConfig
-        from teachers.backends.transformers import TransformersBackend
         from teachers.cache import CachedTeacher, CompletionCache
 
         self.cfg = TeacherConfig.model_validate(teacher_cfg)
@@ -46,7 +68,7 @@ class TeacherWorker:
             self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
             return
         torch.set_num_threads(1)
-        backend = TransformersBackend(model_path, dtype=self.cfg.dtype, batch_size=self.cfg.batch_size)
+        backend = make_backend(self.cfg, model_path)
         self.teacher = CachedTeacher(backend, CompletionCache(cache_path), cache_only=cache_only)
         self.method = METHODS[self.cfg.method]
 

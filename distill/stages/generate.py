@@ -64,7 +64,7 @@ def _run_ray(problems, worker_kwargs, cfg, on_batch):
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-        num_cpus=1,
+        num_cpus=0.25 if cfg.model.startswith("openai:") else 1,  # an HTTP client mostly waits
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         on_batch(batch)
@@ -95,6 +95,19 @@ def _run_local(problems, worker_kwargs, cfg, on_batch):
     worker = TeacherWorker(**worker_kwargs)
     for start in range(0, len(problems), cfg.batch_size):
         on_batch(worker(problems[start : start + cfg.batch_size]))
+
+
+def latest_rows(tables: list):
+    """One row per id, the last committed one winning (a failed row is replaced by its retry), by id."""
+    import pyarrow as pa
+
+    latest: dict[str, dict] = {}
+    for t in tables:  # shards in commit order
+        for row in t.to_pylist():
+            latest[row["id"]] = row
+    from teachers.workers import ROW_SCHEMA
+
+    return pa.Table.from_pylist([latest[k] for k in sorted(latest)], schema=ROW_SCHEMA)
 
 
 class BudgetExceeded(DistillError):
@@ -128,7 +141,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         from teachers.replay import load_records
 
         load_records(recipe.teacher.model.removeprefix("replay:"))
-    teacher_path = "" if replay else str(resolve_model(recipe.teacher.model))
+    remote = recipe.teacher.model.startswith("openai:")
+    teacher_path = "" if replay or remote else str(resolve_model(recipe.teacher.model))
     worker_kwargs = dict(
         model_path=teacher_path,
         teacher_cfg=recipe.teacher.model_dump(),
@@ -143,11 +157,15 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "tokens_out": 0,
         "cached": 0,
         "parse_errors": 0,
+        "failed": 0,
         "total": len(problems),
     }
     t0 = time.time()
 
     def count(batch: pa.Table) -> None:
+        failed = pc.is_valid(batch["error"])
+        stats["failed"] += pc.sum(failed).as_py() or 0
+        batch = batch.filter(pc.invert(failed))  # a failed row is retried: it is not done
         stats["rows"] += batch.num_rows
         stats["correct"] += pc.sum(batch["correct"]).as_py() or 0
         stats["tokens_in"] += pc.sum(batch["tokens_in"]).as_py() or 0
@@ -157,6 +175,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
 
     done_ids: set[str] = set()
     for table in writer.resume():
+        table = table.filter(pc.is_null(table["error"]))  # rows whose teacher call failed are retried
         count(table)
         done_ids.update(table["id"].to_pylist())
     todo = [p for p in problems if p["id"] not in done_ids]
@@ -176,7 +195,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
             stats["seconds"] = time.time() - t0
             stats["cost"] = cost_of(stats["tokens_in"], stats["tokens_out"], cfg)
             rate = stats["tokens_out"] / max(stats["seconds"], 1e-9)
-            advance(batch.num_rows, f"{stats['correct']}/{stats['rows']} correct, {rate:.0f} tok/s")
+            failed = f", {stats['failed']} failed" if stats["failed"] else ""
+            advance(batch.num_rows, f"{stats['correct']}/{stats['rows']} correct{failed}, {rate:.0f} tok/s")
             if on_progress:
                 on_progress(dict(stats))
             over_tokens = cfg.max_tokens and stats["tokens_in"] + stats["tokens_out"] >= cfg.max_tokens
@@ -200,16 +220,28 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     if work != out:
         shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
         shutil.copy2(work / "shards.json", out / "shards.json")
-    table = pa.concat_tables([pq.read_table(out / "shards" / s["file"]) for s in shards]).sort_by("id")
-    if table.num_rows != len(problems) or len(set(table["id"].to_pylist())) != len(problems):
+    table = latest_rows([pq.read_table(out / "shards" / s["file"]) for s in shards])
+    if table.num_rows != len(problems) or set(table["id"].to_pylist()) != {p["id"] for p in problems}:
         raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
-    if stats["parse_errors"] == table.num_rows:
+    failed = table.filter(pc.is_valid(table["error"]))
+    if failed.num_rows == table.num_rows:
+        raise DistillError(
+            f"every teacher call failed; first reason: {failed['error'][0].as_py()}",
+            "check the teacher endpoint/model and resume; paid results are kept in the cache",
+        )
+    if failed.num_rows:
+        console.print(
+            f"[yellow]generate: {failed.num_rows} rows failed after retries (first: {failed['error'][0].as_py()}); "
+            "they are recorded with the reason and `distill run`/`distill jobs resume` retries only them[/]"
+        )
+    answered = table.filter(pc.is_null(table["error"]))
+    if pc.count(answered["pred"]).as_py() == 0:
         raise DistillError(
             "the teacher gave no parsable answer for any problem",
             "check the teacher model, its prompt (teacher.trigger) and teacher.max_new_tokens",
         )
     is_train = pc.equal(table["split"], "train")
-    train_rows = table.filter(is_train)
+    train_rows = table.filter(pc.and_(is_train, pc.is_null(table["error"])))
     if recipe.teacher.keep == "correct":
         train_rows = train_rows.filter(train_rows["correct"])
     eval_rows = table.filter(pc.invert(is_train))
@@ -232,7 +264,9 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "tokens_out": stats["tokens_out"],
         "estimated_cost": cost_of(stats["tokens_in"], stats["tokens_out"], cfg),
         "cached_rows": stats["cached"],
-        "parse_errors": stats["parse_errors"],
+        "parse_errors": answered.num_rows - pc.count(answered["pred"]).as_py(),
+        "failed_rows": failed.num_rows,
+        "failure_reasons": sorted(set(failed["error"].to_pylist()))[:10],
         "seconds": time.time() - t0,
         "teacher_model": recipe.teacher.model,
         "shards": shards,

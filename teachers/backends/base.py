@@ -39,8 +39,9 @@ class Completion:
     text: str
     tokens_in: int
     tokens_out: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error"
     cached: bool = False
+    error: str | None = None  # set when the call failed for good (retries spent); never cached
 
 
 class TeacherBackend(Protocol):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from teachers.backends.base import Completion, GenerationRequest
+
+log = logging.getLogger("distill.teacher")
 
 
 def model_identity(path: Path | str, dtype: str) -> str:
@@ -33,9 +36,16 @@ class TransformersBackend:
     needs only the tokenizer.
     """
 
-    def __init__(self, path: Path | str, dtype: str = "float32", batch_size: int = 16, threads: int = 1):
+    def __init__(
+        self,
+        path: Path | str,
+        dtype: str = "float32",
+        batch_size: int = 16,
+        threads: int = 1,
+        long_prompts: str = "reject",
+    ):
         import torch
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         torch.set_num_threads(threads)
         self.path, self.dtype = path, dtype
@@ -46,6 +56,8 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._model = None
         self.batch_size = batch_size
+        self.long_prompts = long_prompts
+        self.context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 1 << 30
         self.model_id = model_identity(path, dtype)
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -81,8 +93,25 @@ class TransformersBackend:
         import torch
 
         encoded = [self.tokenizer(r.prompt, add_special_tokens=False).input_ids for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            limit = self.context - r.decoding.max_new_tokens
+            if len(encoded[i]) <= limit:
+                continue
+            if self.long_prompts == "truncate" and limit > 16:
+                n, head = len(encoded[i]), limit // 2  # keep the start (instructions) and the end (question, turn)
+                encoded[i] = encoded[i][:head] + encoded[i][n - (limit - head) :]
+                log.warning("prompt of %d tokens cut to %d to fit the teacher's context of %d", n, limit, self.context)
+            else:
+                results[i] = Completion(
+                    "",
+                    len(encoded[i]),
+                    0,
+                    "error",
+                    error=f"prompt has {len(encoded[i])} tokens but the teacher's context leaves {limit} "
+                    f"after {r.decoding.max_new_tokens} new tokens (set teacher.long_prompts=truncate to cut it)",
+                )
+        order = sorted((i for i in range(len(requests)) if results[i] is None), key=lambda i: len(encoded[i]))
         i = 0
         while i < len(order):
             # A batch shares one decoding setting so generate() can run it in one call.

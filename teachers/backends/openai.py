@@ -1,0 +1,235 @@
+"""OpenAI-compatible HTTP teacher: vLLM, TGI, llama.cpp server, OpenAI, or ``distill serve``.
+
+Async with a concurrency cap, requests-per-minute and tokens-per-minute limits, and retries with
+exponential backoff and full jitter on 429/5xx, timeouts, dropped connections and unreadable
+bodies; ``Retry-After`` is honoured. A request whose retries are spent comes back as a
+``Completion`` with ``error`` set (the row records why, the cache does not keep it, a resumed job
+asks again). The API key is read from an environment variable and never stored anywhere.
+
+Prompts: methods build prompts with ``chat_prompt`` and extend them by string concatenation (the
+two-stage zero-shot CoT appends the rationale and the answer trigger). For the chat API the prompt
+is therefore encoded as ``CHAT_MARK + json(messages) + PREFIX_MARK + assistant prefix``: anything
+appended lands in the assistant prefix, which is sent as a final assistant message to continue
+(``continue_final_message``, as vLLM and ``distill serve`` accept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import time
+from collections import deque
+
+from distill.errors import DistillError
+from teachers.backends.base import Completion, GenerationRequest
+
+CHAT_MARK = "\x02chat:"
+PREFIX_MARK = "\x1e"
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+def encode_chat(messages: list[dict], assistant_prefix: str = "") -> str:
+    return CHAT_MARK + json.dumps(messages, ensure_ascii=False, sort_keys=True) + PREFIX_MARK + assistant_prefix
+
+
+def decode_chat(prompt: str) -> tuple[list[dict], str] | None:
+    """(messages, assistant prefix) for an encoded chat prompt; None for plain text."""
+    if not prompt.startswith(CHAT_MARK):
+        return None
+    body, _, prefix = prompt[len(CHAT_MARK) :].partition(PREFIX_MARK)
+    return json.loads(body), prefix
+
+
+class AuthError(DistillError):
+    """The endpoint refused the credentials: no row can succeed, so the job stops at once."""
+
+
+class RateLimiter:
+    """Requests-per-minute and tokens-per-minute caps over a sliding 60 s window (0 = no cap)."""
+
+    def __init__(self, rpm: float = 0, tpm: float = 0):
+        self.rpm, self.tpm = rpm, tpm
+        self.events: deque[tuple[float, int]] = deque()
+        self.lock = asyncio.Lock()
+
+    async def acquire(self, tokens: int) -> None:
+        if not self.rpm and not self.tpm:
+            return
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                while self.events and now - self.events[0][0] >= 60:
+                    self.events.popleft()
+                used = sum(t for _, t in self.events)
+                ok_rpm = not self.rpm or len(self.events) < self.rpm
+                ok_tpm = not self.tpm or not self.events or used + tokens <= self.tpm
+                if ok_rpm and ok_tpm:
+                    self.events.append((now, tokens))
+                    return
+                await asyncio.sleep(max(0.01, 60 - (now - self.events[0][0])))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * 2**attempt))
+
+
+class OpenAIBackend:
+    """A teacher behind an OpenAI-compatible endpoint (``/v1/chat/completions`` or ``/v1/completions``)."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api: str = "chat",
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        requests_per_minute: float = 0,
+        tokens_per_minute: float = 0,
+        max_retries: int = 6,
+        timeout: float = 120.0,
+        retry_base: float = 0.5,
+        retry_cap: float = 30.0,
+        retry_after_cap: float = 300.0,
+    ):
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.api = api
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.retry_base, self.retry_cap, self.retry_after_cap = retry_base, retry_cap, retry_after_cap
+        # The served model's name is its identity; the URL is not (moving a server keeps the cache).
+        self.model_id = f"openai:{model}"
+        self.rng = random.Random()
+        self.stats = {"attempts": 0, "retries": 0, "failed": 0}
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
+        if self.api == "chat":
+            return encode_chat(messages, assistant_prefix)
+        # Completions API: the server sees raw text; a template-less rendering.
+        return "".join(f"{m['content']}\n\n" for m in messages) + assistant_prefix
+
+    def _body(self, r: GenerationRequest) -> tuple[str, dict]:
+        d = r.decoding
+        body: dict = {"model": self.model, "max_tokens": d.max_new_tokens, "temperature": d.temperature}
+        if d.temperature > 0:
+            body.update(top_p=d.top_p, seed=r.sample)  # the sample index makes each path reproducible
+        if d.stop:
+            body["stop"] = list(d.stop)[:4]
+        chat = decode_chat(r.prompt)
+        if chat is None:
+            return "/completions", {**body, "prompt": r.prompt}
+        messages, prefix = chat
+        if prefix:
+            messages = messages + [{"role": "assistant", "content": prefix}]
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return "/chat/completions", {**body, "messages": messages}
+
+    @staticmethod
+    def _parse(payload: dict, stop: tuple[str, ...]) -> Completion:
+        choice = payload["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        if not isinstance(text, str):
+            raise ValueError("choice has no text")
+        for s in stop:  # servers cap stop lists at 4; apply every stop string ourselves
+            if s in text:
+                text = text[: text.index(s)]
+        usage = payload.get("usage") or {}
+        finish = choice.get("finish_reason") or "stop"
+        return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), finish)
+
+    async def _one(self, session, limiter: RateLimiter, sem: asyncio.Semaphore, r: GenerationRequest) -> Completion:
+        import aiohttp
+
+        path, body = self._body(r)
+        estimate = len(r.prompt) // 4 + r.decoding.max_new_tokens
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            wait = None
+            async with sem:
+                await limiter.acquire(estimate)
+                self.stats["attempts"] += 1
+                try:
+                    async with session.post(self.base_url + path, json=body, headers=self._headers()) as resp:
+                        raw = await resp.read()
+                        if resp.status in (401, 403):
+                            raise AuthError(
+                                f"the teacher endpoint {self.base_url} refused the credentials (HTTP {resp.status})",
+                                f"set the API key in the environment variable {self.api_key_env}",
+                            )
+                        if resp.status in RETRY_STATUS:
+                            last = f"HTTP {resp.status}: {raw[:200].decode(errors='replace')}"
+                            wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                        elif resp.status >= 400:  # the request itself is wrong: retrying cannot help
+                            detail = raw[:300].decode(errors="replace")
+                            self.stats["failed"] += 1
+                            return Completion("", 0, 0, "error", error=f"HTTP {resp.status}: {detail}")
+                        else:
+                            try:
+                                return self._parse(json.loads(raw), r.decoding.stop)
+                            except (ValueError, KeyError, IndexError, TypeError) as e:
+                                last = f"unreadable response body ({type(e).__name__}: {str(e)[:80]})"
+                except AuthError:
+                    raise
+                except asyncio.TimeoutError:
+                    last = f"timed out after {self.timeout:g}s"
+                except (aiohttp.ClientError, ConnectionError) as e:
+                    last = f"{type(e).__name__}: {str(e)[:120]}"
+            if attempt < self.max_retries:
+                self.stats["retries"] += 1
+                if wait is not None:
+                    wait = min(wait, self.retry_after_cap)
+                else:
+                    wait = backoff_seconds(attempt, self.retry_base, self.retry_cap, self.rng)
+                await asyncio.sleep(wait)
+        self.stats["failed"] += 1
+        return Completion("", 0, 0, "error", error=f"{last} (after {self.max_retries + 1} attempts)")
+
+    async def _generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        limiter = RateLimiter(self.rpm, self.tpm)
+        sem = asyncio.Semaphore(self.concurrency)
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            tasks = [asyncio.ensure_future(self._one(session, limiter, sem, r)) for r in requests]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                raise
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """Complete every request concurrently (at most ``concurrency`` in flight)."""
+        if not requests:
+            return []
+        return asyncio.run(self._generate(requests))
