@@ -48,10 +48,10 @@ class AuthError(DistillError):
 
 
 class RateLimiter:
-    """Requests-per-minute and tokens-per-minute caps over a sliding 60 s window (0 = no cap)."""
+    """Requests-per-minute and tokens-per-minute caps over a sliding window (0 = no cap)."""
 
-    def __init__(self, rpm: float = 0, tpm: float = 0):
-        self.rpm, self.tpm = rpm, tpm
+    def __init__(self, rpm: float = 0, tpm: float = 0, window: float = 60.0):
+        self.rpm, self.tpm, self.window = rpm, tpm, window
         self.events: deque[tuple[float, int]] = deque()
         self.lock = asyncio.Lock()
 
@@ -61,7 +61,7 @@ class RateLimiter:
         async with self.lock:
             while True:
                 now = time.monotonic()
-                while self.events and now - self.events[0][0] >= 60:
+                while self.events and now - self.events[0][0] >= self.window:
                     self.events.popleft()
                 used = sum(t for _, t in self.events)
                 ok_rpm = not self.rpm or len(self.events) < self.rpm
@@ -69,7 +69,7 @@ class RateLimiter:
                 if ok_rpm and ok_tpm:
                     self.events.append((now, tokens))
                     return
-                await asyncio.sleep(max(0.01, 60 - (now - self.events[0][0])))
+                await asyncio.sleep(max(0.01, self.window - (now - self.events[0][0])))
 
 
 def retry_after_seconds(value: str | None) -> float | None:

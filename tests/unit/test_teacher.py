@@ -140,3 +140,18 @@ def test_self_ask_prompt_uses_the_scaffold(tiny_teacher, tiny_task_cfg):
         assert "Follow up: How much do 4 pens cost?" in r["prompt"]
         assert r["prompt"].endswith("Are follow up questions needed here:")
         assert r["prompt"].index("How much do 4 pens cost?") < r["prompt"].index(p["question"])
+
+
+def test_prompt_longer_than_context_is_rejected_or_truncated(tiny_teacher, tmp_path):
+    long = "1 + " * 600 + "1 ="  # ~1200 tokens; the tiny teacher's context is 1024
+    dec = Decoding(max_new_tokens=8)
+    reject = TransformersBackend(tiny_teacher, long_prompts="reject")
+    short, too_long = reject.generate([GenerationRequest("2 + 2 =", dec), GenerationRequest(long, dec)])
+    assert short.error is None and too_long.error and "context" in too_long.error
+    assert too_long.finish_reason == "error" and too_long.tokens_out == 0
+    # A rejected call is never cached: it is no paid result, and a later policy change must apply.
+    cache = CompletionCache(tmp_path / "c.sqlite")
+    CachedTeacher(reject, cache).generate([GenerationRequest(long, dec)])
+    assert len(cache) == 0
+    cut = TransformersBackend(tiny_teacher, long_prompts="truncate").generate([GenerationRequest(long, dec)])[0]
+    assert cut.error is None and cut.tokens_in == 1024 - 8 and cut.tokens_out > 0
