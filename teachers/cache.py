@@ -6,13 +6,21 @@ batch returns, so a crash never loses a completion that was paid for.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from teachers.backends.base import Completion, GenerationRequest, TeacherBackend
+
+log = logging.getLogger("distill.cache")
+
+
+def _digest(key: str, value: str) -> str:
+    return hashlib.sha256(f"{key}\0{value}".encode()).hexdigest()[:32]
 
 
 class CompletionCache:
@@ -21,12 +29,29 @@ class CompletionCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Ray calls actors from a thread pool: one connection, shared under a lock.
         self.lock = threading.Lock()
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, model TEXT, value TEXT, created REAL)"
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:
+            if "not a database" not in str(e) and "malformed" not in str(e):
+                raise
+            # Unreadable as a whole: keep the file for inspection, start a fresh cache.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            self.path.rename(aside)
+            log.warning("completion cache %s is corrupt (%s); moved to %s, starting a new one", self.path, e, aside)
+            self.db = self._open()
+        self.rejected = 0  # rows whose checksum did not match: treated as misses and regenerated
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS completions "
+            "(key TEXT PRIMARY KEY, model TEXT, value TEXT, created REAL, sha TEXT)"
         )
+        if "sha" not in {r[1] for r in db.execute("PRAGMA table_info(completions)")}:
+            db.execute("ALTER TABLE completions ADD COLUMN sha TEXT")  # caches from before checksums
+        return db
 
     def get_many(self, keys: list[str]) -> dict[str, Completion]:
         found: dict[str, Completion] = {}
@@ -37,22 +62,25 @@ class CompletionCache:
     def _get_into(self, keys: list[str], found: dict[str, Completion]) -> None:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
-            q = f"SELECT key, value FROM completions WHERE key IN ({','.join('?' * len(chunk))})"
-            for key, value in self.db.execute(q, chunk):
-                found[key] = Completion(**json.loads(value), cached=True)
+            q = f"SELECT key, value, sha FROM completions WHERE key IN ({','.join('?' * len(chunk))})"
+            for key, value, sha in self.db.execute(q, chunk):
+                try:
+                    if sha is not None and sha != _digest(key, value):
+                        raise ValueError("checksum mismatch")
+                    found[key] = Completion(**json.loads(value), cached=True)
+                except (ValueError, TypeError) as e:  # damaged row: not trusted, asked again
+                    self.rejected += 1
+                    log.warning("cache row %s… is damaged (%s); regenerating it", key[:12], e)
 
     def put_many(self, model: str, items: list[tuple[str, Completion]]) -> None:
-        rows = [
-            (
-                k,
-                model,
-                json.dumps({kk: v for kk, v in c.__dict__.items() if kk not in ("cached", "error")}),
-                time.time(),
-            )
-            for k, c in items
-        ]
+        rows = []
+        for k, c in items:
+            value = json.dumps({kk: v for kk, v in c.__dict__.items() if kk not in ("cached", "error")})
+            rows.append((k, model, value, time.time(), _digest(k, value)))
         with self.lock, self.db:
-            self.db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?)", rows)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO completions (key, model, value, created, sha) VALUES (?, ?, ?, ?, ?)", rows
+            )
 
     def __len__(self) -> int:
         with self.lock:

@@ -155,3 +155,29 @@ def test_prompt_longer_than_context_is_rejected_or_truncated(tiny_teacher, tmp_p
     assert len(cache) == 0
     cut = TransformersBackend(tiny_teacher, long_prompts="truncate").generate([GenerationRequest(long, dec)])[0]
     assert cut.error is None and cut.tokens_in == 1024 - 8 and cut.tokens_out > 0
+
+
+def test_damaged_cache_rows_and_files_are_not_trusted(tiny_teacher, tmp_path):
+    import sqlite3
+
+    backend = TransformersBackend(tiny_teacher)
+    reqs = [GenerationRequest(q, Decoding(max_new_tokens=8)) for q in ("1 + 2 =", "3 + 4 =")]
+    path = tmp_path / "c.sqlite"
+    paid = CachedTeacher(backend, CompletionCache(path))
+    first = paid.generate(reqs)
+    paid.cache.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE completions SET value = replace(value, ?, ?)", (first[0].text[:3], "XyZ"))  # bit rot
+    db.commit()
+    db.close()
+    teacher = CachedTeacher(backend, CompletionCache(path))
+    again = teacher.generate(reqs)
+    assert teacher.cache.rejected >= 1 and teacher.calls == teacher.cache.rejected  # regenerated, not trusted
+    assert [c.text for c in again] == [c.text for c in first]
+    third = CachedTeacher(backend, CompletionCache(path))
+    assert third.generate(reqs)[0].cached  # repaired in place
+    for t in (teacher, third):
+        t.cache.close()
+    path.write_bytes(b"this is not a database" * 100)
+    fresh = CompletionCache(path)
+    assert len(fresh) == 0 and list(tmp_path.glob("c.sqlite.corrupt-*"))  # the damaged file is kept aside
