@@ -101,6 +101,10 @@ class ShardWriter:
                 tables.append(pq.read_table(f))
             elif f.exists():
                 f.unlink()
+        listed = {s["file"] for s in self.shards}
+        for f in self.folder.glob("part-*.parquet"):
+            if f.name not in listed:  # renamed into place, but the manifest write never happened
+                f.unlink()
         # Renumber nothing: new shards continue after the highest committed index.
         self._next = max((int(s["file"][5:10]) for s in self.shards), default=-1) + 1
         write_json(self.manifest, {"shards": self.shards})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -47,18 +48,38 @@ def _guard(fn):
         return fn()
     except DistillError as e:
         _fail(str(e))
-    except OSError as e:
-        if e.errno not in STORAGE_ERRORS:
+    except (OSError, sqlite3.OperationalError) as e:
+        reason = storage_problem(e)
+        if reason is None:
             raise
-        where = f" {e.filename}" if e.filename else ""
+        where = getattr(e, "filename", None) or ""
+        if where and Path(where).name.startswith(".") and Path(where).name.endswith(".tmp"):
+            where = str(Path(where).parent)  # name the folder, not our temp file
+        where = f" {where}" if where else ""
         _fail(
-            f"cannot write{where}: {os.strerror(e.errno)} — free space or make the output folder writable "
-            "(output_dir=...), then run the same command again: committed work is kept"
+            f"cannot write{where}: {reason} — free space or make the output folder writable "
+            "(output_dir=..., cache=...), then run the same command again: committed work is kept"
         )
 
 
 # Storage failures a user fixes (full disk, quota, read-only or forbidden folder, file size limit).
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+SQLITE_STORAGE = {
+    "database or disk is full": os.strerror(errno.ENOSPC),
+    "attempt to write a readonly database": os.strerror(errno.EROFS),
+    "unable to open database file": "cannot open the database file",
+}
+
+
+def storage_problem(e: BaseException) -> str | None:
+    """The storage reason behind an exception from the OS, pyarrow or SQLite; None if it is not one."""
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRORS:
+        return os.strerror(e.errno)
+    text = str(e)
+    for code in STORAGE_ERRORS:  # pyarrow raises OSError without errno, the reason in its message
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return next((reason for msg, reason in SQLITE_STORAGE.items() if msg in text), None)
 
 
 def _fail(message: str):
