@@ -31,7 +31,9 @@ class TaskConfig(Strict):
     )
     name: str = Field("chain_sum", description="reasoning_gym dataset name, or the file path for source=file")
     params: dict[str, Any] = Field(default_factory=dict, description="generator config (reasoning_gym kwargs)")
-    answer_type: Literal["number", "text"] = Field("number", description="how answers are extracted and compared")
+    answer_type: Literal["number", "yes_no", "choice", "text"] = Field(
+        "number", description="how answers are extracted and compared: number, yes/no, choice letter A-J, short text"
+    )
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
     eval_size: int = Field(40, ge=1, description="held-out problems every model is evaluated on")
     seed: int = Field(0, description="generator seed; train and eval use disjoint seeds")

@@ -72,6 +72,29 @@ def extract_text(text: str) -> Extraction:
     return Extraction(candidate, explicit=bool(m))
 
 
+_YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
+
+
+def extract_yes_no(text: str, fallback_last: bool = True) -> Extraction:
+    """yes/no (also true/false): after "the answer is", else the last yes/no word."""
+    m = re.findall(r"answer(?: \([^)]*\))? is[:\s]*\**\s*\(?\b(yes|no|true|false)\b", text, re.I)
+    if m:
+        return Extraction(_YES_NO[m[-1].lower()], explicit=True)
+    words = re.findall(r"\b(yes|no|true|false)\b", text, re.I) if fallback_last else []
+    return Extraction(_YES_NO[words[-1].lower()]) if words else Extraction(None, "no yes/no in output")
+
+
+def extract_choice(text: str, fallback_last: bool = True) -> Extraction:
+    """Multiple-choice letter A-J: "the answer is (C)", ``\\boxed{C}``, else the last "(C)"."""
+    m = re.findall(r"answer(?: \([^)]*\))? is[:\s]*\**\s*\(?([A-J])\b\)?", text) or re.findall(
+        r"\\boxed\{\s*\(?([A-J])\)?\s*\}", text
+    )
+    if m:
+        return Extraction(m[-1], explicit=True)
+    letters = re.findall(r"\(([A-J])\)", text) if fallback_last else []
+    return Extraction(letters[-1]) if letters else Extraction(None, "no choice letter in output")
+
+
 @dataclass(frozen=True)
 class Task:
     """Answer parsing and comparison for one answer type."""
@@ -81,6 +104,10 @@ class Task:
     def extract(self, text: str, fallback_last: bool = True) -> Extraction:
         if self.answer_type == "number":
             return extract_number(text, fallback_last)
+        if self.answer_type == "yes_no":
+            return extract_yes_no(text, fallback_last)
+        if self.answer_type == "choice":
+            return extract_choice(text, fallback_last)
         return extract_text(text)
 
     def normalize_gold(self, gold: str) -> str:
@@ -88,6 +115,16 @@ class Task:
             value = normalize_number(str(gold))
             if value is None:
                 raise DistillError(f"gold answer {gold!r} is not a number", "set task.answer_type=text")
+            return value
+        if self.answer_type == "yes_no":
+            value = _YES_NO.get(str(gold).strip().strip(".").lower())
+            if value is None:
+                raise DistillError(f"gold answer {gold!r} is not yes/no", "set task.answer_type=text")
+            return value
+        if self.answer_type == "choice":
+            value = str(gold).strip().strip(".()").upper()
+            if not re.fullmatch(r"[A-J]", value):
+                raise DistillError(f"gold answer {gold!r} is not a choice letter A-J", "set task.answer_type=text")
             return value
         return str(gold).strip().strip(".").lower()
 

@@ -70,3 +70,47 @@ def test_any_unknown_top_level_key_is_rejected(key):
         return
     with pytest.raises(DistillError, match="unknown recipe key"):
         load_recipe(None, [f"{key}=1"])
+
+
+@given(
+    st.sampled_from(
+        [
+            "task.train_size",
+            "task.answer_type",
+            "teacher.samples",
+            "teacher.temperature",
+            "student.lr",
+            "student.batch_size",
+            "export.block_size",
+            "export.variants",
+            "teacher.method",
+            "name",
+        ]
+    ),
+    st.one_of(st.text(max_size=12), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.booleans()),
+)
+def test_any_override_value_is_accepted_or_one_clear_error(key, value):
+    """Whatever a user types for a known key: a valid recipe, or a DistillError naming that key."""
+    try:
+        recipe = load_recipe(None, [f"{key}={value}"])
+    except DistillError as e:
+        assert "\n" not in str(e) and (key in str(e) or "override" in str(e) or "name must" in str(e))
+    else:
+        assert isinstance(recipe, Recipe)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["task", "teacher", "student", "export", "name", "bogus"]),
+        st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)),
+    )
+)
+def test_malformed_recipe_structure_is_one_clear_error(tmp_path_factory, data):
+    import yaml
+
+    path = tmp_path_factory.mktemp("r") / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        load_recipe(path)
+    except DistillError as e:
+        assert "\n" not in str(e)

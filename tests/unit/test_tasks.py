@@ -55,3 +55,43 @@ def test_problems_are_disjoint_and_deterministic():
     assert not {p["question"] for p in train} & {p["question"] for p in evals}
     assert len({p["question"] for p in train}) == 30
     assert load_problems(cfg) == (train, evals)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # recorded InstructGPT-175B zero-shot-CoT outputs (coin flip), stage-2 style
+        ("Therefore, the answer (Yes or No) is No.", "no"),
+        ("The coin was flipped twice, so it is still heads up. So the answer is yes", "yes"),
+        ("True. It is heads up.", "yes"),
+    ],
+)
+def test_yes_no_extraction(text, expected):
+    assert Task("yes_no").extract(text).answer == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("The answer is (C).", "C"), ("so \\boxed{B}", "B"), ("Between (A) and (D), pick (D)", "D"), ("answer is E", "E")],
+)
+def test_choice_extraction(text, expected):
+    assert Task("choice").extract(text).answer == expected
+
+
+@given(st.sampled_from(["yes", "no", "True", "FALSE"]), st.text(max_size=80))
+def test_yes_no_roundtrip_after_any_rationale(gold, rationale):
+    task = Task("yes_no")
+    pred = task.extract(f"{rationale}\n{task.answer_sentence(task.normalize_gold(gold))}").answer
+    assert task.is_correct(pred, gold)
+
+
+@given(st.sampled_from("ABCDEFGHIJ"), st.text(max_size=80))
+def test_choice_roundtrip_after_any_rationale(letter, rationale):
+    task = Task("choice")
+    assert task.is_correct(task.extract(f"{rationale}\n{task.answer_sentence(letter)}").answer, f"({letter})")
+
+
+@given(st.text(max_size=200), st.sampled_from(["number", "yes_no", "choice", "text"]))
+def test_no_extractor_raises(text, answer_type):
+    r = Task(answer_type).extract(text)
+    assert (r.answer is None) == (r.reason is not None)
