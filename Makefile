@@ -15,7 +15,7 @@ export ORT_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=1
 
-.PHONY: install models quickstart test test-slow bench lint format clean
+.PHONY: install models quickstart test test-slow bench chaos lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: install models
 	$(PY) bench/teacher_throughput.py
 	test -f runs/quickstart/export/DONE.json || $(VENV)/bin/distill run recipes/quickstart.yaml
 	$(PY) bench/export_speed.py runs/quickstart
+
+# Long soak: 20 kill -9s of a generation job at random moments, each resumed; exact-once check.
+chaos: install
+	$(PY) bench/chaos.py --kills 20
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

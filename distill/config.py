@@ -84,6 +84,9 @@ class TeacherConfig(Strict):
     price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
     max_tokens: int = Field(0, ge=0, description="stop cleanly (resumable) after this many tokens in+out; 0 = no cap")
     max_cost: float = Field(0.0, ge=0, description="stop cleanly (resumable) at this estimated cost; 0 = no cap")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="local generation engine: transformers (CPU/CUDA) or vllm (extra `vllm`, CUDA)"
+    )
     long_prompts: Literal["reject", "truncate"] = Field(
         "reject",
         description="a prompt longer than the teacher's context: reject the row (recorded with the reason) or "
@@ -237,7 +240,8 @@ NON_SEMANTIC = {
     "max_tokens",
     "max_cost",
     "shard_rows",
-    # how an HTTP teacher is reached, not what it answers
+    # how a teacher is run or reached, not what it answers
+    "engine",
     "base_url",
     "api_key_env",
     "concurrency",

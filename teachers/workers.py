@@ -48,6 +48,10 @@ def make_backend(cfg, model_path: str):
             timeout=cfg.request_timeout,
             retry_base=cfg.retry_base,
         )
+    if cfg.engine == "vllm":
+        from teachers.backends.vllm import VLLMBackend
+
+        return VLLMBackend(model_path, dtype=cfg.dtype)
     from teachers.backends.transformers import TransformersBackend
 
     return TransformersBackend(model_path, dtype=cfg.dtype, batch_size=cfg.batch_size, long_prompts=cfg.long_prompts)
