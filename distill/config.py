@@ -25,9 +25,11 @@ class Strict(BaseModel):
 class TaskConfig(Strict):
     """Where problems come from and how answers are checked."""
 
-    source: Literal["reasoning_gym", "file"] = Field(
+    source: Literal["reasoning_gym", "file", "synthetic"] = Field(
         "reasoning_gym",
-        description="reasoning_gym generator, or a file: .jsonl (question/answer), .json, zero-shot-CoT .log",
+        description="reasoning_gym generator; a file (.jsonl question/answer, .json, zero-shot-CoT .log); or "
+        "synthetic: the teacher writes train_size new problems from the file's seed rows (the last eval_size "
+        "rows are the evaluation split), solved with self-consistency",
     )
     name: str = Field("chain_sum", description="reasoning_gym dataset name, or the file path for source=file")
     params: dict[str, Any] = Field(default_factory=dict, description="generator config (reasoning_gym kwargs)")
@@ -37,6 +39,10 @@ class TaskConfig(Strict):
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
     eval_size: int = Field(40, ge=1, description="held-out problems every model is evaluated on")
     seed: int = Field(0, description="generator seed; train and eval use disjoint seeds")
+    dedup_threshold: float = Field(
+        0.7, gt=0, le=1, description="synthetic: word 3-gram Jaccard at which a new problem counts as a near-duplicate"
+    )
+    seed_shots: int = Field(3, ge=1, le=16, description="synthetic: seed problems shown per request")
 
 
 class Demo(Strict):
@@ -78,7 +84,21 @@ class TeacherConfig(Strict):
     batch_size: int = Field(16, ge=1, description="prompts per generate call (does not change results or cache keys)")
     workers: int = Field(2, ge=1, description="Ray actors, one CPU each (does not change results)")
     executor: Literal["ray", "local"] = Field("ray", description="ray actor pool, or in-process for debugging")
-    keep: Literal["correct", "all"] = Field("correct", description="keep only rationales whose answer is correct")
+    keep: Literal["correct", "all"] = Field(
+        "correct", description="keep only rationales whose answer is correct (the vote when there is no gold)"
+    )
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="keep rows whose self-consistency agreement is at least this (0 = any)"
+    )
+    min_rationale_words: int = Field(0, ge=0, description="drop rationales shorter than this many words")
+    max_rationale_words: int = Field(0, ge=0, description="drop rationales longer than this many words (0 = no cap)")
+    rationales_per_question: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="keep up to K distinct rationales reaching the kept answer (diverse reasoning; "
+        "needs self_consistency samples >= K)",
+    )
     shard_rows: int = Field(64, ge=1, description="rows per committed Parquet shard (a kill loses at most this many)")
     price_per_1k_input: float = Field(0.0, ge=0, description="cost estimate per 1k prompt tokens")
     price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
@@ -225,6 +245,14 @@ class Recipe(Strict):
 
     def dump(self) -> dict:
         return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _synthetic_needs_votes(self):
+        if self.task.source == "synthetic" and self.teacher.method != "self_consistency":
+            raise ValueError(
+                "task.source=synthetic has no gold answers: set teacher.method=self_consistency (the vote is the label)"
+            )
+        return self
 
 
 # Settings that do not change what a stage computes: excluded from content hashes.

@@ -183,12 +183,26 @@ def _file(path: str) -> list[dict]:
     return out
 
 
+def load_seeds(cfg) -> list[dict]:
+    """Seed problems of a synthetic task: the file's rows before the evaluation split."""
+    return _file(cfg.name)[: -cfg.eval_size]
+
+
 def load_problems(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, eval) problems for a ``TaskConfig``; disjoint by question text."""
+    """(train, eval) problems for a ``TaskConfig``; disjoint by question text. A synthetic task has
+    no train problems until the teacher writes them (``teachers.synthesis``)."""
     if cfg.source == "reasoning_gym":
         evals = _reasoning_gym(cfg.name, cfg.params, cfg.eval_size, cfg.seed + 1_000_003)
         # Over-draw train problems so de-duplication against eval still leaves train_size of them.
         pool = _reasoning_gym(cfg.name, cfg.params, cfg.train_size * 2 + 16, cfg.seed)
+    elif cfg.source == "synthetic":  # the seed rows only; generate() has the teacher write train problems
+        rows = _file(cfg.name)
+        if len(rows) <= cfg.eval_size:
+            raise DistillError(
+                f"{cfg.name} has {len(rows)} rows, not more than task.eval_size={cfg.eval_size}", "lower task.eval_size"
+            )
+        evals = rows[-cfg.eval_size :]
+        return [], [{"id": f"eval-{i:06d}", "split": "eval", **r} for i, r in enumerate(evals)]
     else:  # file order: the last eval_size rows are held out (as in the published splits)
         rows = _file(cfg.name)
         if len(rows) <= cfg.eval_size:

@@ -93,18 +93,28 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
             parse_error = f"teacher call failed: {error}"
         else:
             parse_error = None if pred is not None else "no answer found in rationale or answer prompt"
+        # No gold (synthesized problems): the vote is the label, its agreement the confidence.
+        gold = task.normalize_gold(p["gold"]) if p.get("gold") is not None else pred
+        # Distinct other rationales reaching the same answer (Fine-tune-CoT "diverse reasoning").
+        alternatives, seen = [], {" ".join(chosen["rationale"].split())}
+        for x in paths:
+            norm = " ".join(x["rationale"].split())
+            if pred is not None and x["pred"] == pred and norm not in seen:
+                seen.add(norm)
+                alternatives.append(x["rationale"])
         rows.append(
             {
                 "id": p["id"],
                 "split": p["split"],
                 "question": p["question"],
-                "gold": task.normalize_gold(p["gold"]),
+                "gold": gold,
                 "prompt": chosen["prompt"],
                 "rationale": chosen["rationale"],
                 "answer_raw": chosen["answer_raw"],
                 "pred": pred,
                 "confidence": votes[pred] / len(paths) if pred is not None else 0.0,
-                "correct": task.is_correct(pred, p["gold"]),
+                "correct": pred is not None and pred == gold,
+                "alternatives": alternatives,
                 "parse_error": parse_error,
                 "error": error,
                 "finish_reason": chosen["finish_reason"],

@@ -27,6 +27,7 @@ ROW_SCHEMA = pa.schema(
         ("cached", pa.bool_()),
         ("teacher", pa.string()),
         ("error", pa.string()),
+        ("alternatives", pa.list_(pa.string())),
     ]
 )
 

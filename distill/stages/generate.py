@@ -97,6 +97,82 @@ def _run_local(problems, worker_kwargs, cfg, on_batch):
         on_batch(worker(problems[start : start + cfg.batch_size]))
 
 
+def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], dict]:
+    """The teacher writes ``task.train_size`` new problems from the seed rows (in this process,
+    through the completion cache: a re-run or resume gets the very same problems for free)."""
+    from distill.tasks import load_seeds
+    from teachers.synthesis import synthesize
+    from teachers.workers import TeacherWorker
+
+    seeds = [r["question"] for r in load_seeds(recipe.task)]
+    worker = TeacherWorker(**worker_kwargs)
+    if not hasattr(worker.teacher, "generate"):
+        raise DistillError(
+            "a replay teacher cannot write new problems", "use a model teacher for task.source=synthetic"
+        )
+    console.print(f"[bold]synthesize[/] {recipe.task.train_size} new problems from {len(seeds)} seed examples")
+    questions, stats = synthesize(
+        worker.teacher,
+        seeds,
+        recipe.task.train_size,
+        avoid=[r["question"] for r in evals],
+        seed=recipe.task.seed,
+        shots=recipe.task.seed_shots,
+        temperature=recipe.teacher.temperature,
+        threshold=recipe.task.dedup_threshold,
+    )
+    if not questions:
+        raise DistillError(
+            f"the teacher wrote no usable new problem ({stats})", "check the seed file and the teacher model"
+        )
+    console.print(
+        f"synthesize: {len(questions)} new problems ({stats['exact_duplicates']} exact and "
+        f"{stats['near_duplicates']} near duplicates, {stats['eval_overlap']} too close to the eval split, "
+        f"{stats['unparsable']} unparsable dropped)"
+    )
+    train = [{"id": f"syn-{i:06d}", "split": "train", "question": q, "gold": None} for i, q in enumerate(questions)]
+    return train, stats
+
+
+def select_training_rows(rows, cfg):
+    """Apply the recipe's filters to the train rows; returns (kept rows, counts dropped per filter).
+
+    In order: failed calls, keep-correct (gold, or the vote when there is none), minimum agreement,
+    rationale length bounds; then up to ``rationales_per_question`` distinct rationales per
+    question become separate training rows (ids ``<id>#k``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from teachers.workers import ROW_SCHEMA
+
+    dropped = {}
+
+    def apply(name, mask):
+        nonlocal rows
+        before = rows.num_rows
+        rows = rows.filter(mask)
+        dropped[name] = before - rows.num_rows
+
+    apply("failed", pc.is_null(rows["error"]))
+    if cfg.keep == "correct":
+        apply("incorrect", pc.fill_null(rows["correct"], False))
+    if cfg.min_confidence > 0:
+        apply("low_agreement", pc.greater_equal(pc.fill_null(rows["confidence"], 0.0), cfg.min_confidence))
+    if cfg.min_rationale_words or cfg.max_rationale_words:
+        words = [len((r or "").split()) for r in rows["rationale"].to_pylist()]
+        upper = cfg.max_rationale_words or float("inf")
+        apply("length", pa.array([cfg.min_rationale_words <= w <= upper for w in words]))
+    if cfg.rationales_per_question > 1:
+        out = []
+        for r in rows.to_pylist():
+            out.append(r)
+            for k, alt in enumerate((r.get("alternatives") or [])[: cfg.rationales_per_question - 1], start=1):
+                out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": []})
+        rows = pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+    return rows, dropped
+
+
 def latest_rows(tables: list):
     """One row per id, the last committed one winning (a failed row is replaced by its retry), by id."""
     import pyarrow as pa
@@ -135,7 +211,6 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
 
     work = work or out
     train, evals = load_problems(recipe.task)
-    problems = evals + train  # eval first: the teacher's score is known early
     replay = recipe.teacher.model.startswith("replay:")
     if replay:  # recorded outputs: check the file now, in the driver, for a one-line error
         from teachers.replay import load_records
@@ -149,6 +224,10 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         answer_type=recipe.task.answer_type,
         cache_path=str(Path(recipe.cache).resolve()),
     )
+    synthesis = None
+    if recipe.task.source == "synthetic":
+        train, synthesis = _synthesize(recipe, worker_kwargs, evals)
+    problems = evals + train  # eval first: the teacher's score is known early
     writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=recipe.teacher.shard_rows)
     stats = {
         "rows": 0,
@@ -241,9 +320,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
             "check the teacher model, its prompt (teacher.trigger) and teacher.max_new_tokens",
         )
     is_train = pc.equal(table["split"], "train")
-    train_rows = table.filter(pc.and_(is_train, pc.is_null(table["error"])))
-    if recipe.teacher.keep == "correct":
-        train_rows = train_rows.filter(train_rows["correct"])
+    train_rows, filtered = select_training_rows(table.filter(is_train), recipe.teacher)
     eval_rows = table.filter(pc.invert(is_train))
     if train_rows.num_rows == 0:
         raise DistillError(
@@ -258,6 +335,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "train_problems": len(train),
         "eval_problems": len(evals),
         "train_rows_kept": train_rows.num_rows,
+        "filtered": filtered,
+        "synthesis": synthesis,
         "keep_rate": train_rows.num_rows / max(len(train), 1),
         "teacher_eval_accuracy": teacher_acc,
         "tokens_in": stats["tokens_in"],
