@@ -104,6 +104,7 @@ class TeacherConfig(Strict):
     price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
     max_tokens: int = Field(0, ge=0, description="stop cleanly (resumable) after this many tokens in+out; 0 = no cap")
     max_cost: float = Field(0.0, ge=0, description="stop cleanly (resumable) at this estimated cost; 0 = no cap")
+    trust_remote_code: bool = Field(False, description="allow a model folder's own Python code (auto_map) to run")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="local generation engine: transformers (CPU/CUDA) or vllm (extra `vllm`, CUDA)"
     )
@@ -160,6 +161,7 @@ class StudentConfig(Strict):
     """The small model being trained."""
 
     model: str = Field("embedded:smollm2-135m-instruct", description="model source (hf:/gguf:/embedded:)")
+    trust_remote_code: bool = Field(False, description="allow a model folder's own Python code (auto_map) to run")
     format: Literal["rationale", "label", "multitask"] = Field(
         "rationale", description="target: rationale + answer, answer only, or [label]/[explain] multitask"
     )

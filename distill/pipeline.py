@@ -127,14 +127,21 @@ def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, r
     from distill.stages.report import print_table, write_report
 
     run_dir = recipe.run_dir
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_recipe(run_dir / "recipe.yaml", recipe.dump())
     seconds: dict[str, float] = {}
     metrics: dict[str, dict] = {}
-    for stage in stages:
-        if stage == "export" and not recipe.export.enabled:
-            continue
-        seconds[stage], metrics[stage] = run_stage(recipe, stage, force, resume)
+    try:
+        for stage in stages:
+            if stage == "export" and not recipe.export.enabled:
+                continue
+            seconds[stage], metrics[stage] = run_stage(recipe, stage, force, resume)
+    except BaseException:
+        # A run that failed before leaving anything but its recipe leaves no folder behind.
+        if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     scores = _read_scores(run_dir)
     timings_file = run_dir / "stage_seconds.json"
     previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}

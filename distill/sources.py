@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -162,8 +163,25 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, value
 
 
-def resolve_model(source: str) -> Path | str:
-    """Return a folder (or hub id) that ``from_pretrained`` loads for ``source``."""
+def check_remote_code(path: Path, trusted: bool, key: str) -> None:
+    """A model folder whose config maps to custom Python code loads only when the recipe says so."""
+    config = path / "config.json"
+    if trusted or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (ValueError, UnicodeDecodeError):
+        raise DistillError(f"{config} is not valid JSON", "re-save the model with save_pretrained") from None
+    if auto_map:
+        raise DistillError(
+            f"{path} needs its own Python code to load (auto_map in config.json), which distill does not run by default",
+            f"set {key}.trust_remote_code=true only if you trust that code",
+        )
+
+
+def resolve_model(source: str, trust_remote_code: bool = False, key: str = "model") -> Path | str:
+    """Return a folder (or hub id) that ``from_pretrained`` loads for ``source``; a folder that needs
+    custom code is refused unless ``trust_remote_code``."""
     kind, value = parse_source(source)
     if kind == "embedded":
         if value not in EMBEDDED:
@@ -181,6 +199,7 @@ def resolve_model(source: str) -> Path | str:
     if path.exists():
         if not (path / "config.json").exists():
             raise DistillError(f"{path} has no config.json", "point hf: at a save_pretrained folder")
+        check_remote_code(path, trust_remote_code, key)
         return path
     if value.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise DistillError(f"model folder {value} does not exist", "fix the model source in the recipe")

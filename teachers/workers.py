@@ -55,7 +55,13 @@ def make_backend(cfg, model_path: str):
         return VLLMBackend(model_path, dtype=cfg.dtype)
     from teachers.backends.transformers import TransformersBackend
 
-    return TransformersBackend(model_path, dtype=cfg.dtype, batch_size=cfg.batch_size, long_prompts=cfg.long_prompts)
+    return TransformersBackend(
+        model_path,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        long_prompts=cfg.long_prompts,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 class TeacherWorker:

@@ -217,7 +217,11 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
 
         load_records(recipe.teacher.model.removeprefix("replay:"))
     remote = recipe.teacher.model.startswith("openai:")
-    teacher_path = "" if replay or remote else str(resolve_model(recipe.teacher.model))
+    teacher_path = (
+        ""
+        if replay or remote
+        else str(resolve_model(recipe.teacher.model, recipe.teacher.trust_remote_code, "teacher"))
+    )
     worker_kwargs = dict(
         model_path=teacher_path,
         teacher_cfg=recipe.teacher.model_dump(),

@@ -43,6 +43,7 @@ class TransformersBackend:
         batch_size: int = 16,
         threads: int = 1,
         long_prompts: str = "reject",
+        trust_remote_code: bool = False,
     ):
         import torch
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -50,14 +51,20 @@ class TransformersBackend:
         torch.set_num_threads(threads)
         self.path, self.dtype = path, dtype
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.trust = trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._model = None
         self.batch_size = batch_size
         self.long_prompts = long_prompts
-        self.context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 1 << 30
+        self.context = (
+            getattr(
+                AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "max_position_embeddings", None
+            )
+            or 1 << 30
+        )
         self.model_id = model_identity(path, dtype)
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -74,7 +81,9 @@ class TransformersBackend:
 
             self._model = (
                 # safetensors only: a pickle checkpoint can run code on load
-                AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype), use_safetensors=True)
+                AutoModelForCausalLM.from_pretrained(
+                    self.path, dtype=getattr(torch, self.dtype), use_safetensors=True, trust_remote_code=self.trust
+                )
                 .to(self.device)
                 .eval()
             )

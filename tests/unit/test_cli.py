@@ -42,9 +42,8 @@ def test_missing_model_path_is_clear(tmp_path):
     )
     assert res.returncode == 2
     assert "does not exist" in res.stderr and "/no/such/model" in res.stderr
-    # The failed stage left no half-written folder behind.
-    assert not (tmp_path / "quickstart" / "generate").exists()
-    assert [p.name for p in (tmp_path / "quickstart").iterdir()] == ["recipe.yaml"]
+    # The failed run left no folder behind.
+    assert not (tmp_path / "quickstart").exists()
 
 
 def test_stage_without_its_input_says_which_command_to_run(tmp_path):
@@ -76,3 +75,41 @@ def test_pickle_only_student_is_refused(tmp_path, tiny_student):
         assert "safetensors" in str(e)
     else:
         raise AssertionError("a pickle checkpoint was loaded")
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stdout + res.stderr
+    return lines[0]
+
+
+def test_model_needing_its_own_code_is_refused_without_running_it(tmp_path):
+    model = tmp_path / "custom"
+    model.mkdir()
+    marker = tmp_path / "code-ran"
+    (model / "config.json").write_text(
+        '{"model_type": "evil", "auto_map": {"AutoConfig": "modeling_evil.EvilConfig", '
+        '"AutoModelForCausalLM": "modeling_evil.EvilModel"}}'
+    )
+    (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    line = _one_error_line(
+        _cli("generate", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}", f"teacher.model=hf:{model}")
+    )
+    assert "teacher.trust_remote_code=true" in line
+    assert not marker.exists() and not (tmp_path / "quickstart").exists()
+
+
+def test_non_utf8_task_file_is_one_line(tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_bytes(b'{"question": "caf\xe9 1 + 1", "answer": "2"}\n' * 20)
+    line = _one_error_line(
+        _cli(
+            "generate",
+            str(ROOT / "recipes" / "quickstart.yaml"),
+            f"output_dir={tmp_path}",
+            "task.source=file",
+            f"task.name={bad}",
+            "task.eval_size=2",
+        )
+    )
+    assert "not UTF-8" in line and str(bad) in line
