@@ -97,6 +97,11 @@ def _run_local(problems, worker_kwargs, cfg, on_batch):
         on_batch(worker(problems[start : start + cfg.batch_size]))
 
 
+# Stop when this many rows came back and not one had a parsable answer: something is wrong with
+# the prompt or the model, and the rest of the job would be paid for nothing.
+EARLY_STOP_ROWS = 32
+
+
 def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], dict]:
     """The teacher writes ``task.train_size`` new problems from the seed rows (in this process,
     through the completion cache: a re-run or resume gets the very same problems for free)."""
@@ -282,6 +287,14 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
             advance(batch.num_rows, f"{stats['correct']}/{stats['rows']} correct{failed}, {rate:.0f} tok/s")
             if on_progress:
                 on_progress(dict(stats))
+            answered = stats["rows"] - stats["parse_errors"]
+            if stats["rows"] >= min(EARLY_STOP_ROWS, len(problems)) and answered == 0:
+                writer.flush()
+                raise DistillError(
+                    f"the teacher gave no parsable answer for any of the first {stats['rows']} problems",
+                    "check the teacher model, its prompt (teacher.trigger, teacher.prompt_template), "
+                    "task.answer_type and teacher.max_new_tokens; committed rows are kept",
+                )
             over_tokens = cfg.max_tokens and stats["tokens_in"] + stats["tokens_out"] >= cfg.max_tokens
             over_cost = cfg.max_cost and stats["cost"] >= cfg.max_cost
             if over_tokens or over_cost:

@@ -93,7 +93,9 @@ def test_model_needing_its_own_code_is_refused_without_running_it(tmp_path):
     )
     (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     line = _one_error_line(
-        _cli("generate", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}", f"teacher.model=hf:{model}")
+        _cli(
+            "generate", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}", f"teacher.model=hf:{model}"
+        )
     )
     assert "teacher.trust_remote_code=true" in line
     assert not marker.exists() and not (tmp_path / "quickstart").exists()

@@ -58,3 +58,20 @@ def test_budget_stop_then_resume_is_exactly_once(tmp_path, tiny_teacher, tiny_ta
     ids = pq.read_table(uncapped.run_dir / "generate" / "shards")["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 18
     assert not work.exists()
+
+
+def test_no_parsable_answer_stops_early_with_the_reason(tmp_path, tiny_teacher, tiny_task_cfg):
+    """A teacher that never states a parsable answer (here: numbers where choice letters are asked)
+    is stopped after the first rows, not run to the end of the job."""
+    from distill.errors import DistillError
+
+    rows = [{"question": f"{i % 9} + {i % 7} =", "answer": "ABCD"[i % 4]} for i in range(70)]
+    (tmp_path / "choice.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = tiny_task_cfg.model_copy(
+        update={"source": "file", "name": str(tmp_path / "choice.jsonl"), "train_size": 60, "answer_type": "choice"}
+    )
+    recipe = _recipe(tmp_path, tiny_teacher, task, batch_size=8, answer_extraction="always")
+    with pytest.raises(DistillError, match="no parsable answer for any of the first 32"):
+        run_stage(recipe, "generate")
+    committed = json.loads((work_dir(recipe, "generate") / "shards.json").read_text())["shards"]
+    assert sum(s["rows"] for s in committed) < 40  # stopped early; what was paid for is kept
