@@ -97,6 +97,54 @@ class TransformersBackend:
             text = "".join(f"{m['content']}\n\n" for m in messages)
         return text + assistant_prefix
 
+    def greedy(self, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding of a left-padded batch that drops each row as soon as it ends.
+
+        ``generate()`` keeps finished rows in the batch until the longest one ends, paying a full
+        forward pass per finished row per step; here the KV cache and the batch shrink instead, so
+        the cost follows the tokens actually written. Same tokens as ``generate(do_sample=False)``.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        model = self.model
+        rows = list(range(input_ids.shape[0]))  # original row of each live batch position
+        out: list[list[int]] = [[] for _ in rows]
+        cache = DynamicCache(config=model.config)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            keep = []
+            for pos, tok in enumerate(nxt.tolist()):
+                out[rows[pos]].append(tok)
+                if tok not in self.eos_ids:
+                    keep.append(pos)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=nxt.device)
+                cache.batch_select_indices(index)
+                attention_mask, nxt = attention_mask[index], nxt[index]
+                rows = [rows[k] for k in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+            positions = attention_mask.sum(-1, keepdim=True) - 1
+            logits = model(
+                input_ids=nxt[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+        return out
+
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Complete every request; prompts are sorted by length so each batch pads little."""
         import torch
@@ -139,8 +187,11 @@ class TransformersBackend:
             else:
                 gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             with torch.inference_mode():
-                out = self.model.generate(**batch, **gen_kwargs)
-            new = out[:, batch["input_ids"].shape[1] :].tolist()
+                if dec.temperature > 0:
+                    out = self.model.generate(**batch, **gen_kwargs)
+                    new = out[:, batch["input_ids"].shape[1] :].tolist()
+                else:
+                    new = self.greedy(batch["input_ids"], batch["attention_mask"], dec.max_new_tokens)
             for k, toks in zip(idx, new):
                 n, finish = len(toks), "length"
                 for t, tok in enumerate(toks):

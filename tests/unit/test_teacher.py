@@ -181,3 +181,20 @@ def test_damaged_cache_rows_and_files_are_not_trusted(tiny_teacher, tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     fresh = CompletionCache(path)
     assert len(fresh) == 0 and list(tmp_path.glob("c.sqlite.corrupt-*"))  # the damaged file is kept aside
+
+
+def test_shrinking_greedy_equals_hf_generate(tiny_teacher):
+    """The row-dropping greedy loop writes exactly what generate(do_sample=False) writes, up to EOS."""
+    import torch
+
+    backend = TransformersBackend(tiny_teacher)
+    tok = backend.tokenizer
+    prompts = [backend.chat_prompt([{"role": "user", "content": q}]) for q in ("1 + 2 =", "7 - 3 + 1 =", "9 =")]
+    batch = tok.pad({"input_ids": [tok(p, add_special_tokens=False).input_ids for p in prompts]}, return_tensors="pt")
+    ours = backend.greedy(batch["input_ids"], batch["attention_mask"], 20)
+    with torch.inference_mode():
+        ref = backend.model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+    for row, new in zip(ref[:, batch["input_ids"].shape[1] :].tolist(), ours):
+        end = next((i + 1 for i, t in enumerate(row) if t in backend.eos_ids), len(row))
+        assert new == row[:end]
+    assert len({len(x) for x in ours}) > 1  # rows really ended at different steps
