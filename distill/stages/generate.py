@@ -50,18 +50,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.verbose_stats_logs = False
 
 
+def balanced_batch_size(n: int, batch_size: int, workers: int) -> int:
+    """At most ``batch_size``, and such that the batches split evenly over the workers: 5 batches
+    on 2 actors take 3 rounds (1.67x at best), 6 slightly smaller ones take 3 rounds of full use."""
+    batches = max(1, math.ceil(n / batch_size))
+    batches = math.ceil(batches / workers) * workers
+    return max(1, math.ceil(n / batches))
+
+
 def _run_ray(problems, worker_kwargs, cfg, on_batch):
     import ray
 
     init_ray()
-    blocks = max(1, math.ceil(len(problems) / cfg.batch_size))
-    ds = ray.data.from_items(problems, override_num_blocks=blocks)
+    batch = balanced_batch_size(len(problems), cfg.batch_size, cfg.workers)
+    ds = ray.data.from_items(problems, override_num_blocks=math.ceil(len(problems) / batch))
     from teachers.workers import TeacherWorker
 
     ds = ds.map_batches(
         TeacherWorker,
         fn_constructor_kwargs=worker_kwargs,
-        batch_size=cfg.batch_size,
+        batch_size=batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=0.25 if cfg.model.startswith("openai:") else 1,  # an HTTP client mostly waits

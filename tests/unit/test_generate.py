@@ -75,3 +75,15 @@ def test_no_parsable_answer_stops_early_with_the_reason(tmp_path, tiny_teacher, 
         run_stage(recipe, "generate")
     committed = json.loads((work_dir(recipe, "generate") / "shards.json").read_text())["shards"]
     assert sum(s["rows"] for s in committed) < 40  # stopped early; what was paid for is kept
+
+
+@pytest.mark.parametrize("n,batch,workers", [(40, 8, 2), (136, 16, 2), (100, 7, 3), (3, 16, 2), (1, 16, 4)])
+def test_batches_split_evenly_over_workers(n, batch, workers):
+    import math
+
+    from distill.stages.generate import balanced_batch_size
+
+    size = balanced_batch_size(n, batch, workers)
+    batches = math.ceil(n / size)
+    assert 1 <= size <= batch
+    assert batches % workers == 0 or batches < workers  # no round with idle workers but the last partial one
