@@ -14,6 +14,7 @@ export RAY_USAGE_STATS_ENABLED=0
 export ORT_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=1
+export HF_HUB_DISABLE_PROGRESS_BARS=1
 
 .PHONY: install models quickstart test test-slow bench chaos lint format clean
 

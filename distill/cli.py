@@ -38,6 +38,7 @@ def _env_defaults() -> None:
         "ORT_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-load bars: noise in job logs; ours is rich
     }.items():
         os.environ.setdefault(key, value)
 

@@ -118,11 +118,11 @@ def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], d
     from teachers.workers import TeacherWorker
 
     seeds = [r["question"] for r in load_seeds(recipe.task)]
-    worker = TeacherWorker(**worker_kwargs)
-    if not hasattr(worker.teacher, "generate"):
+    if recipe.teacher.model.startswith("replay:"):
         raise DistillError(
             "a replay teacher cannot write new problems", "use a model teacher for task.source=synthetic"
         )
+    worker = TeacherWorker(**worker_kwargs)
     console.print(f"[bold]synthesize[/] {recipe.task.train_size} new problems from {len(seeds)} seed examples")
     questions, stats = synthesize(
         worker.teacher,
