@@ -39,7 +39,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Worker logs stay in Ray's session folder; failures still reach the driver as exceptions.
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger("ray").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -48,6 +47,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+    # Ray Data logs a worker's exception before re-raising it; the driver reports it (one line for
+    # the user's own problems), so the log copy is noise. Set after ray.data configured its loggers.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def balanced_batch_size(n: int, batch_size: int, workers: int) -> int:
@@ -74,8 +76,32 @@ def _run_ray(problems, worker_kwargs, cfg, on_batch):
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=0.25 if cfg.model.startswith("openai:") else 1,  # an HTTP client mostly waits
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        on_batch(batch)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            on_batch(batch)
+    except DistillError:
+        raise
+    except Exception as e:  # a worker's DistillError arrives wrapped by Ray: surface it as itself
+        cause = _distill_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _distill_cause(e: BaseException) -> DistillError | None:
+    """The DistillError a Ray worker raised. Ray Data re-raises it as ``RayTaskError(UserCodeException)``
+    carrying only the worker's traceback text, so the error is found by its ``module.Class: message`` line."""
+    import importlib
+    import re
+
+    for m in re.finditer(r"^((?:distill|teachers|students|export)[\w.]*)\.(\w+): (.+)$", str(e), re.M):
+        try:
+            cls = getattr(importlib.import_module(m.group(1)), m.group(2))
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, DistillError):
+            return DistillError(m.group(3).strip())
+    return None
 
 
 def _serve_from_cache(problems, worker_kwargs, cfg, on_batch) -> list[dict]:

@@ -87,3 +87,16 @@ def test_batches_split_evenly_over_workers(n, batch, workers):
     batches = math.ceil(n / size)
     assert 1 <= size <= batch
     assert batches % workers == 0 or batches < workers  # no round with idle workers but the last partial one
+
+
+def test_a_workers_distill_error_is_found_in_rays_wrapper_text():
+    from distill.stages.generate import _distill_cause
+
+    wrapped = RuntimeError(
+        "RayTaskError(UserCodeException): ray::MapWorker(MapBatches(TeacherWorker)).submit() (pid=1)\n"
+        '  File "teachers/backends/openai.py", line 200, in _one\n    raise AuthError(\n'
+        "teachers.backends.openai.AuthError: the endpoint refused the credentials (HTTP 401) — set OPENAI_API_KEY"
+    )
+    found = _distill_cause(wrapped)
+    assert str(found) == "the endpoint refused the credentials (HTTP 401) — set OPENAI_API_KEY"
+    assert _distill_cause(RuntimeError("builtins.ValueError: not ours")) is None
