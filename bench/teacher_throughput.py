@@ -28,15 +28,16 @@ def main() -> None:
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (teacher.batch_size)")
+    ap.add_argument("--only", type=int, choices=[1, 2, 3], help="run one measurement (3 needs 2)")
     args = ap.parse_args()
 
     import torch
 
     from distill.config import Recipe
-    from distill.pipeline import run_stage
     from distill.sources import resolve_model
     from distill.tasks import load_problems
-    from teachers.backends.base import Decoding, GenerationRequest
+    from teachers.backends.base import Decoding
     from teachers.backends.transformers import TransformersBackend
 
     torch.set_num_threads(1)
@@ -49,14 +50,25 @@ def main() -> None:
     }
     recipe = Recipe.model_validate({"task": task})
     train, evals = load_problems(recipe.task)
-    backend = TransformersBackend(path, dtype="float32", batch_size=16)
+    backend = TransformersBackend(path, dtype="float32", batch_size=args.batch_size)
     prompts = [
         backend.chat_prompt([{"role": "user", "content": p["question"]}], "Let's think step by step.")
         for p in train[:32]  # the naive loop is slow: 32 prompts are enough for a stable ratio
     ]
     dec = Decoding(max_new_tokens=args.new_tokens)
 
-    # 1. naive loop vs batched backend (same prompts, same greedy decoding, same process)
+    if args.only in (None, 1):
+        naive_vs_batched(backend, prompts, dec, args.new_tokens)
+    if args.only in (None, 2, 3):
+        ray_actors(path, task, args)
+
+
+def naive_vs_batched(backend, prompts, dec, new_tokens) -> None:
+    """1. naive loop vs batched backend (same prompts, same greedy decoding, same process)."""
+    import torch
+
+    from teachers.backends.base import GenerationRequest
+
     tok, model = backend.tokenizer, backend.model
     t0 = time.perf_counter()
     naive_tokens = 0
@@ -65,7 +77,7 @@ def main() -> None:
         with torch.inference_mode():
             out = model.generate(
                 **ids,
-                max_new_tokens=args.new_tokens,
+                max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
                 temperature=None,
@@ -81,7 +93,11 @@ def main() -> None:
         f"1. naive generate loop {naive:.1f} tok/s; batched backend {batched:.1f} tok/s; ratio {batched / naive:.2f}x"
     )
 
-    # 2. generate stage through Ray: 1 actor vs 2 actors (fresh caches, same problems)
+
+def ray_actors(path, task, args) -> None:
+    """2. the generate stage through Ray, 1 actor vs 2 (fresh caches, same problems); 3. its re-run."""
+    from distill.config import Recipe
+    from distill.pipeline import run_stage
     from distill.stages.generate import init_ray
 
     init_ray(num_cpus=2)  # cluster start-up is not part of either measurement
