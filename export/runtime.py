@@ -36,7 +36,8 @@ def check_format(meta: dict, bundle_dir: Path | str) -> None:
     if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
         raise BundleFormatError(
             f"{bundle_dir} has bundle format {found} but this runtime reads format {FORMAT_VERSION.split('.')[0]}.x",
-            "run it with the distill_runtime.py shipped inside the bundle, or re-export with this distill version",
+            f"run it with a distill runtime for format {found.split('.')[0]}.x, or re-export the student with this "
+            "distill version",
         )
 
 
