@@ -299,3 +299,17 @@ def test_bundle_of_another_major_format_is_refused(bundle, tmp_path):
     from export.runtime import main
 
     assert main([str(other), "1 + 1 ="]) == 2
+
+
+def test_export_config_block_sizes_must_be_powers_of_two():
+    from pydantic import ValidationError
+
+    from distill.config import ExportConfig
+
+    assert ExportConfig().group_block_sizes == {"gate": 64, "up": 64, "down": 64}
+    with pytest.raises(ValidationError, match="group_block_sizes"):
+        ExportConfig(group_block_sizes={"down": 48})
+    with pytest.raises(ValidationError, match="embed_block_size"):
+        ExportConfig(embed_block_size=96)
+    with pytest.raises(ValidationError):
+        ExportConfig(group_block_sizes={"lm_head": 64})  # not a projection group
