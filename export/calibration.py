@@ -36,6 +36,14 @@ def prefill_feed(ids: list[int], past_names: list[str], kv_heads: int, head_dim:
     return feed
 
 
+def crop_feeds(feeds: list[dict]) -> list[dict]:
+    """Every feed cut to the shortest one's length (histogram calibrators stack activations, so all
+    feeds need one shape); the empty past is left as is."""
+    n = min(f["input_ids"].shape[1] for f in feeds)
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return [{k: (v[:, :n] if k in keys else v) for k, v in f.items()} for f in feeds]
+
+
 def feeds_for(model_path: Path, id_lists: list, kv_heads: int, head_dim: int) -> list[dict]:
     """Prefill feeds for every id list, named after ``model_path``'s past inputs."""
     import onnx

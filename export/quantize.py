@@ -158,12 +158,14 @@ def quantize_static_int8(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from export.calibration import FeedReader
+    from export.calibration import FeedReader, crop_feeds
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     # The tied LM head reads Transpose(embedding); left to quantize_static it would get a per-tensor
     # activation-quantized weight. It becomes the shared blockwise int8 tensor below instead.
     skip = list(exclude) + tied_head_matmuls(src)
+    if calibrate_method != "MinMax":
+        feeds = crop_feeds(feeds)
     with tempfile.TemporaryDirectory(prefix="distill_calib_") as tmp:
         quantize_static(
             str(src),

@@ -313,3 +313,19 @@ def test_export_config_block_sizes_must_be_powers_of_two():
         ExportConfig(embed_block_size=96)
     with pytest.raises(ValidationError):
         ExportConfig(group_block_sizes={"lm_head": 64})  # not a projection group
+
+
+def test_int8_static_histogram_calibration_takes_prompts_of_different_lengths(bundle, calib):
+    from export.calibration import prefill_feed
+    from export.quantize import quantize_static_int8
+    from export.sensitivity import prefill_top1, top1_agreement
+
+    model, _, out = bundle
+    ids, feeds = calib
+    past = [k for k in feeds[0] if k.startswith("past_key_values")]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    feeds = feeds + [prefill_feed(ids[0] + ids[1], past, model.config.num_key_value_heads, head_dim)]
+    assert len({f["input_ids"].shape[1] for f in feeds}) > 1
+    cfg = quantize_static_int8(out / FP32_FILE, out / "m.pct.onnx", feeds, calibrate_method="Percentile")
+    assert cfg["calibrate_method"] == "Percentile"
+    assert top1_agreement(out / "m.pct.onnx", feeds, prefill_top1(out / FP32_FILE, feeds)) >= 0.8
