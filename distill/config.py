@@ -162,7 +162,9 @@ class ExportConfig(Strict):
         32, ge=1, description="training rows (prompt + target) used to calibrate int8_static and the sensitivity sweep"
     )
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = Field(
-        "MinMax", description="activation range calibration of int8_static"
+        "MinMax",
+        description="activation range calibration of int8_static (Percentile/Entropy keep histograms of every "
+        "activation: far slower and memory-hungry on real models)",
     )
     sensitivity: bool = Field(
         False,
