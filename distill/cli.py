@@ -146,13 +146,18 @@ def infer(
 
     def go():
         _env_defaults()
-        from export.runtime import GENERATION_FILE, OnnxGenerator
+        from export.runtime import GENERATION_FILE, BundleFormatError, OnnxGenerator, check_format
 
         if not (bundle / GENERATION_FILE).is_file():
             raise DistillError(
                 f"{bundle} is not an export bundle (no {GENERATION_FILE})", "pass runs/<name>/export/bundle"
             )
-        name = model_file or json.loads((bundle / GENERATION_FILE).read_text())["model_file"]
+        meta = json.loads((bundle / GENERATION_FILE).read_text())
+        try:
+            check_format(meta, bundle)
+        except BundleFormatError as e:
+            raise DistillError(e.problem, e.fix) from None
+        name = model_file or meta["model_file"]
         if not (bundle / name).is_file():
             raise DistillError(
                 f"{bundle / name} does not exist", "pick an .onnx file inside the bundle with --model-file"

@@ -193,10 +193,11 @@ class ExportConfig(Strict):
     """ONNX export, quantized variants, the quality gate that picks one, and the bundle."""
 
     enabled: bool = True
-    variants: list[Literal["int8", "int8_dynamic", "int4", "fp16"]] = Field(
+    variants: list[Literal["int8", "int8_static", "int8_dynamic", "int4", "fp16"]] = Field(
         default_factory=lambda: ["int8", "int4"],
-        description="variants tried besides fp32: int8 (blockwise MatMulNBits, int8 compute), int8_dynamic "
-        "(per-channel quantize_dynamic), int4 (MatMulNBits), fp16",
+        description="variants tried besides fp32: int8 (blockwise MatMulNBits, int8 compute), int8_static "
+        "(QDQ, calibrated on the distilled dataset), int8_dynamic (per-channel quantize_dynamic), int4 "
+        "(MatMulNBits), fp16",
     )
     gate: bool = Field(True, description="score every variant on the eval split and keep the smallest within tolerance")
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a variant may lose vs fp32 (0.01 = 1 point)")
@@ -205,6 +206,34 @@ class ExportConfig(Strict):
     )
     block_size: int = Field(32, ge=16, description="quantization block size for int8/int4 (power of two)")
     keep_fp32_nodes: list[str] = Field(default_factory=list, description="MatMul node names to keep in fp32")
+    group_block_sizes: dict[Literal["q", "k", "v", "o", "gate", "up", "down"], int] = Field(
+        default_factory=lambda: {"gate": 64, "up": 64, "down": 64},
+        description="int8/int4 block size per projection group across all layers; others use block_size "
+        "(default: MLP at 64 — SmolLM2-135M int8 size ratio 0.269 at 97.8% top-1, see BENCHMARKS.md)",
+    )
+    embed_block_size: int | None = Field(
+        64, ge=16, description="block size of the shared int8 tied embedding / LM head (null = block_size)"
+    )
+    static_keep_groups: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(
+        default_factory=lambda: ["down"],
+        description="projection groups int8_static keeps in fp32 (the most sensitive ones per export.sensitivity)",
+    )
+    calibration_examples: int = Field(
+        32, ge=1, description="training rows (prompt + target) used to calibrate int8_static and the sensitivity sweep"
+    )
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = Field(
+        "MinMax",
+        description="activation range calibration of int8_static (Percentile/Entropy keep histograms of every "
+        "activation: far slower and memory-hungry on real models)",
+    )
+    sensitivity: bool = Field(
+        False,
+        description="run the per-group sensitivity sweep of int8_static (one projection group quantized at a time) "
+        "and put the table in the report",
+    )
+    ort_format: bool = Field(
+        False, description="also write the chosen model in ORT format (model.ort) for mobile onnxruntime builds"
+    )
     opset: int = Field(18, ge=17)
 
     @field_validator("block_size")
@@ -212,6 +241,21 @@ class ExportConfig(Strict):
     def _pow2(cls, v: int) -> int:
         if v & (v - 1):
             raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
+        return v
+
+    @field_validator("embed_block_size")
+    @classmethod
+    def _pow2_or_none(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
+            raise ValueError("embed_block_size must be a power of two (16, 32, 64, 128, ...) or null")
+        return v
+
+    @field_validator("group_block_sizes")
+    @classmethod
+    def _pow2_groups(cls, v: dict) -> dict:
+        bad = {k: b for k, b in v.items() if b < 16 or b & (b - 1)}
+        if bad:
+            raise ValueError(f"group_block_sizes values must be powers of two >= 16, got {bad}")
         return v
 
 

@@ -16,6 +16,29 @@ from pathlib import Path
 import numpy as np
 
 GENERATION_FILE = "distill_generation.json"
+# Layout version of the bundle (``major.minor``), written into GENERATION_FILE. A minor bump stays
+# readable by older runtimes; a runtime refuses a bundle of another major. Bundles written before
+# versioning have no field and the 1.x layout.
+FORMAT_VERSION = "1.0"
+
+
+class BundleFormatError(ValueError):
+    """The bundle was written for another major format than this runtime reads."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem} — {fix}")
+
+
+def check_format(meta: dict, bundle_dir: Path | str) -> None:
+    """Raise ``BundleFormatError`` unless the bundle's major format equals this runtime's."""
+    found = str(meta.get("format_version", "1.0"))
+    if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise BundleFormatError(
+            f"{bundle_dir} has bundle format {found} but this runtime reads format {FORMAT_VERSION.split('.')[0]}.x",
+            f"run it with a distill runtime for format {found.split('.')[0]}.x, or re-export the student with this "
+            "distill version",
+        )
 
 
 def make_session(model_path: Path | str, threads: int = 1):
@@ -54,6 +77,7 @@ class OnnxGenerator:
 
         bundle_dir = Path(bundle_dir)
         self.meta = json.loads((bundle_dir / GENERATION_FILE).read_text())
+        check_format(self.meta, bundle_dir)
         self.session = make_session(bundle_dir / (model_file or self.meta["model_file"]), threads)
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
         self.eos_ids = set(self.meta["eos_token_ids"])
@@ -171,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.bundle / GENERATION_FILE).is_file():
         print(f"error: {args.bundle} is not an export bundle (no {GENERATION_FILE})", file=sys.stderr)
         return 2
-    gen = OnnxGenerator(args.bundle, args.model)
+    try:
+        gen = OnnxGenerator(args.bundle, args.model)
+    except BundleFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(gen.generate([args.question], args.max_new_tokens, 1, args.temperature, args.top_p, args.seed)[0])
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distill.artifacts import write_config, write_json, write_text
 from distill.progress import console
-from export.runtime import GENERATION_FILE
+from export.runtime import FORMAT_VERSION, GENERATION_FILE
 
 FP32_FILE = "model.onnx"
 
@@ -65,6 +65,7 @@ def write_bundle_files(
         "head_dim": head_dim,
         "max_new_tokens": max_new_tokens,
         "model_file": model_file,  # the variant runtimes load by default
+        "format_version": FORMAT_VERSION,
     }
     write_json(bundle / GENERATION_FILE, meta)
     return meta
@@ -154,9 +155,10 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     from distill.stages.evaluate import eval_problems
     from distill.stages.train import load_student
     from distill.tasks import Task
+    from export.calibration import calibration_ids, feeds_for
     from export.gate import VariantResult, choose, score_variant
     from export.onnx_export import export_decoder, kv_shape
-    from export.quantize import make_variant
+    from export.quantize import linear_groups, make_variant
 
     cfg = recipe.export
     variants_dir, bundle = out / "variants", out / "bundle"
@@ -175,7 +177,26 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     questions = [p["question"] for p in problems[:4]]
 
     results: list[VariantResult] = []
-    dynamic_keep = default_fp32_nodes(variants_dir / FP32_FILE, kv_shape(model.config)[0])
+    n_layers, kv_heads, head_dim = kv_shape(model.config)
+    dynamic_keep = default_fp32_nodes(variants_dir / FP32_FILE, n_layers)
+    groups = linear_groups(variants_dir / FP32_FILE, n_layers)
+    node_blocks = {n: b for g, b in cfg.group_block_sizes.items() for n in groups.get(g, [])}
+    static_keep = [n for g in cfg.static_keep_groups for n in groups.get(g, [])]
+    calib, held_out = [], []
+    if "int8_static" in cfg.variants or cfg.sensitivity:
+        ids = calibration_ids(
+            tokenizer,
+            gen_dir / "dataset" / "train.parquet",
+            recipe.student.format,
+            Task(recipe.task.answer_type),
+            cfg.calibration_examples + 16,
+            recipe.student.max_length,
+        )
+        feeds = feeds_for(variants_dir / FP32_FILE, ids, kv_heads, head_dim)
+        calib, held_out = feeds[: cfg.calibration_examples], feeds[cfg.calibration_examples :] or feeds[:16]
+    if cfg.sensitivity:
+        with console.status("sensitivity sweep of int8_static (one group at a time)"):
+            metrics["sensitivity"] = _sensitivity(variants_dir / FP32_FILE, groups, calib, held_out, cfg)
     quant_configs = {}
     for preset in ["fp32", *cfg.variants]:
         file = variant_file(preset)
@@ -189,7 +210,14 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
                         cfg.block_size,
                         cfg.keep_fp32_nodes,
                         dynamic_keep,
+                        node_blocks,
+                        cfg.embed_block_size,
+                        static_keep,
+                        calib,
+                        cfg.calibrate_method,
                     )
+                    if preset == "int8_static":
+                        quant_configs[preset]["static_keep_groups"] = list(cfg.static_keep_groups)
             v = verify(model, tokenizer, variants_dir, file, questions, 32)
             results.append(
                 VariantResult(
@@ -209,6 +237,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
             results.append(VariantResult(preset, file, 0, error=msg))
             console.print(f"[yellow]variant {preset} failed: {msg}[/]")
 
+    write_json(variants_dir / "quantization_configs.json", quant_configs)  # every preset's config, by preset
     task = Task(recipe.task.answer_type)
     if cfg.gate:
         for r in results:
@@ -232,7 +261,17 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     chosen.chosen = True
 
     _assemble_bundle(
-        recipe, model.config, tokenizer, variants_dir, bundle, chosen, meta, results, quant_configs, gen_dir
+        recipe,
+        model.config,
+        tokenizer,
+        variants_dir,
+        bundle,
+        chosen,
+        meta,
+        results,
+        quant_configs,
+        gen_dir,
+        metrics.get("sensitivity"),
     )
     metrics.update(
         {
@@ -256,7 +295,9 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     return ExportResult(out, bundle, metrics)
 
 
-def _assemble_bundle(recipe, config, tokenizer, variants_dir, bundle, chosen, meta, results, quant_configs, gen_dir):
+def _assemble_bundle(
+    recipe, config, tokenizer, variants_dir, bundle, chosen, meta, results, quant_configs, gen_dir, sensitivity=None
+):
     """The device folder: chosen model, tokenizer, generation/genai config, runtime copy, model card."""
     import hashlib
 
@@ -267,6 +308,14 @@ def _assemble_bundle(recipe, config, tokenizer, variants_dir, bundle, chosen, me
         if (variants_dir / f).exists():
             shutil.copy2(variants_dir / f, bundle / f)
     meta = write_bundle_files(tokenizer, config, bundle, meta["max_new_tokens"], chosen.file, recipe.student.format)
+    if recipe.export.ort_format:
+        from export.onnx_export import save_ort_format
+
+        ort_file = Path(chosen.file).with_suffix(".ort").name
+        with console.status(f"ORT format → {ort_file}"):
+            save_ort_format(bundle / chosen.file, bundle / ort_file)
+        meta["ort_model_file"] = ort_file
+        write_json(bundle / GENERATION_FILE, meta)
     context = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
     write_json(bundle / "genai_config.json", genai_config(config, meta, context))
     if chosen.preset in quant_configs:
@@ -284,14 +333,22 @@ def _assemble_bundle(recipe, config, tokenizer, variants_dir, bundle, chosen, me
         f"- model file: `{chosen.file}`; runs with onnxruntime + tokenizers only: "
         f'`python distill_runtime.py . "question"`',
         "",
-        "| variant | size | top-1 vs torch | accuracy | tokens/s (1 thread) | kept |",
-        "|---|---|---|---|---|---|",
+        "| variant | size | size / fp32 | top-1 vs torch | accuracy | tokens/s (1 thread) | kept |",
+        "|---|---|---|---|---|---|---|",
     ]
+    fp32_bytes = next(r.bytes for r in results if r.preset == "fp32")
     for r in results:
         acc = f"{r.accuracy:.1%} ({r.correct}/{r.n})" if r.accuracy is not None else (r.error or "—")
         tps = f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—"
         agree = f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—"
-        lines.append(f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {agree} | {acc} | {tps} | {'✓' if r.chosen else ''} |")
+        lines.append(
+            f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {r.bytes / fp32_bytes:.3f} | {agree} | {acc} | {tps} "
+            f"| {'✓' if r.chosen else ''} |"
+        )
+    if sensitivity:
+        from export.sensitivity import markdown_table
+
+        lines += ["", markdown_table(sensitivity, "int8_static")]
     write_text(bundle / "README.md", "\n".join(lines) + "\n")
     write_config(bundle, "export", recipe.export.model_dump(), recipe.dump())
 
@@ -300,18 +357,44 @@ def _print_table(results) -> None:
     from rich.table import Table
 
     table = Table(title="export variants")
-    for col in ("variant", "size", "top-1 vs torch", "accuracy", "tok/s (1 thread)", "kept"):
+    for col in ("variant", "size", "size / fp32", "top-1 vs torch", "accuracy", "tok/s (1 thread)", "kept"):
         table.add_column(col)
+    fp32_bytes = next(r.bytes for r in results if r.preset == "fp32")
     for r in results:
         table.add_row(
             r.preset,
             f"{r.bytes / 1e6:.1f} MB",
+            f"{r.bytes / fp32_bytes:.3f}",
             f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—",
             f"{r.accuracy:.1%}" if r.accuracy is not None else (r.error or "—"),
             f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—",
             "✓" if r.chosen else "",
         )
     console.print(table)
+
+
+def _sensitivity(fp32: Path, groups: dict, calib: list, held_out: list, cfg) -> list[dict]:
+    """Per-group sweep of int8_static: each projection group alone, the tied embedding/LM head
+    alone, then everything; top-1 agreement measured on held-out training prompts."""
+    from functools import partial
+
+    from export.quantize import quantize_static_int8, quantize_weight_only
+    from export.sensitivity import group_sensitivity
+
+    emb = cfg.embed_block_size or cfg.block_size
+    builders = {
+        g: partial(
+            quantize_static_int8, feeds=calib, only=nodes, calibrate_method=cfg.calibrate_method, embed_block_size=None
+        )
+        for g, nodes in groups.items()
+    }
+    # weight-only pass with every MatMul excluded: only the tied embedding / LM head gets quantized
+    all_nodes = [n for nodes in groups.values() for n in nodes]
+    builders["embedding+lm_head"] = partial(quantize_weight_only, bits=8, block_size=emb, exclude=all_nodes)
+    builders["all"] = partial(
+        quantize_static_int8, feeds=calib, calibrate_method=cfg.calibrate_method, embed_block_size=emb
+    )
+    return group_sensitivity(fp32, builders, held_out)
 
 
 def _smooth(model, tokenizer, gen_dir: Path, alpha: float) -> None:

@@ -117,6 +117,10 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             lines.append(
                 f"| {r['preset']} | {r['bytes'] / 1e6:.1f} MB | {agree} | {acc} | {tps} | {'✓' if r['chosen'] else ''} |"
             )
+        if exp.get("sensitivity"):
+            from export.sensitivity import markdown_table
+
+            lines += ["", markdown_table(exp["sensitivity"], "int8_static").rstrip()]
     if loss_file.exists():
         _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png")
         lines += ["", "![training loss](plots/loss.png)"]

@@ -145,3 +145,44 @@ def test_rerun_reuses_stages_and_pays_no_teacher_call(first_run, recipe_file, ra
     assert m["cached_rows"] == m["problems"]  # every row served from the completion cache
     result = CliRunner().invoke(app, ["run", str(recipe_file)])
     assert result.exit_code == 0 and "up to date" in result.output
+
+
+def test_export_static_int8_sensitivity_and_ort_format(first_run, recipe_file, tmp_path):
+    """The export stage alone with the extra presets, over a copy of the first run's student."""
+    import shutil
+
+    src = f"{first_run['output_dir']}/tiny"
+    dst = f"{first_run['output_dir']}/tiny_quant"
+    for stage in ("generate", "train"):
+        shutil.copytree(f"{src}/{stage}", f"{dst}/{stage}", dirs_exist_ok=True)
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(recipe_file),
+            "name=tiny_quant",
+            "export.variants=[int8,int8_static,fp16]",
+            "export.sensitivity=true",
+            "export.ort_format=true",
+            "export.calibration_examples=4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    m = json.loads(open(f"{dst}/export/metrics.json").read())
+    rows = {r["preset"]: r for r in m["variants"]}
+    assert set(rows) == {"fp32", "int8", "int8_static", "fp16"} and not any(r["error"] for r in rows.values())
+    assert rows["int8_static"]["top1_agreement"] > 0.8 and rows["int8_static"]["bytes"] < rows["fp32"]["bytes"]
+    groups = [r["group"] for r in m["sensitivity"]]
+    assert set(groups) == {"q", "k", "v", "o", "gate", "up", "down", "embedding+lm_head", "all"}
+    assert groups[-1] == "all" and all(0 <= r["top1_agreement"] <= 1 for r in m["sensitivity"])
+    bundle = f"{dst}/export/bundle"
+    meta = json.loads(open(f"{bundle}/distill_generation.json").read())
+    assert meta["ort_model_file"].endswith(".ort") and meta["format_version"]
+    qcfg = json.loads(open(f"{dst}/export/variants/quantization_configs.json").read())
+    assert qcfg["int8_static"]["calibration_examples"] == 4
+    from export.runtime import OnnxGenerator
+
+    ort_out = OnnxGenerator(bundle, meta["ort_model_file"]).generate(["1 + 2 ="], 6)
+    assert ort_out == OnnxGenerator(bundle).generate(["1 + 2 ="], 6)
+    card = open(f"{bundle}/README.md").read()
+    assert "| int8_static |" in card and "Sensitivity of `int8_static`" in card

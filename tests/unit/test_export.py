@@ -108,3 +108,224 @@ def test_weight_only_quantization_keeps_tokens(bundle, bits):
     # 8-bit blockwise barely moves a tiny random model; 4-bit may flip near-ties but mostly agrees.
     assert v["top1_agreement"] >= (0.95 if bits == 8 else 0.6)
     assert (out / name).stat().st_size < (out / FP32_FILE).stat().st_size
+
+
+# --- static int8, calibration, sensitivity, size options, ORT format, bundle format version ---
+
+
+@pytest.fixture(scope="module")
+def calib(bundle, tmp_path_factory):
+    """Calibration feeds built from a distilled-dataset-shaped parquet through the chat template."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill.tasks import Task
+    from export.calibration import calibration_ids, feeds_for
+
+    model, tok, out = bundle
+    rows = [
+        {"question": f"{a} + {b} =", "rationale": f"First {a} + {b} = {a + b}.", "pred": str(a + b), "gold": str(a + b)}
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2), (4, 3), (6, 5)]
+    ]
+    parquet = tmp_path_factory.mktemp("data") / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    ids = calibration_ids(tok, parquet, "rationale", Task("number"), n=8, max_length=64)
+    cfg = model.config
+    return ids, feeds_for(out / FP32_FILE, ids, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+
+
+def test_calibration_ids_are_training_examples_through_the_chat_template(bundle, calib):
+    _, tok, _ = bundle
+    ids, feeds = calib
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "1 + 2 ="}], add_generation_prompt=True, tokenize=False
+    )
+    target = "Let's think step by step. First 1 + 2 = 3.\nTherefore, the answer is 3."
+    assert ids[0] == tok(prompt + target, add_special_tokens=False).input_ids + [tok.eos_token_id] or ids[0] == (
+        tok(prompt, add_special_tokens=False).input_ids + tok(target, add_special_tokens=False).input_ids
+    ) + [tok.eos_token_id]
+    assert len(feeds) == 8 and feeds[0]["input_ids"].shape == (1, len(ids[0]))
+    assert feeds[0]["past_key_values.0.key"].shape[2] == 0  # prefill path: empty past
+
+
+def test_int8_static_is_qdq_calibrated_and_keeps_excluded_nodes(bundle, calib):
+    import onnx
+
+    from export.quantize import linear_groups, quantize_static_int8
+    from export.sensitivity import prefill_top1, top1_agreement
+
+    model, tok, out = bundle
+    _, feeds = calib
+    groups = linear_groups(out / FP32_FILE, model.config.num_hidden_layers)
+    assert list(groups) == ["q", "k", "v", "o", "gate", "up", "down"]
+    cfg = quantize_static_int8(out / FP32_FILE, out / "model.int8_static.onnx", feeds, exclude=groups["down"])
+    assert cfg["calibration_examples"] == len(feeds) and cfg["nodes_kept_fp32"] == sorted(groups["down"])
+    q = onnx.load(str(out / "model.int8_static.onnx"))
+    ops = [n.op_type for n in q.graph.node]
+    inits = {i.name: i for i in q.graph.initializer}
+    # every non-excluded linear layer has an int8 per-channel weight behind a DequantizeLinear
+    int8_weights = [
+        i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 and 1 not in i.dims
+    ]
+    assert len(int8_weights) == 6 * model.config.num_hidden_layers
+    per_channel_scales = [
+        n
+        for n in q.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+        and len(inits[n.input[1]].dims) == 1
+    ]
+    assert len(per_channel_scales) == len(int8_weights)
+    assert ops.count("QuantizeLinear") >= 6 * model.config.num_hidden_layers  # static activation ranges
+    kept = {n.name for n in q.graph.node if n.op_type == "MatMul"}
+    assert set(groups["down"]) <= kept
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1  # shared int8 embedding
+    reference = prefill_top1(out / FP32_FILE, feeds)
+    assert top1_agreement(out / "model.int8_static.onnx", feeds, reference) >= 0.9
+    # decodes through the KV-cache path with the ranges calibrated on the prefill path
+    v = verify(model, tok, out, "model.int8_static.onnx", QUESTIONS, 8)
+    assert v["top1_agreement"] >= 0.9
+
+
+def test_group_sensitivity_ranks_a_broken_group_first(bundle, calib):
+    import shutil
+    from functools import partial
+
+    import onnx
+    from onnx import numpy_helper
+
+    from export.quantize import linear_groups, quantize_weight_only
+    from export.sensitivity import group_sensitivity, markdown_table, sensitive_groups
+
+    model, _, out = bundle
+    _, feeds = calib
+    groups = linear_groups(out / FP32_FILE, model.config.num_hidden_layers)
+    others = [n for g, nodes in groups.items() if g != "up" for n in nodes]
+
+    def blow_up_down(src, dst):  # a "quantizer" that destroys the down projections
+        m = onnx.load(str(src))
+        inits = {i.name: i for i in m.graph.initializer}
+        for node in m.graph.node:
+            if node.name in groups["down"]:
+                w = inits[node.input[1]]
+                w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1000, w.name))
+        onnx.save(m, str(dst))
+
+    builders = {
+        "identity": lambda src, dst: shutil.copy(src, dst),
+        "down": blow_up_down,
+        "up": partial(quantize_weight_only, bits=8, block_size=16, exclude=others, embed_block_size=None),
+    }
+    rows = group_sensitivity(out / FP32_FILE, builders, feeds)
+    by = {r["group"]: r for r in rows}
+    assert rows[0]["group"] == "down" and by["down"]["top1_agreement"] < 0.9
+    assert by["identity"]["top1_agreement"] == 1.0 and by["up"]["top1_agreement"] >= 0.95
+    assert by["up"]["bytes"] < by["identity"]["bytes"]
+    assert sensitive_groups(rows, 0.9) == ["down"]
+    assert "| down |" in markdown_table(rows, "test")
+
+
+def test_block_size_per_group_and_embedding(bundle):
+    import onnx
+
+    from export.quantize import linear_groups, quantize_weight_only
+
+    model, _, out = bundle
+    groups = linear_groups(out / FP32_FILE, model.config.num_hidden_layers)
+    mlp = {n: 64 for g in ("gate", "up", "down") for n in groups[g]}
+    cfg = quantize_weight_only(
+        out / FP32_FILE, out / "m.blocks.onnx", 8, 16, 4, node_block_sizes=mlp, embed_block_size=32
+    )
+    q = onnx.load(str(out / "m.blocks.onnx"))
+    blocks = {
+        n.name: next(a.i for a in n.attribute if a.name == "block_size")
+        for n in q.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    mlp_q = [b for name, b in blocks.items() if name.removesuffix("_Q8") in mlp]
+    attn_q = [b for name, b in blocks.items() if name.removesuffix("_Q8") in groups["q"] + groups["o"]]
+    assert mlp_q == [64] * len(mlp) and set(attn_q) == {16}
+    assert sorted(b for name, b in blocks.items() if name.endswith("_q8")) == [32, 32]  # Gather + LM head
+    assert "block 32" in cfg["tied_embedding"]
+    # the shared embedding stores one scale tensor and no zero points; no exporter metadata left
+    names = [i.name for i in q.graph.initializer]
+    assert sum(n.endswith("_q8_scales") for n in names) == 1 and not any(n.endswith("_zp") for n in names)
+    assert not any(n.metadata_props for n in q.graph.node)
+    smaller = quantize_weight_only(out / FP32_FILE, out / "m.b16.onnx", 8, 16, 4)
+    assert smaller["node_block_sizes"] == {}
+    assert (out / "m.blocks.onnx").stat().st_size < (out / "m.b16.onnx").stat().st_size
+
+
+def test_exported_model_has_no_exporter_metadata(bundle):
+    import onnx
+
+    _, _, out = bundle
+    m = onnx.load(str(out / FP32_FILE), load_external_data=False)
+    assert not any(n.metadata_props for n in m.graph.node)
+
+
+def test_ort_format_model_loads_in_the_runtime(bundle):
+    from export.onnx_export import save_ort_format
+
+    _, _, out = bundle
+    save_ort_format(out / FP32_FILE, out / "model.ort")
+    assert (out / "model.ort").read_bytes()[4:8] == b"ORTM"  # flatbuffers file identifier
+    onnx_gen, ort_gen = OnnxGenerator(out, FP32_FILE), OnnxGenerator(out, "model.ort")
+    assert ort_gen.generate(QUESTIONS, 8, batch_size=3) == onnx_gen.generate(QUESTIONS, 8, batch_size=3)
+
+
+def test_bundle_of_another_major_format_is_refused(bundle, tmp_path):
+    import shutil
+
+    from export.runtime import FORMAT_VERSION, BundleFormatError
+
+    _, _, out = bundle
+    assert json.loads((out / "distill_generation.json").read_text())["format_version"] == FORMAT_VERSION
+    other = tmp_path / "b"
+    shutil.copytree(out, other)
+    meta = json.loads((other / "distill_generation.json").read_text())
+    minor = f"{FORMAT_VERSION.split('.')[0]}.{int(FORMAT_VERSION.split('.')[1]) + 1}"
+    (other / "distill_generation.json").write_text(json.dumps({**meta, "format_version": minor}))
+    assert len(OnnxGenerator(other, FP32_FILE).generate(QUESTIONS[:1], 2)) == 1  # a newer minor still loads
+    (other / "distill_generation.json").write_text(json.dumps({**meta, "format_version": "99.0"}))
+    with pytest.raises(BundleFormatError, match="format 99.0"):
+        OnnxGenerator(other, FP32_FILE)
+    res = subprocess.run(
+        [sys.executable, "-m", "distill", "infer", str(other), "1 + 1 ="], capture_output=True, text=True
+    )
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "99.0" in lines[0]
+    from export.runtime import main
+
+    assert main([str(other), "1 + 1 ="]) == 2
+
+
+def test_export_config_block_sizes_must_be_powers_of_two():
+    from pydantic import ValidationError
+
+    from distill.config import ExportConfig
+
+    assert ExportConfig().group_block_sizes == {"gate": 64, "up": 64, "down": 64}
+    with pytest.raises(ValidationError, match="group_block_sizes"):
+        ExportConfig(group_block_sizes={"down": 48})
+    with pytest.raises(ValidationError, match="embed_block_size"):
+        ExportConfig(embed_block_size=96)
+    with pytest.raises(ValidationError):
+        ExportConfig(group_block_sizes={"lm_head": 64})  # not a projection group
+
+
+def test_int8_static_histogram_calibration_takes_prompts_of_different_lengths(bundle, calib):
+    from export.calibration import prefill_feed
+    from export.quantize import quantize_static_int8
+    from export.sensitivity import prefill_top1, top1_agreement
+
+    model, _, out = bundle
+    ids, feeds = calib
+    past = [k for k in feeds[0] if k.startswith("past_key_values")]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    feeds = feeds + [prefill_feed(ids[0] + ids[1], past, model.config.num_key_value_heads, head_dim)]
+    assert len({f["input_ids"].shape[1] for f in feeds}) > 1
+    cfg = quantize_static_int8(out / FP32_FILE, out / "m.pct.onnx", feeds, calibrate_method="Percentile")
+    assert cfg["calibrate_method"] == "Percentile"
+    assert top1_agreement(out / "m.pct.onnx", feeds, prefill_top1(out / FP32_FILE, feeds)) >= 0.8
