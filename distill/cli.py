@@ -95,6 +95,34 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) 
 
 
 @app.command()
+def ablate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    formats: Annotated[
+        str, typer.Option(help="comma-separated student formats: label, rationale, multitask, kd")
+    ] = "label,rationale,multitask,kd",
+    force: Force = False,
+    resume: Resume = True,
+) -> None:
+    """Train label-only, rationale, multitask and logit-KD students on the same data and budget; one table."""
+
+    def go():
+        _env_defaults()
+        from distill.config import load_recipe
+
+        r = load_recipe(recipe, overrides or [])
+        from distill.ablate import ablate as run_ablation
+
+        command = " ".join(["distill ablate", str(recipe), *(overrides or [])])
+        fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+        table = run_ablation(r, fmts, force, resume, command=command)
+        print(r.run_dir / "ablate" / "ablation.md")
+        return table
+
+    _guard(go)
+
+
+@app.command()
 def infer(
     bundle: Annotated[Path, typer.Argument(help="export bundle folder (runs/<name>/export/bundle)")],
     question: Annotated[str, typer.Argument(help="the question to answer")],

@@ -31,7 +31,7 @@ class EvalResult:
     scores: dict
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict]) -> None:
     import json
 
     from distill.artifacts import write_text
@@ -59,49 +59,54 @@ def eval_problems(gen_dir: Path) -> list[dict]:
     return pq.read_table(f).to_pylist()
 
 
+def teacher_rows(problems: list[dict]) -> list[dict]:
+    """Per-example rows of the teacher's own answers to ``problems`` (recorded by the generate stage)."""
+    return [
+        {
+            "id": p["id"],
+            "question": p["question"],
+            "gold": p["gold"],
+            "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
+            "pred": p["pred"],
+            "correct": bool(p["correct"]),
+        }
+        for p in problems
+    ]
+
+
+def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cfg, label: str) -> tuple[dict, list]:
+    """Greedy accuracy of a torch student (asked in format ``fmt``); returns (summary, per-example rows)."""
+    from distill.stages.train import load_student
+    from students.data import prompt_template
+    from students.evaluate import generate_torch
+
+    model, tokenizer = load_student(source)
+    questions = [p["question"] for p in problems]
+    template = prompt_template(tokenizer, fmt)
+    outs = generate_torch(model, tokenizer, template, questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, label)
+    summary, rows = score(outs, problems, task)
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    summary["bytes"] = summary["parameters"] * 4
+    return summary, rows
+
+
 def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path) -> EvalResult:
     """Score each model in ``recipe.eval.models``; writes per-example outputs and ``scores.json``."""
     task = Task(recipe.task.answer_type)
     problems = eval_problems(gen_dir)
-    questions = [p["question"] for p in problems]
     scores: dict[str, dict] = {}
     cfg = recipe.student
     for name in recipe.eval.models:
         t0 = time.time()
         if name == "teacher":
-            rows = [
-                {
-                    "id": p["id"],
-                    "question": p["question"],
-                    "gold": p["gold"],
-                    "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
-                    "pred": p["pred"],
-                    "correct": bool(p["correct"]),
-                }
-                for p in problems
-            ]
+            rows = teacher_rows(problems)
             summary = {**summarize(rows), "bytes": _weights_bytes(recipe.teacher.model)}
         elif name in ("student_base", "student"):
-            from distill.stages.train import load_student
-            from students.data import prompt_template
-            from students.evaluate import generate_torch
-
             if name == "student" and train_dir is None:
                 continue
-            model, tokenizer = load_student(cfg.model if name == "student_base" else str(train_dir / "model"))
-            outs = generate_torch(
-                model,
-                tokenizer,
-                prompt_template(tokenizer, "rationale" if name == "student_base" else cfg.format),
-                questions,
-                cfg.eval_max_new_tokens,
-                cfg.eval_batch_size,
-                name,
-            )
-            summary, rows = score(outs, problems, task)
-            summary["parameters"] = sum(p.numel() for p in model.parameters())
-            summary["bytes"] = summary["parameters"] * 4
-            del model
+            source = cfg.model if name == "student_base" else str(train_dir / "model")
+            fmt = "rationale" if name == "student_base" else cfg.format
+            summary, rows = evaluate_student(source, fmt, problems, task, cfg, name)
         elif name == "student_onnx":
             if export_dir is None or not (export_dir / "metrics.json").exists():
                 continue
@@ -132,7 +137,7 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
         summary["seconds"] = time.time() - t0
         summary["label"] = LABELS[name] if name != "student_onnx" else f"student {summary['preset']} ONNX"
         scores[name] = summary
-        _write_rows(out / f"{name}.jsonl", rows)
+        write_rows(out / f"{name}.jsonl", rows)
         console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")
     write_json(out / "scores.json", scores)
     write_config(out, "evaluate", recipe.eval.model_dump(), recipe.dump())
