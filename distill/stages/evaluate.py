@@ -80,7 +80,7 @@ def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cf
     from students.data import prompt_template
     from students.evaluate import generate_torch
 
-    model, tokenizer = load_student(source)
+    model, tokenizer = load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
     questions = [p["question"] for p in problems]
     template = prompt_template(tokenizer, fmt)
     outs = generate_torch(model, tokenizer, template, questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, label)
