@@ -53,11 +53,18 @@ def kd_unavailable(recipe: Recipe, gen_dir: Path) -> str | None:
     if recipe.teacher.model.startswith("replay:"):
         return "the replay teacher recorded text only, no token log-probabilities"
     columns = set(pq.read_schema(gen_dir / "dataset" / "train.parquet").names)
-    if "teacher_topk_ids" not in columns:
-        return "the generated data has no teacher top-k log-probabilities (set teacher.topk_logprobs > 0)"
+    if not recipe.teacher.topk_logprobs or "teacher_topk_ids" not in columns:
+        return "the teacher stored no top-k log-probabilities (set teacher.topk_logprobs, e.g. 20)"
+    from transformers import AutoTokenizer
+
+    from distill.sources import resolve_model
     from students.kd import tokenizer_mismatch
 
-    return tokenizer_mismatch(recipe.teacher.model, recipe.student.model)
+    cfg = recipe.student
+    if cfg.model.startswith("config:") and not cfg.tokenizer:
+        return None  # a config student's tokenizer sits beside its config; the train stage checks it
+    student = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer or cfg.model))
+    return tokenizer_mismatch(recipe.teacher.model, student)
 
 
 def _unit(base: Path, name: str, digest: str, force: bool, fn) -> Path:

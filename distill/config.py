@@ -95,6 +95,12 @@ class TeacherConfig(Strict):
         return v
 
     @model_validator(mode="after")
+    def _logprobs_for_cot(self):
+        if self.topk_logprobs and self.method in ("least_to_most", "self_ask"):
+            raise ValueError("teacher.topk_logprobs is recorded by zero_shot_cot, few_shot_cot and self_consistency")
+        return self
+
+    @model_validator(mode="after")
     def _demos_for_few_shot(self):
         if self.method == "few_shot_cot" and not self.demos:
             raise ValueError("few_shot_cot needs teacher.demos (a list of question, rationale, answer)")

@@ -43,11 +43,18 @@ def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think ste
     return f"{trigger} {row['rationale'].strip()}\n{task.answer_sentence(answer)}"
 
 
-def build_examples(tokenizer, rows: list[dict], fmt: str, task: Task, max_length: int) -> list[dict]:
+def build_examples(
+    tokenizer, rows: list[dict], fmt: str, task: Task, max_length: int, trigger: str = "Let's think step by step."
+) -> list[dict]:
     """Tokenized training examples for ``rows`` in format ``fmt``; each carries its loss ``task``."""
     template = prompt_template(tokenizer)  # the bare question; multitask adds its own prefixes
     out = []
     for r in rows:
+        if fmt == "kd":
+            if r.get("teacher_token_ids"):
+                ex = kd_example(tokenizer, render_prompt(template, r["question"]), r, task, max_length, trigger)
+                out.append({**ex, "task": "kd"})
+            continue
         if fmt == "multitask":
             for prefix, part, sub in ((LABEL_PREFIX, "label", "label"), (EXPLAIN_PREFIX, "rationale", "rationale")):
                 ex = tokenize_example(
@@ -69,6 +76,28 @@ def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> di
     ids = (p + t)[:max_length]
     labels = ([-100] * len(p) + t)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def kd_example(tokenizer, prompt: str, row: dict, task: Task, max_length: int, trigger: str) -> dict:
+    """A logit-KD example: the teacher's own rationale tokens (not re-tokenized text) after the trigger,
+    then the answer sentence; ``kd_pos`` are the positions of teacher tokens, with the teacher's top-k
+    ids and log-probabilities at each."""
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    head = tokenizer(trigger, add_special_tokens=False).input_ids
+    teacher = list(row["teacher_token_ids"])
+    answer = row["pred"] if row.get("pred") is not None else row["gold"]
+    tail = tokenizer("\n" + task.answer_sentence(answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = p + head + teacher + tail
+    labels = [-100] * len(p) + head + teacher + tail
+    start = len(p) + len(head)
+    pos = [start + j for j in range(len(teacher)) if start + j < max_length]
+    return {
+        "input_ids": ids[:max_length],
+        "labels": labels[:max_length],
+        "kd_pos": pos,
+        "kd_ids": [list(x) for x in row["teacher_topk_ids"][: len(pos)]],
+        "kd_logprobs": [list(x) for x in row["teacher_topk_logprobs"][: len(pos)]],
+    }
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -98,4 +127,16 @@ def collate(examples: list[dict], pad_id: int):
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.get("kd_pos") for e in examples):  # logit KD: teacher top-k at the teacher-token positions
+        k = len(next(e for e in examples if e.get("kd_pos"))["kd_ids"][0])
+        batch["kd_ids"] = torch.zeros((len(examples), width, k), dtype=torch.long)
+        batch["kd_logprobs"] = torch.zeros((len(examples), width, k), dtype=torch.float32)
+        batch["kd_mask"] = torch.zeros((len(examples), width), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            if e.get("kd_pos"):
+                pos = torch.tensor(e["kd_pos"])
+                batch["kd_ids"][i, pos] = torch.tensor(e["kd_ids"])
+                batch["kd_logprobs"][i, pos] = torch.tensor(e["kd_logprobs"], dtype=torch.float32)
+                batch["kd_mask"][i, pos] = True
+    return batch

@@ -52,13 +52,31 @@ def use_bf16(precision: str, device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def forward_loss(model, batch):
-    """Completion-only loss; projects through the LM head only where a target token is predicted."""
+def forward_loss(model, batch, kd=None):
+    """Completion-only loss; projects through the LM head only where a target token is predicted.
+
+    With ``kd`` (a ``KDSettings``) and teacher top-k in the batch: ``(1 - w) * CE + w * KD``.
+    """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is None or head is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return completion_cross_entropy(logits, batch["labels"])
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if kd is not None and "kd_mask" in batch:
+        from students.kd import selected_kd_loss
+
+        return selected_kd_loss(
+            hidden,
+            head,
+            batch["labels"],
+            batch["kd_ids"],
+            batch["kd_logprobs"],
+            batch["kd_mask"],
+            kd.loss,
+            kd.temperature,
+            kd.beta,
+            kd.weight,
+        )
     return selected_cross_entropy(hidden, head, batch["labels"])
 
 
@@ -170,6 +188,7 @@ def train(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
     bf16 = use_bf16(cfg.precision, device)
+    kd = cfg.kd if getattr(cfg, "format", None) == "kd" else None
     pos = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "log": []}
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_RNG).exists():
         pos = load_checkpoint(checkpoint_dir, model, opt, sched)
@@ -199,7 +218,7 @@ def train(
                         group = [examples[i] for i in mb if examples[i].get("task", "rationale") == t]
                         batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            loss, n = forward_loss(model, batch)
+                            loss, n = forward_loss(model, batch, kd)
                         w = task_weight(cfg, t) * n / max(n_target[t], 1)
                         (loss * w).backward()
                         step_loss += loss.item() * float(w)

@@ -200,7 +200,10 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     if work != out:
         shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
         shutil.copy2(work / "shards.json", out / "shards.json")
-    table = pa.concat_tables([pq.read_table(out / "shards" / s["file"]) for s in shards]).sort_by("id")
+    # Shards written before a column existed read as nulls there (promote), not a schema error.
+    table = pa.concat_tables(
+        [pq.read_table(out / "shards" / s["file"]) for s in shards], promote_options="default"
+    ).sort_by("id")
     if table.num_rows != len(problems) or len(set(table["id"].to_pylist())) != len(problems):
         raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
     if stats["parse_errors"] == table.num_rows:

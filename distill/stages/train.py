@@ -88,6 +88,28 @@ def read_train_rows(dataset_file: Path) -> list[dict]:
     return table.to_pylist()
 
 
+def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
+    """Logit KD needs the teacher's top-k in the data and the teacher's tokenizer in the student."""
+    from students.kd import tokenizer_mismatch
+
+    if recipe.teacher.model.startswith("replay:"):
+        raise DistillError(
+            "student.format=kd needs token log-probabilities; the replay teacher recorded text only",
+            "use student.format=rationale, or a model teacher with teacher.topk_logprobs",
+        )
+    if not any(r.get("teacher_topk_ids") for r in rows):
+        raise DistillError(
+            "the training data has no teacher top-k log-probabilities",
+            "set teacher.topk_logprobs (e.g. 20) and run `distill generate` again",
+        )
+    mismatch = tokenizer_mismatch(recipe.teacher.model, tokenizer)
+    if mismatch:
+        raise DistillError(
+            f"logit KD needs a shared tokenizer: {mismatch}",
+            "pick a student from the teacher's model family, or student.format=rationale",
+        )
+
+
 def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = None) -> TrainStageResult:
     """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``.
 
@@ -101,7 +123,9 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     rows = read_train_rows(gen_dir / "dataset" / "train.parquet")
     model, tokenizer = build_student(cfg)
     task = Task(recipe.task.answer_type)
-    examples = build_examples(tokenizer, rows, cfg.format, task, cfg.max_length)
+    if cfg.format == "kd":
+        _check_kd(recipe, tokenizer, rows)
+    examples = build_examples(tokenizer, rows, cfg.format, task, cfg.max_length, recipe.teacher.trigger)
     console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}), {cfg.epochs} epochs")
     t0 = time.time()
     if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():
