@@ -100,34 +100,88 @@ def kd_example(tokenizer, prompt: str, row: dict, task: Task, max_length: int, t
     }
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Shuffled batches of indices with similar lengths (less padding), deterministic for a seed."""
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, grouped: bool = True) -> list[list[int]]:
+    """Shuffled batches of indices with similar lengths (less padding), deterministic for a seed.
+
+    ``grouped=False`` keeps the shuffled order (packing mixes lengths on purpose).
+    """
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
     chunk = batch_size * 8
     batches = []
     for start in range(0, len(idx), chunk):
-        group = sorted(idx[start : start + chunk], key=lambda i: lengths[i])
+        group = idx[start : start + chunk]
+        if grouped:
+            group = sorted(group, key=lambda i: lengths[i])
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Examples packed into as few rows of at most ``max_length`` tokens as first-fit-decreasing finds.
+
+    Each row carries ``position_ids`` restarting at 0 for every example: the model then attends only
+    within an example (transformers builds a block-diagonal causal mask from them). The first label of
+    every example is masked: in an unpacked row position 0 predicts nothing either, so the loss is
+    the same as without packing.
+    """
+    rows: list[list[dict]] = []
+    used: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        slot = next((i for i, u in enumerate(used) if u + n <= max_length), None)
+        if slot is None:
+            rows.append([])
+            used.append(0)
+            slot = len(rows) - 1
+        rows[slot].append(e)
+        used[slot] += n
+    packed = []
+    for row in rows:
+        out: dict = {"input_ids": [], "labels": [], "position_ids": []}
+        kd = any(e.get("kd_pos") for e in row)
+        if kd:
+            out.update(kd_pos=[], kd_ids=[], kd_logprobs=[])
+        for e in row:
+            start = len(out["input_ids"])
+            out["input_ids"] += e["input_ids"]
+            out["labels"] += [-100] + e["labels"][1:]
+            out["position_ids"] += list(range(len(e["input_ids"])))
+            if kd and e.get("kd_pos"):
+                out["kd_pos"] += [start + p for p in e["kd_pos"]]
+                out["kd_ids"] += e["kd_ids"]
+                out["kd_logprobs"] += e["kd_logprobs"]
+        packed.append(out)
+    return packed
+
+
 def collate(examples: list[dict], pad_id: int):
-    """Right-padded tensors: input_ids, attention_mask, labels."""
+    """Right-padded tensors: input_ids, attention_mask, labels (and teacher top-k for logit KD).
+
+    Packed rows (with ``position_ids``) get no attention mask: their position ids separate the
+    examples, and the padding after the last one restarts at 0 so nothing attends to it.
+    """
     import torch
 
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(e["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        batch = {"input_ids": ids, "position_ids": positions, "labels": labels, "n_tokens": int(mask.sum())}
     if any(e.get("kd_pos") for e in examples):  # logit KD: teacher top-k at the teacher-token positions
         k = len(next(e for e in examples if e.get("kd_pos"))["kd_ids"][0])
         batch["kd_ids"] = torch.zeros((len(examples), width, k), dtype=torch.long)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.progress import progress_bar
-from students.data import collate, length_grouped_batches
+from students.data import collate, length_grouped_batches, pack_examples
 from students.losses import completion_cross_entropy, selected_cross_entropy
 
 
@@ -58,10 +58,12 @@ def forward_loss(model, batch, kd=None):
     With ``kd`` (a ``KDSettings``) and teacher top-k in the batch: ``(1 - w) * CE + w * KD``.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    # Packed rows carry position_ids and no attention mask (one causal block per example).
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs["use_cache"] = False  # with a cache, transformers would ignore the packed position ids
     if decoder is None or head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return completion_cross_entropy(logits, batch["labels"])
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return completion_cross_entropy(model(**inputs).logits, batch["labels"])
+    hidden = decoder(**inputs).last_hidden_state
     if kd is not None and "kd_mask" in batch:
         from students.kd import selected_kd_loss
 
@@ -85,6 +87,10 @@ def task_weight(cfg, task: str) -> float:
     if getattr(cfg, "format", None) == "multitask":
         return cfg.alpha if task == "label" else 1.0 - cfg.alpha
     return 1.0
+
+
+def _to(value, device):
+    return value.to(device) if hasattr(value, "to") else value
 
 
 def seed_everything(seed: int) -> None:
@@ -198,7 +204,7 @@ def train(
     with progress_bar("train", total) as advance:
         advance(step, "resumed" if step else "")
         while step < total:
-            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch, grouped=not cfg.packing)
             for bi, batch_idx in enumerate(batches):
                 if bi < skip:
                     continue
@@ -216,13 +222,15 @@ def train(
                 for mb in micro:
                     for t in sorted({examples[i].get("task", "rationale") for i in mb}):
                         group = [examples[i] for i in mb if examples[i].get("task", "rationale") == t]
-                        batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
+                        if cfg.packing:
+                            group = pack_examples(group, cfg.max_length)
+                        batch = {k: _to(v, device) for k, v in collate(group, pad_id).items()}
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                             loss, n = forward_loss(model, batch, kd)
                         w = task_weight(cfg, t) * n / max(n_target[t], 1)
                         (loss * w).backward()
                         step_loss += loss.item() * float(w)
-                        tokens += int(batch["attention_mask"].sum())
+                        tokens += batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
