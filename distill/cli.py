@@ -89,9 +89,30 @@ def export(recipe: RecipeArg, overrides: Overrides = None, force: Force = False)
 
 
 @app.command("eval")
-def eval_(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
-    """Evaluate teacher and students on the held-out problems and write the report."""
-    _stages(recipe, overrides, ("evaluate",), force)
+def eval_(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    force: Force = False,
+    split: Annotated[
+        str, typer.Option(help="eval (held-out, writes the report), train, or a .jsonl/.json/.log task file")
+    ] = "eval",
+) -> None:
+    """Evaluate teacher and students (greedy, 95% CI, per-example outputs saved) on a split."""
+    if split == "eval":
+        _stages(recipe, overrides, ("evaluate",), force)
+        return
+
+    def go():
+        _env_defaults()
+        from distill.config import load_recipe
+        from distill.pipeline import evaluate_split
+        from distill.stages.report import print_table
+
+        folder = evaluate_split(load_recipe(recipe, overrides or []), split, force)
+        print_table(json.loads((folder / "scores.json").read_text()), {})
+        print(folder)
+
+    _guard(go)
 
 
 @app.command()

@@ -59,6 +59,32 @@ def eval_problems(gen_dir: Path) -> list[dict]:
     return pq.read_table(f).to_pylist()
 
 
+def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[dict], bool]:
+    """(problems, teacher answers known) for ``split``: ``eval``, ``train`` (every train problem the
+    teacher answered, kept or not) or a task file (.jsonl/.json/.log) of new problems."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if split == "eval":
+        return eval_problems(gen_dir), True
+    if split == "train":
+        shards = gen_dir / "shards"
+        if not shards.is_dir():
+            raise DistillError(f"{shards} does not exist", "run `distill generate` first")
+        table = pq.read_table(shards)
+        return table.filter(pc.equal(table["split"], "train")).sort_by("id").to_pylist(), True
+    if not Path(split).is_file():
+        raise DistillError(f"split {split!r} is neither eval, train nor a file", "pass eval, train or a .jsonl path")
+    from distill.tasks import Task, _file
+
+    task = Task(answer_type)
+    rows = _file(split)
+    return [
+        {"id": f"file-{i:06d}", "split": "file", "question": r["question"], "gold": task.normalize_gold(r["gold"])}
+        for i, r in enumerate(rows)
+    ], False
+
+
 def teacher_rows(problems: list[dict]) -> list[dict]:
     """Per-example rows of the teacher's own answers to ``problems`` (recorded by the generate stage)."""
     return [
@@ -90,14 +116,22 @@ def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cf
     return summary, rows
 
 
-def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path) -> EvalResult:
-    """Score each model in ``recipe.eval.models``; writes per-example outputs and ``scores.json``."""
+def evaluate_stage(
+    recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path, split: str = "eval"
+) -> EvalResult:
+    """Score each model in ``recipe.eval.models`` on ``split`` (eval, train or a task file); writes
+    per-example outputs (``<model>.jsonl``) and ``scores.json``."""
     task = Task(recipe.task.answer_type)
-    problems = eval_problems(gen_dir)
+    problems, teacher_known = split_problems(gen_dir, split, recipe.task.answer_type)
+    if not problems:
+        raise DistillError(f"split {split!r} has no problems", "pick another split")
     scores: dict[str, dict] = {}
     cfg = recipe.student
     for name in recipe.eval.models:
         t0 = time.time()
+        if name == "teacher" and not teacher_known:
+            console.print("eval teacher: skipped (the teacher answered only the run's train and eval problems)")
+            continue
         if name == "teacher":
             rows = teacher_rows(problems)
             summary = {**summarize(rows), "bytes": _weights_bytes(recipe.teacher.model)}
@@ -113,7 +147,7 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
             exp = json.loads((export_dir / "metrics.json").read_text())
             chosen = next(v for v in exp["variants"] if v["chosen"])
             gate_rows = export_dir / "gate" / f"{chosen['preset']}.jsonl"
-            if exp.get("gated") and gate_rows.exists():
+            if split == "eval" and exp.get("gated") and gate_rows.exists():
                 # The gate already scored this exact file on this split through the same runtime.
                 rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
                 summary = summarize(rows)
@@ -140,5 +174,5 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
         write_rows(out / f"{name}.jsonl", rows)
         console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")
     write_json(out / "scores.json", scores)
-    write_config(out, "evaluate", recipe.eval.model_dump(), recipe.dump())
+    write_config(out, "evaluate", {**recipe.eval.model_dump(), "split": split}, recipe.dump())
     return EvalResult(out, scores)
