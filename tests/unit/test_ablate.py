@@ -79,3 +79,32 @@ def test_ablate_writes_one_table_and_reuses_finished_students(recipe_file):
 def test_unknown_format_is_one_line_error(recipe_file):
     res = CliRunner().invoke(app, ["ablate", str(recipe_file), "--formats", "label,cot"])
     assert res.exit_code == 2 and "unknown ablation format" in res.output
+
+
+def test_killed_ablation_resumes_to_the_uninterrupted_weights(recipe_file, tmp_path, monkeypatch, capsys):
+    import functools
+
+    from safetensors.torch import load_file
+
+    import students.trainer
+    from distill.ablate import ablate
+    from distill.config import load_recipe
+    from students.trainer import TrainingInterrupted
+
+    fresh = load_recipe(recipe_file, [f"output_dir={tmp_path / 'fresh'}"])
+    killed = load_recipe(recipe_file, [f"output_dir={tmp_path / 'killed'}"])
+    ablate(fresh, ("rationale",))
+    original = students.trainer.train
+    monkeypatch.setattr(students.trainer, "train", functools.partial(original, stop_after=3))
+    with pytest.raises(TrainingInterrupted):
+        ablate(killed, ("rationale",))
+    base = tmp_path / "killed" / "abl" / "ablate"
+    assert not (base / "train-rationale").exists() and list(base.glob(".train-rationale.work-*/rng.json"))
+    monkeypatch.setattr(students.trainer, "train", original)
+    capsys.readouterr()
+    table = ablate(killed, ("rationale",))
+    assert "resuming from the checkpoint" in capsys.readouterr().err
+    a = load_file(tmp_path / "fresh/abl/ablate/train-rationale/model/model.safetensors")
+    b = load_file(base / "train-rationale/model/model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert table["rows"][-1]["train_steps"] == 6
