@@ -10,7 +10,13 @@ from __future__ import annotations
 def add_lora(model, settings, seed: int = 0):
     """``model`` wrapped with LoRA adapters per ``settings`` (a ``LoraSettings``); only they train."""
     import torch
-    from peft import LoraConfig, get_peft_model
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from distill.errors import DistillError
+
+        raise DistillError("student.lora needs peft", "pip install 'distill[trl]' (peft 0.21)") from None
 
     torch.manual_seed(seed)  # adapter A matrices are random: same seed, same start
     config = LoraConfig(
