@@ -45,6 +45,7 @@ bench: install models
 	$(PY) bench/teacher_throughput.py
 	test -f runs/quickstart/export/DONE.json || $(VENV)/bin/distill run recipes/quickstart.yaml
 	$(PY) bench/export_speed.py runs/quickstart
+	$(PY) bench/train_vs_trl.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
