@@ -128,9 +128,58 @@ def export(recipe: RecipeArg, overrides: Overrides = None, force: Force = False)
 
 
 @app.command("eval")
-def eval_(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
-    """Evaluate teacher and students on the held-out problems and write the report."""
-    _stages(recipe, overrides, ("evaluate",), force)
+def eval_(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    force: Force = False,
+    split: Annotated[
+        str, typer.Option(help="eval (held-out, writes the report), train, or a .jsonl/.json/.log task file")
+    ] = "eval",
+) -> None:
+    """Evaluate teacher and students (greedy, 95% CI, per-example outputs saved) on a split."""
+    if split == "eval":
+        _stages(recipe, overrides, ("evaluate",), force)
+        return
+
+    def go():
+        _env_defaults()
+        from distill.config import load_recipe
+        from distill.pipeline import evaluate_split
+        from distill.stages.report import print_table
+
+        folder = evaluate_split(load_recipe(recipe, overrides or []), split, force)
+        print_table(json.loads((folder / "scores.json").read_text()), {})
+        print(folder)
+
+    _guard(go)
+
+
+@app.command()
+def ablate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    formats: Annotated[
+        str, typer.Option(help="comma-separated student formats: label, rationale, multitask, kd")
+    ] = "label,rationale,multitask,kd",
+    force: Force = False,
+    resume: Resume = True,
+) -> None:
+    """Train label-only, rationale, multitask and logit-KD students on the same data and budget; one table."""
+
+    def go():
+        _env_defaults()
+        from distill.config import load_recipe
+
+        r = load_recipe(recipe, overrides or [])
+        from distill.ablate import ablate as run_ablation
+
+        command = " ".join(["distill ablate", str(recipe), *(overrides or [])])
+        fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+        table = run_ablation(r, fmts, force, resume, command=command)
+        print(r.run_dir / "ablate" / "ablation.md")
+        return table
+
+    _guard(go)
 
 
 @app.command()

@@ -80,6 +80,9 @@ class TeacherConfig(Strict):
         "fallback", description="run the stage-2 answer prompt always, or only when stage 1 states no final answer"
     )
     max_new_tokens: int = Field(256, ge=1, le=8192, description="rationale token cap")
+    topk_logprobs: int = Field(
+        0, ge=0, le=100, description="store the top-k log-probabilities of every rationale token (logit KD); 0 = off"
+    )
     dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="weights dtype for generation on CPU")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (does not change results or cache keys)")
     workers: int = Field(2, ge=1, description="Ray actors, one CPU each (does not change results)")
@@ -151,19 +154,59 @@ class TeacherConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _logprobs_for_cot(self):
+        if self.topk_logprobs and self.method in ("least_to_most", "self_ask"):
+            raise ValueError("teacher.topk_logprobs is recorded by zero_shot_cot, few_shot_cot and self_consistency")
+        return self
+
+    @model_validator(mode="after")
     def _demos_for_few_shot(self):
         if self.method == "few_shot_cot" and not self.demos:
             raise ValueError("few_shot_cot needs teacher.demos (a list of question, rationale, answer)")
         return self
 
 
+class LoraSettings(Strict):
+    """LoRA adapters (PEFT) trained instead of the full weights; merged into them before saving."""
+
+    r: int = Field(16, ge=1, le=1024, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="adapter scale numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear (not the LM head)"
+    )
+
+
+class KDSettings(Strict):
+    """Logit distillation from the teacher's stored top-k log-probabilities (student.format=kd)."""
+
+    loss: Literal["forward_kl", "jsd"] = Field("forward_kl", description="KL(teacher||student) or generalized JSD")
+    temperature: float = Field(1.0, gt=0, le=10, description="softmax temperature of both distributions")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL")
+    weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) * cross-entropy + weight * KD")
+
+
 class StudentConfig(Strict):
     """The small model being trained."""
 
-    model: str = Field("embedded:smollm2-135m-instruct", description="model source (hf:/gguf:/embedded:)")
-    trust_remote_code: bool = Field(False, description="allow a model folder's own Python code (auto_map) to run")
-    format: Literal["rationale", "label", "multitask"] = Field(
-        "rationale", description="target: rationale + answer, answer only, or [label]/[explain] multitask"
+    model: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="model source (hf:/gguf:/embedded:), or config:<config.json path or inline JSON> for a "
+        "randomly initialised model (needs student.tokenizer unless the path is a folder with one)",
+    )
+    tokenizer: str | None = Field(None, description="tokenizer source for config: students (default: the model's)")
+    layers: list[int] | None = Field(
+        None, description="keep only these decoder layers of the model (DistilBERT-style init, e.g. [0, 2, 4])"
+    )
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters (merged before saving) instead")
+    format: Literal["rationale", "label", "multitask", "kd"] = Field(
+        "rationale",
+        description="target: rationale + answer, answer only, [label]/[explain] multitask, or kd (the teacher's "
+        "own tokens with its top-k log-probabilities; needs teacher.topk_logprobs and a shared tokenizer)",
+    )
+    kd: KDSettings = Field(default_factory=KDSettings, description="logit distillation settings (format=kd)")
+    packing: bool = Field(
+        False, description="pack several examples per row (no attention across examples) instead of padding"
     )
     alpha: float = Field(0.5, ge=0, le=1, description="multitask: weight of the label loss (rationale gets 1 - alpha)")
     epochs: float = Field(2.0, gt=0, description="passes over the training set")
@@ -187,6 +230,13 @@ class StudentConfig(Strict):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size")
         return self
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ordered(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0 or sorted(set(v)) != v):
+            raise ValueError("layers must be a non-empty increasing list of layer indices, e.g. [0, 2, 4]")
+        return v
 
 
 class ExportConfig(Strict):
@@ -285,6 +335,16 @@ class Recipe(Strict):
             raise ValueError("name must be a plain folder name (no '/', not starting with '.')")
         return v
 
+    @model_validator(mode="after")
+    def _kd_needs_logprobs(self):
+        if (
+            self.student.format == "kd"
+            and not self.teacher.topk_logprobs
+            and not self.teacher.model.startswith("replay:")
+        ):
+            raise ValueError("student.format=kd needs the teacher's log-probabilities: set teacher.topk_logprobs=20")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -327,13 +387,29 @@ NON_SEMANTIC = {
 }
 
 
+# Options added after the first release: at their default they are left out of content hashes, so
+# adding an option does not invalidate stages that finished before it existed.
+OPTIONAL_DEFAULTS = {
+    "tokenizer": None,
+    "layers": None,
+    "lora": None,
+    "kd": KDSettings().model_dump(mode="json"),
+    "packing": False,
+    "topk_logprobs": 0,
+}
+
+
 def content_hash(section: BaseModel | dict) -> str:
     """Hash of the semantic settings only: batch sizes, worker counts and executors do not count."""
     data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
 
     def strip(x):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in sorted(x.items()) if k not in NON_SEMANTIC}
+            return {
+                k: strip(v)
+                for k, v in sorted(x.items())
+                if k not in NON_SEMANTIC and not (k in OPTIONAL_DEFAULTS and v == OPTIONAL_DEFAULTS[k])
+            }
         return x
 
     return hashlib.sha256(json.dumps(strip(data), sort_keys=True).encode()).hexdigest()[:16]

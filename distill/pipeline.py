@@ -122,6 +122,34 @@ def run_stage(
     return seconds, metrics
 
 
+def evaluate_split(recipe: Recipe, split: str, force: bool = False) -> Path:
+    """Evaluate the run's models on ``split`` (``train`` or a task file) into ``<run>/evaluate-<split>``;
+    reused when done with the same settings and split contents. Returns the folder."""
+    import hashlib
+
+    from distill.stages.evaluate import evaluate_stage
+
+    run_dir = recipe.run_dir
+    for upstream in ("generate", "train"):
+        if not _done(run_dir / upstream, stage_hash(recipe, upstream)):
+            raise DistillError(
+                f"evaluating on {split!r} needs {run_dir / upstream} from this recipe, which is missing or stale",
+                f"run `distill {upstream}` (or `distill run`) with the same recipe first",
+            )
+    path = Path(split)
+    ident = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else split
+    name = "evaluate-" + ("".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem) or "file")
+    digest = content_hash({"evaluate": stage_hash(recipe, "evaluate"), "split": ident})
+    if not force and _done(run_dir / name, digest):
+        console.print(f"[dim]evaluate on {split}: up to date in {run_dir / name}, reusing (pass --force to redo)[/]")
+        return run_dir / name
+    export_dir = run_dir / "export"
+    export_ok = recipe.export.enabled and _done(export_dir, stage_hash(recipe, "export"))
+    with stage_dir(run_dir, name, digest) as out:
+        evaluate_stage(recipe, run_dir / "generate", run_dir / "train", export_dir if export_ok else None, out, split)
+    return run_dir / name
+
+
 def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, resume: bool = True) -> dict:
     """Run ``stages`` in order, then write the report; returns the scores."""
     from distill.stages.report import print_table, write_report

@@ -175,7 +175,9 @@ def check_remote_code(path: Path, trusted: bool, key: str) -> None:
     if auto_map:
         raise DistillError(
             f"{path} needs its own Python code to load (auto_map in config.json), which distill does not run by default",
-            f"set {key}.trust_remote_code=true only if you trust that code",
+            f"set {key}.trust_remote_code=true only if you trust that code"
+            if key == "teacher"
+            else "students must load without custom code: convert the model to a standard transformers architecture",
         )
 
 

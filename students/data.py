@@ -43,11 +43,18 @@ def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think ste
     return f"{trigger} {row['rationale'].strip()}\n{task.answer_sentence(answer)}"
 
 
-def build_examples(tokenizer, rows: list[dict], fmt: str, task: Task, max_length: int) -> list[dict]:
+def build_examples(
+    tokenizer, rows: list[dict], fmt: str, task: Task, max_length: int, trigger: str = "Let's think step by step."
+) -> list[dict]:
     """Tokenized training examples for ``rows`` in format ``fmt``; each carries its loss ``task``."""
     template = prompt_template(tokenizer)  # the bare question; multitask adds its own prefixes
     out = []
     for r in rows:
+        if fmt == "kd":
+            if r.get("teacher_token_ids"):
+                ex = kd_example(tokenizer, render_prompt(template, r["question"]), r, task, max_length, trigger)
+                out.append({**ex, "task": "kd"})
+            continue
         if fmt == "multitask":
             for prefix, part, sub in ((LABEL_PREFIX, "label", "label"), (EXPLAIN_PREFIX, "rationale", "rationale")):
                 ex = tokenize_example(
@@ -71,31 +78,119 @@ def tokenize_example(tokenizer, prompt: str, target: str, max_length: int) -> di
     return {"input_ids": ids, "labels": labels}
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Shuffled batches of indices with similar lengths (less padding), deterministic for a seed."""
+def kd_example(tokenizer, prompt: str, row: dict, task: Task, max_length: int, trigger: str) -> dict:
+    """A logit-KD example: the teacher's own rationale tokens (not re-tokenized text) after the trigger,
+    then the answer sentence; ``kd_pos`` are the positions of teacher tokens, with the teacher's top-k
+    ids and log-probabilities at each."""
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    head = tokenizer(trigger, add_special_tokens=False).input_ids
+    teacher = list(row["teacher_token_ids"])
+    answer = row["pred"] if row.get("pred") is not None else row["gold"]
+    tail = tokenizer("\n" + task.answer_sentence(answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = p + head + teacher + tail
+    labels = [-100] * len(p) + head + teacher + tail
+    start = len(p) + len(head)
+    pos = [start + j for j in range(len(teacher)) if start + j < max_length]
+    return {
+        "input_ids": ids[:max_length],
+        "labels": labels[:max_length],
+        "kd_pos": pos,
+        "kd_ids": [list(x) for x in row["teacher_topk_ids"][: len(pos)]],
+        "kd_logprobs": [list(x) for x in row["teacher_topk_logprobs"][: len(pos)]],
+    }
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, grouped: bool = True) -> list[list[int]]:
+    """Shuffled batches of indices with similar lengths (less padding), deterministic for a seed.
+
+    ``grouped=False`` keeps the shuffled order (packing mixes lengths on purpose).
+    """
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
     chunk = batch_size * 8
     batches = []
     for start in range(0, len(idx), chunk):
-        group = sorted(idx[start : start + chunk], key=lambda i: lengths[i])
+        group = idx[start : start + chunk]
+        if grouped:
+            group = sorted(group, key=lambda i: lengths[i])
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Examples packed into as few rows of at most ``max_length`` tokens as first-fit-decreasing finds.
+
+    Each row carries ``position_ids`` restarting at 0 for every example: the model then attends only
+    within an example (transformers builds a block-diagonal causal mask from them). The first label of
+    every example is masked: in an unpacked row position 0 predicts nothing either, so the loss is
+    the same as without packing.
+    """
+    rows: list[list[dict]] = []
+    used: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        slot = next((i for i, u in enumerate(used) if u + n <= max_length), None)
+        if slot is None:
+            rows.append([])
+            used.append(0)
+            slot = len(rows) - 1
+        rows[slot].append(e)
+        used[slot] += n
+    packed = []
+    for row in rows:
+        out: dict = {"input_ids": [], "labels": [], "position_ids": []}
+        kd = any(e.get("kd_pos") for e in row)
+        if kd:
+            out.update(kd_pos=[], kd_ids=[], kd_logprobs=[])
+        for e in row:
+            start = len(out["input_ids"])
+            out["input_ids"] += e["input_ids"]
+            out["labels"] += [-100] + e["labels"][1:]
+            out["position_ids"] += list(range(len(e["input_ids"])))
+            if kd and e.get("kd_pos"):
+                out["kd_pos"] += [start + p for p in e["kd_pos"]]
+                out["kd_ids"] += e["kd_ids"]
+                out["kd_logprobs"] += e["kd_logprobs"]
+        packed.append(out)
+    return packed
+
+
 def collate(examples: list[dict], pad_id: int):
-    """Right-padded tensors: input_ids, attention_mask, labels."""
+    """Right-padded tensors: input_ids, attention_mask, labels (and teacher top-k for logit KD).
+
+    Packed rows (with ``position_ids``) get no attention mask: their position ids separate the
+    examples, and the padding after the last one restarts at 0 so nothing attends to it.
+    """
     import torch
 
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[i, :n] = torch.tensor(e["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        batch = {"input_ids": ids, "position_ids": positions, "labels": labels, "n_tokens": int(mask.sum())}
+    if any(e.get("kd_pos") for e in examples):  # logit KD: teacher top-k at the teacher-token positions
+        k = len(next(e for e in examples if e.get("kd_pos"))["kd_ids"][0])
+        batch["kd_ids"] = torch.zeros((len(examples), width, k), dtype=torch.long)
+        batch["kd_logprobs"] = torch.zeros((len(examples), width, k), dtype=torch.float32)
+        batch["kd_mask"] = torch.zeros((len(examples), width), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            if e.get("kd_pos"):
+                pos = torch.tensor(e["kd_pos"])
+                batch["kd_ids"][i, pos] = torch.tensor(e["kd_ids"])
+                batch["kd_logprobs"][i, pos] = torch.tensor(e["kd_logprobs"], dtype=torch.float32)
+                batch["kd_mask"][i, pos] = True
+    return batch

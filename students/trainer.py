@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.progress import progress_bar
-from students.data import collate, length_grouped_batches
+from students.data import collate, length_grouped_batches, pack_examples
 from students.losses import completion_cross_entropy, selected_cross_entropy
 
 
@@ -52,13 +52,33 @@ def use_bf16(precision: str, device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def forward_loss(model, batch):
-    """Completion-only loss; projects through the LM head only where a target token is predicted."""
+def forward_loss(model, batch, kd=None):
+    """Completion-only loss; projects through the LM head only where a target token is predicted.
+
+    With ``kd`` (a ``KDSettings``) and teacher top-k in the batch: ``(1 - w) * CE + w * KD``.
+    """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    # Packed rows carry position_ids and no attention mask (one causal block per example).
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs["use_cache"] = False  # with a cache, transformers would ignore the packed position ids
     if decoder is None or head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return completion_cross_entropy(logits, batch["labels"])
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return completion_cross_entropy(model(**inputs).logits, batch["labels"])
+    hidden = decoder(**inputs).last_hidden_state
+    if kd is not None and "kd_mask" in batch:
+        from students.kd import selected_kd_loss
+
+        return selected_kd_loss(
+            hidden,
+            head,
+            batch["labels"],
+            batch["kd_ids"],
+            batch["kd_logprobs"],
+            batch["kd_mask"],
+            kd.loss,
+            kd.temperature,
+            kd.beta,
+            kd.weight,
+        )
     return selected_cross_entropy(hidden, head, batch["labels"])
 
 
@@ -67,6 +87,10 @@ def task_weight(cfg, task: str) -> float:
     if getattr(cfg, "format", None) == "multitask":
         return cfg.alpha if task == "label" else 1.0 - cfg.alpha
     return 1.0
+
+
+def _to(value, device):
+    return value.to(device) if hasattr(value, "to") else value
 
 
 def seed_everything(seed: int) -> None:
@@ -167,9 +191,11 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(0.9, 0.95),
+        fused=device.type == "cuda",  # one kernel per step on GPU; the CPU path stays the reference
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
     bf16 = use_bf16(cfg.precision, device)
+    kd = cfg.kd if getattr(cfg, "format", None) == "kd" else None
     pos = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "log": []}
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_RNG).exists():
         pos = load_checkpoint(checkpoint_dir, model, opt, sched)
@@ -179,7 +205,7 @@ def train(
     with progress_bar("train", total) as advance:
         advance(step, "resumed" if step else "")
         while step < total:
-            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch, grouped=not cfg.packing)
             for bi, batch_idx in enumerate(batches):
                 if bi < skip:
                     continue
@@ -197,13 +223,15 @@ def train(
                 for mb in micro:
                     for t in sorted({examples[i].get("task", "rationale") for i in mb}):
                         group = [examples[i] for i in mb if examples[i].get("task", "rationale") == t]
-                        batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
+                        if cfg.packing:
+                            group = pack_examples(group, cfg.max_length)
+                        batch = {k: _to(v, device) for k, v in collate(group, pad_id).items()}
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            loss, n = forward_loss(model, batch)
+                            loss, n = forward_loss(model, batch, kd)
                         w = task_weight(cfg, t) * n / max(n_target[t], 1)
                         (loss * w).backward()
                         step_loss += loss.item() * float(w)
-                        tokens += int(batch["attention_mask"].sum())
+                        tokens += batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()

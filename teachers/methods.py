@@ -52,6 +52,9 @@ def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding
                 "cached": c.cached,
                 "explicit": ex.explicit,
                 "error": c.error,
+                "token_ids": c.token_ids,
+                "topk_ids": c.topk_ids,
+                "topk_logprobs": c.topk_logprobs,
             }
         )
     todo = [
@@ -121,6 +124,10 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
                 "tokens_in": sum(x["tokens_in"] for x in paths),
                 "tokens_out": sum(x["tokens_out"] for x in paths),
                 "cached": all(x["cached"] for x in paths),
+                # Logit KD: the kept rationale's own tokens and the teacher's top-k at each of them.
+                "teacher_token_ids": chosen.get("token_ids"),
+                "teacher_topk_ids": chosen.get("topk_ids"),
+                "teacher_topk_logprobs": chosen.get("topk_logprobs"),
             }
         )
     return rows
@@ -131,9 +138,11 @@ def chain_of_thought(teacher, problems: list[dict], cfg, task: Task) -> list[dic
     prompts = [teacher.chat_prompt(_messages(p["question"], cfg, task), assistant_prefix=cfg.trigger) for p in problems]
     if cfg.method == "self_consistency":
         samples = cfg.samples
-        decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        decoding = Decoding(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, logprobs=cfg.topk_logprobs
+        )
     else:
-        samples, decoding = 1, Decoding(max_new_tokens=cfg.max_new_tokens)
+        samples, decoding = 1, Decoding(max_new_tokens=cfg.max_new_tokens, logprobs=cfg.topk_logprobs)
     return _rows(problems, _reason(teacher, prompts, cfg, task, samples, decoding), task)
 
 

@@ -28,6 +28,10 @@ ROW_SCHEMA = pa.schema(
         ("teacher", pa.string()),
         ("error", pa.string()),
         ("alternatives", pa.list_(pa.string())),
+        # Logit KD (teacher.topk_logprobs > 0): rationale token ids, top-k ids and log-probs per token.
+        ("teacher_token_ids", pa.list_(pa.int32())),
+        ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
     ]
 )
 

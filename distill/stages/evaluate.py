@@ -31,7 +31,7 @@ class EvalResult:
     scores: dict
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict]) -> None:
     import json
 
     from distill.artifacts import write_text
@@ -59,56 +59,95 @@ def eval_problems(gen_dir: Path) -> list[dict]:
     return pq.read_table(f).to_pylist()
 
 
-def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path) -> EvalResult:
-    """Score each model in ``recipe.eval.models``; writes per-example outputs and ``scores.json``."""
-    task = Task(recipe.task.answer_type)
-    problems = eval_problems(gen_dir)
+def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[dict], bool]:
+    """(problems, teacher answers known) for ``split``: ``eval``, ``train`` (every train problem the
+    teacher answered, kept or not) or a task file (.jsonl/.json/.log) of new problems."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if split == "eval":
+        return eval_problems(gen_dir), True
+    if split == "train":
+        shards = gen_dir / "shards"
+        if not shards.is_dir():
+            raise DistillError(f"{shards} does not exist", "run `distill generate` first")
+        table = pq.read_table(shards)
+        return table.filter(pc.equal(table["split"], "train")).sort_by("id").to_pylist(), True
+    if not Path(split).is_file():
+        raise DistillError(f"split {split!r} is neither eval, train nor a file", "pass eval, train or a .jsonl path")
+    from distill.tasks import Task, _file
+
+    task = Task(answer_type)
+    rows = _file(split)
+    return [
+        {"id": f"file-{i:06d}", "split": "file", "question": r["question"], "gold": task.normalize_gold(r["gold"])}
+        for i, r in enumerate(rows)
+    ], False
+
+
+def teacher_rows(problems: list[dict]) -> list[dict]:
+    """Per-example rows of the teacher's own answers to ``problems`` (recorded by the generate stage)."""
+    return [
+        {
+            "id": p["id"],
+            "question": p["question"],
+            "gold": p["gold"],
+            "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
+            "pred": p["pred"],
+            "correct": bool(p["correct"]),
+        }
+        for p in problems
+    ]
+
+
+def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cfg, label: str) -> tuple[dict, list]:
+    """Greedy accuracy of a torch student (asked in format ``fmt``); returns (summary, per-example rows)."""
+    from distill.stages.train import load_student
+    from students.data import prompt_template
+    from students.evaluate import generate_torch
+
+    model, tokenizer = load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
     questions = [p["question"] for p in problems]
+    template = prompt_template(tokenizer, fmt)
+    outs = generate_torch(model, tokenizer, template, questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, label)
+    summary, rows = score(outs, problems, task)
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    summary["bytes"] = summary["parameters"] * 4
+    return summary, rows
+
+
+def evaluate_stage(
+    recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path, split: str = "eval"
+) -> EvalResult:
+    """Score each model in ``recipe.eval.models`` on ``split`` (eval, train or a task file); writes
+    per-example outputs (``<model>.jsonl``) and ``scores.json``."""
+    task = Task(recipe.task.answer_type)
+    problems, teacher_known = split_problems(gen_dir, split, recipe.task.answer_type)
+    if not problems:
+        raise DistillError(f"split {split!r} has no problems", "pick another split")
     scores: dict[str, dict] = {}
     cfg = recipe.student
     for name in recipe.eval.models:
         t0 = time.time()
+        if name == "teacher" and not teacher_known:
+            console.print("eval teacher: skipped (the teacher answered only the run's train and eval problems)")
+            continue
         if name == "teacher":
-            rows = [
-                {
-                    "id": p["id"],
-                    "question": p["question"],
-                    "gold": p["gold"],
-                    "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
-                    "pred": p["pred"],
-                    "correct": bool(p["correct"]),
-                }
-                for p in problems
-            ]
+            rows = teacher_rows(problems)
             summary = {**summarize(rows), "bytes": _weights_bytes(recipe.teacher.model)}
         elif name in ("student_base", "student"):
-            from distill.stages.train import load_student
-            from students.data import prompt_template
-            from students.evaluate import generate_torch
-
             if name == "student" and train_dir is None:
                 continue
-            model, tokenizer = load_student(cfg.model if name == "student_base" else str(train_dir / "model"))
-            outs = generate_torch(
-                model,
-                tokenizer,
-                prompt_template(tokenizer, "rationale" if name == "student_base" else cfg.format),
-                questions,
-                cfg.eval_max_new_tokens,
-                cfg.eval_batch_size,
-                name,
-            )
-            summary, rows = score(outs, problems, task)
-            summary["parameters"] = sum(p.numel() for p in model.parameters())
-            summary["bytes"] = summary["parameters"] * 4
-            del model
+            source = cfg.model if name == "student_base" else str(train_dir / "model")
+            fmt = "rationale" if name == "student_base" else cfg.format
+            summary, rows = evaluate_student(source, fmt, problems, task, cfg, name)
         elif name == "student_onnx":
             if export_dir is None or not (export_dir / "metrics.json").exists():
                 continue
             exp = json.loads((export_dir / "metrics.json").read_text())
             chosen = next(v for v in exp["variants"] if v["chosen"])
             gate_rows = export_dir / "gate" / f"{chosen['preset']}.jsonl"
-            if exp.get("gated") and gate_rows.exists():
+            if split == "eval" and exp.get("gated") and gate_rows.exists():
                 # The gate already scored this exact file on this split through the same runtime.
                 rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
                 summary = summarize(rows)
@@ -132,8 +171,8 @@ def evaluate_stage(recipe, gen_dir: Path, train_dir: Path | None, export_dir: Pa
         summary["seconds"] = time.time() - t0
         summary["label"] = LABELS[name] if name != "student_onnx" else f"student {summary['preset']} ONNX"
         scores[name] = summary
-        _write_rows(out / f"{name}.jsonl", rows)
+        write_rows(out / f"{name}.jsonl", rows)
         console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")
     write_json(out / "scores.json", scores)
-    write_config(out, "evaluate", recipe.eval.model_dump(), recipe.dump())
+    write_config(out, "evaluate", {**recipe.eval.model_dump(), "split": split}, recipe.dump())
     return EvalResult(out, scores)

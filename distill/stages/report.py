@@ -144,4 +144,5 @@ def print_table(scores: dict, stage_seconds: dict) -> None:
     for row in accuracy_rows(scores):
         table.add_row(*row)
     console.print(table)
-    console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))
+    if stage_seconds:
+        console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()))

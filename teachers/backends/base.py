@@ -16,6 +16,7 @@ class Decoding:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    logprobs: int = 0  # also return the top-k log-probabilities of every generated token (0 = off)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class GenerationRequest:
 
     def key(self, model_id: str) -> str:
         """Cache key: model identity, prompt, decoding and sample index — nothing about batching."""
-        payload = json.dumps([model_id, self.prompt, asdict(self.decoding), self.sample], sort_keys=True)
+        decoding = asdict(self.decoding)
+        if not decoding["logprobs"]:  # keys written before the field existed stay valid
+            del decoding["logprobs"]
+        payload = json.dumps([model_id, self.prompt, decoding, self.sample], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -42,6 +46,11 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "error"
     cached: bool = False
     error: str | None = None  # set when the call failed for good (retries spent); never cached
+    # With Decoding.logprobs = k: the generated token ids, and per token the teacher's k most likely
+    # next tokens and their log-probabilities (at temperature 1, before sampling warpers).
+    token_ids: list[int] | None = None
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
 
 
 class TeacherBackend(Protocol):

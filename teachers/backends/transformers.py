@@ -186,21 +186,52 @@ class TransformersBackend:
                 torch.manual_seed(int(requests[idx[0]].key(self.model_id)[:8], 16) + requests[idx[0]].sample)
             else:
                 gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            recorder = _topk_recorder(dec.logprobs) if dec.logprobs else None
+            if recorder is not None:
+                gen_kwargs["logits_processor"] = [recorder]
             with torch.inference_mode():
-                if dec.temperature > 0:
+                if dec.temperature > 0 or recorder is not None:
                     out = self.model.generate(**batch, **gen_kwargs)
                     new = out[:, batch["input_ids"].shape[1] :].tolist()
-                else:
+                else:  # plain greedy: the row-dropping loop (same tokens, less compute)
                     new = self.greedy(batch["input_ids"], batch["attention_mask"], dec.max_new_tokens)
-            for k, toks in zip(idx, new):
+            topk = recorder.result() if recorder is not None else None
+            for row, (k, toks) in enumerate(zip(idx, new)):
                 n, finish = len(toks), "length"
                 for t, tok in enumerate(toks):
                     if tok in self.eos_ids:
                         n, finish = t, "stop"
                         break
                 text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+                cut = False
                 for s in dec.stop:
                     if s in text:
-                        text, finish = text[: text.index(s)], "stop"
+                        text, finish, cut = text[: text.index(s)], "stop", True
                 results[k] = Completion(text, len(encoded[k]), n, finish)
+                if topk is not None and not cut:  # token ids only when they are exactly the text
+                    results[k].token_ids = toks[:n]
+                    results[k].topk_ids = topk[0][row, :n].tolist()
+                    results[k].topk_logprobs = topk[1][row, :n].tolist()
         return results  # type: ignore[return-value]
+
+
+def _topk_recorder(k: int):
+    """A logits processor that records the top-k log-probabilities of every decoding step unchanged."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class TopKRecorder(LogitsProcessor):
+        def __init__(self):
+            self.ids, self.logprobs = [], []
+
+        def __call__(self, input_ids, scores):
+            values, ids = torch.log_softmax(scores.float(), dim=-1).topk(k, dim=-1)
+            self.ids.append(ids.cpu())
+            self.logprobs.append(values.cpu())
+            return scores
+
+        def result(self):
+            """([batch, steps, k] token ids, [batch, steps, k] log-probabilities)."""
+            return torch.stack(self.ids, 1), torch.stack(self.logprobs, 1)
+
+    return TopKRecorder()
