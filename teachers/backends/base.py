@@ -53,6 +53,17 @@ class Completion:
     topk_logprobs: list[list[float]] | None = None
 
 
+def render_chat(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
+    """Messages as one prompt string: the tokenizer's chat template, or plain text when there is no
+    tokenizer or it has no template. Every local backend renders through here, so the same weights
+    get the same prompts (and cache keys) whichever engine runs them."""
+    if tokenizer is not None and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "".join(f"{m['content']}\n\n" for m in messages)
+    return text + assistant_prefix
+
+
 class TeacherBackend(Protocol):
     """Anything that completes prompts. ``model_id`` identifies the weights for cache keys."""
 

@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from distill.errors import DistillError
-from teachers.backends.base import Completion, GenerationRequest
+from teachers.backends.base import Completion, GenerationRequest, render_chat
 
 CHAT_MARK = "\x02chat:"
 PREFIX_MARK = "\x1e"
@@ -134,7 +134,7 @@ class OpenAIBackend:
         if self.api == "chat":
             return encode_chat(messages, assistant_prefix)
         # Completions API: the server sees raw text; a template-less rendering.
-        return "".join(f"{m['content']}\n\n" for m in messages) + assistant_prefix
+        return render_chat(None, messages, assistant_prefix)
 
     def _body(self, r: GenerationRequest) -> tuple[str, dict]:
         d = r.decoding

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from teachers.backends.base import Completion, GenerationRequest
+from teachers.backends.base import Completion, GenerationRequest, render_chat
 
 log = logging.getLogger("distill.teacher")
 
@@ -91,11 +91,7 @@ class TransformersBackend:
 
     def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
         """Render messages with the model's chat template (plain text when it has none)."""
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "".join(f"{m['content']}\n\n" for m in messages)
-        return text + assistant_prefix
+        return render_chat(self.tokenizer, messages, assistant_prefix)
 
     def greedy(self, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
         """Greedy decoding of a left-padded batch that drops each row as soon as it ends.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.errors import DistillError
-from teachers.backends.base import Completion, GenerationRequest
+from teachers.backends.base import Completion, GenerationRequest, render_chat
 from teachers.backends.transformers import model_identity
 
 
@@ -35,11 +35,7 @@ class VLLMBackend:
         self._params = vllm.SamplingParams
 
     def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "".join(f"{m['content']}\n\n" for m in messages)
-        return text + assistant_prefix
+        return render_chat(self.tokenizer, messages, assistant_prefix)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         params = []
