@@ -4,7 +4,9 @@
 
 1. naive per-example ``generate`` loop vs the transformers backend (batched, length-bucketed), 1 thread;
 2. the generate stage with 1 Ray actor vs 2 (2 cores);
-3. re-running a finished generate stage: teacher calls and wall time vs the first run.
+3. re-running a finished generate stage: teacher calls and wall time vs the first run;
+4. self-consistency sampling (few-shot CoT prompts, N samples each): ``generate(num_return_sequences=N,
+   do_sample=True)`` vs the backend (one prefill per prompt, rows leave as they end), 1 thread.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (teacher.batch_size)")
-    ap.add_argument("--only", type=int, choices=[1, 2, 3], help="run one measurement (3 needs 2)")
+    ap.add_argument("--only", type=int, choices=[1, 2, 3, 4], help="run one measurement (3 needs 2)")
+    ap.add_argument("--samples", type=int, default=5, help="self-consistency samples per prompt (measurement 4)")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +62,8 @@ def main() -> None:
 
     if args.only in (None, 1):
         naive_vs_batched(backend, prompts, dec, args.new_tokens)
+    if args.only in (None, 4):
+        self_consistency(backend, train, args.samples)
     if args.only in (None, 2, 3):
         ray_actors(path, task, args)
 
@@ -91,6 +96,74 @@ def naive_vs_batched(backend, prompts, dec, new_tokens) -> None:
     batched = sum(c.tokens_out for c in comps) / (time.perf_counter() - t0)
     print(
         f"1. naive generate loop {naive:.1f} tok/s; batched backend {batched:.1f} tok/s; ratio {batched / naive:.2f}x"
+    )
+
+
+def _chain_rationale(question: str) -> tuple[str, int]:
+    """A left-to-right worked solution of a chain_sum question (for few-shot demonstrations)."""
+    terms = question.rsplit(":", 1)[-1].strip().rstrip("=").split()
+    total, steps = int(terms[0]), []
+    for op, t in zip(terms[1::2], terms[2::2]):
+        new = total + int(t) if op == "+" else total - int(t)
+        steps.append(f"{total} {op} {t} = {new}.")
+        total = new
+    return " ".join(steps), total
+
+
+def self_consistency(backend, problems, samples: int, n_prompts: int = 9, new_tokens: int = 48) -> None:
+    """4. N sampled paths per few-shot CoT prompt: HF generate(num_return_sequences) vs the backend."""
+    import torch
+
+    from teachers.backends.base import Decoding, GenerationRequest
+
+    demos = []
+    for p in problems[-4:]:
+        rationale, answer = _chain_rationale(p["question"])
+        demos += [
+            {"role": "user", "content": p["question"]},
+            {
+                "role": "assistant",
+                "content": f"Let's think step by step. {rationale}\nTherefore, the answer is {answer}.",
+            },
+        ]
+    prompts = [
+        backend.chat_prompt([*demos, {"role": "user", "content": p["question"]}], "Let's think step by step.")
+        for p in problems[:n_prompts]
+    ]
+    tok, model = backend.tokenizer, backend.model
+    per_batch = max(1, backend.batch_size // samples)  # prompts per call, so both decode the same rows per batch
+    dec = Decoding(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95)
+    t0 = time.perf_counter()
+    hf_tokens = 0
+    torch.manual_seed(0)
+    for i in range(0, len(prompts), per_batch):
+        batch = tok.pad(
+            {"input_ids": [tok(p, add_special_tokens=False).input_ids for p in prompts[i : i + per_batch]]},
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=new_tokens,
+                do_sample=True,
+                temperature=dec.temperature,
+                top_p=dec.top_p,
+                top_k=None,
+                num_return_sequences=samples,
+                pad_token_id=tok.pad_token_id,
+            )
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            hf_tokens += next((k + 1 for k, t in enumerate(row) if t in backend.eos_ids), len(row))
+    hf = hf_tokens / (time.perf_counter() - t0)
+    backend.batch_size = per_batch * samples
+    t0 = time.perf_counter()
+    comps = backend.generate([GenerationRequest(p, dec, s) for p in prompts for s in range(samples)])
+    ours = sum(c.tokens_out + (c.finish_reason == "stop") for c in comps) / (time.perf_counter() - t0)
+    plen = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) / len(prompts)
+    print(
+        f"4. self-consistency, {len(prompts)} few-shot prompts (~{plen:.0f} tokens) x {samples} samples, "
+        f"{backend.batch_size} rows per batch: generate(num_return_sequences) {hf:.1f} tok/s; "
+        f"backend {ours:.1f} tok/s; ratio {ours / hf:.2f}x"
     )
 
 

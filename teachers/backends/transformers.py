@@ -6,7 +6,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from teachers.backends.base import Completion, GenerationRequest, render_chat
+from teachers.backends.base import Completion, Decoding, GenerationRequest, render_chat
 
 log = logging.getLogger("distill.teacher")
 
@@ -93,19 +93,34 @@ class TransformersBackend:
         """Render messages with the model's chat template (plain text when it has none)."""
         return render_chat(self.tokenizer, messages, assistant_prefix)
 
-    def greedy(self, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
-        """Greedy decoding of a left-padded batch that drops each row as soon as it ends.
+    def decode(self, input_ids, attention_mask, dec: Decoding, expand=None, seeds=None):
+        """Decode a left-padded batch of prompts; rows leave the batch and KV cache as they end.
 
-        ``generate()`` keeps finished rows in the batch until the longest one ends, paying a full
-        forward pass per finished row per step; here the KV cache and the batch shrink instead, so
-        the cost follows the tokens actually written. Same tokens as ``generate(do_sample=False)``.
+        ``expand[r]`` is the prompt row that output row ``r`` continues (default: one row per
+        prompt). Rows that share a prompt — self-consistency samples — share its prefill: the
+        prompt runs through the model once and its KV cache is copied, as ``num_return_sequences``
+        would, but for any mix of prompts and sample counts. Sampling (``dec.temperature > 0``,
+        nucleus ``dec.top_p``) draws each row from its own generator seeded with ``seeds[r]``, so a
+        request's sample does not depend on which batch it landed in. Only the decoding parameters
+        given are applied (no temperature/top-k/repetition penalty from the model's
+        generation_config), so they mean the same on every engine. ``generate()`` keeps finished
+        rows in the batch until the longest ends; here the cost follows the tokens written.
+
+        Returns the new tokens of every row (ending with EOS when one was written) and, with
+        ``dec.logprobs = k``, per row ``(ids, logprobs)`` of the top-k at temperature 1 per step.
         """
         import torch
         from transformers import DynamicCache
 
         model = self.model
-        rows = list(range(input_ids.shape[0]))  # original row of each live batch position
+        device = input_ids.device
+        n_rows = len(expand) if expand is not None else input_ids.shape[0]
+        rows = list(range(n_rows))  # original row of each live batch position
         out: list[list[int]] = [[] for _ in rows]
+        top: list[tuple[list, list]] | None = [([], []) for _ in rows] if dec.logprobs else None
+        gens = None
+        if dec.temperature > 0:
+            gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         cache = DynamicCache(config=model.config)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(
@@ -116,8 +131,23 @@ class TransformersBackend:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
+        if expand is not None and list(expand) != list(range(input_ids.shape[0])):
+            index = torch.tensor(expand, device=device)
+            cache.batch_select_indices(index)  # repeated indices copy a prompt's cache to each sample
+            logits, attention_mask = logits[index], attention_mask[index]
+        max_new_tokens = dec.max_new_tokens
         for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)
+            scores = logits.float()
+            if top is not None:
+                values, ids = torch.log_softmax(scores, -1).topk(dec.logprobs, -1)
+                for pos, (i, v) in enumerate(zip(ids.tolist(), values.tolist())):
+                    top[rows[pos]][0].append(i)
+                    top[rows[pos]][1].append(v)
+            nxt = (
+                scores.argmax(-1)
+                if gens is None
+                else _sample(scores, dec.temperature, dec.top_p, [gens[r] for r in rows])
+            )
             keep = []
             for pos, tok in enumerate(nxt.tolist()):
                 out[rows[pos]].append(tok)
@@ -126,7 +156,7 @@ class TransformersBackend:
             if not keep or step == max_new_tokens - 1:
                 break
             if len(keep) < len(rows):
-                index = torch.tensor(keep, device=nxt.device)
+                index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 attention_mask, nxt = attention_mask[index], nxt[index]
                 rows = [rows[k] for k in keep]
@@ -139,7 +169,11 @@ class TransformersBackend:
                 past_key_values=cache,
                 use_cache=True,
             ).logits[:, -1]
-        return out
+        return out, top
+
+    def greedy(self, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens of a left-padded batch (``decode`` at temperature 0)."""
+        return self.decode(input_ids, attention_mask, Decoding(max_new_tokens=max_new_tokens))[0]
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Complete every request; prompts are sorted by length so each batch pads little."""
@@ -164,10 +198,13 @@ class TransformersBackend:
                     error=f"prompt has {len(encoded[i])} tokens but the teacher's context leaves {limit} "
                     f"after {r.decoding.max_new_tokens} new tokens (set teacher.long_prompts=truncate to cut it)",
                 )
-        order = sorted((i for i in range(len(requests)) if results[i] is None), key=lambda i: len(encoded[i]))
+        # Sorted by length, identical prompts (self-consistency samples) next to each other.
+        order = sorted(
+            (i for i in range(len(requests)) if results[i] is None), key=lambda i: (len(encoded[i]), requests[i].prompt)
+        )
         i = 0
         while i < len(order):
-            # A batch shares one decoding setting so generate() can run it in one call.
+            # A batch shares one decoding setting so one decoding loop runs it.
             dec = requests[order[i]].decoding
             idx = [order[i]]
             j = i + 1
@@ -175,23 +212,18 @@ class TransformersBackend:
                 idx.append(order[j])
                 j += 1
             i = j
-            batch = self.tokenizer.pad({"input_ids": [encoded[k] for k in idx]}, return_tensors="pt").to(self.device)
-            gen_kwargs = dict(max_new_tokens=dec.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-            if dec.temperature > 0:
-                gen_kwargs.update(do_sample=True, temperature=dec.temperature, top_p=dec.top_p)
-                torch.manual_seed(int(requests[idx[0]].key(self.model_id)[:8], 16) + requests[idx[0]].sample)
-            else:
-                gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            recorder = _topk_recorder(dec.logprobs) if dec.logprobs else None
-            if recorder is not None:
-                gen_kwargs["logits_processor"] = [recorder]
+            unique: dict[str, int] = {}  # each distinct prompt is prefilled once
+            prompt_ids: list[list[int]] = []
+            expand = []
+            for k in idx:
+                if requests[k].prompt not in unique:
+                    unique[requests[k].prompt] = len(prompt_ids)
+                    prompt_ids.append(encoded[k])
+                expand.append(unique[requests[k].prompt])
+            batch = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
+            seeds = [int(requests[k].key(self.model_id)[:15], 16) for k in idx]
             with torch.inference_mode():
-                if dec.temperature > 0 or recorder is not None:
-                    out = self.model.generate(**batch, **gen_kwargs)
-                    new = out[:, batch["input_ids"].shape[1] :].tolist()
-                else:  # plain greedy: the row-dropping loop (same tokens, less compute)
-                    new = self.greedy(batch["input_ids"], batch["attention_mask"], dec.max_new_tokens)
-            topk = recorder.result() if recorder is not None else None
+                new, topk = self.decode(batch["input_ids"], batch["attention_mask"], dec, expand, seeds)
             for row, (k, toks) in enumerate(zip(idx, new)):
                 n, finish = len(toks), "length"
                 for t, tok in enumerate(toks):
@@ -206,28 +238,21 @@ class TransformersBackend:
                 results[k] = Completion(text, len(encoded[k]), n, finish)
                 if topk is not None and not cut:  # token ids only when they are exactly the text
                     results[k].token_ids = toks[:n]
-                    results[k].topk_ids = topk[0][row, :n].tolist()
-                    results[k].topk_logprobs = topk[1][row, :n].tolist()
+                    results[k].topk_ids = topk[row][0][:n]
+                    results[k].topk_logprobs = topk[row][1][:n]
         return results  # type: ignore[return-value]
 
 
-def _topk_recorder(k: int):
-    """A logits processor that records the top-k log-probabilities of every decoding step unchanged."""
+def _sample(scores, temperature: float, top_p: float, generators):
+    """One token per row of ``scores`` [rows, vocab]: temperature, then nucleus (top-p) filtering
+    as transformers' ``TopPLogitsWarper`` does it, then a draw from each row's own generator."""
     import torch
-    from transformers import LogitsProcessor
 
-    class TopKRecorder(LogitsProcessor):
-        def __init__(self):
-            self.ids, self.logprobs = [], []
-
-        def __call__(self, input_ids, scores):
-            values, ids = torch.log_softmax(scores.float(), dim=-1).topk(k, dim=-1)
-            self.ids.append(ids.cpu())
-            self.logprobs.append(values.cpu())
-            return scores
-
-        def result(self):
-            """([batch, steps, k] token ids, [batch, steps, k] log-probabilities)."""
-            return torch.stack(self.ids, 1), torch.stack(self.logprobs, 1)
-
-    return TopKRecorder()
+    scores = scores / temperature
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])

@@ -198,3 +198,44 @@ def test_shrinking_greedy_equals_hf_generate(tiny_teacher):
         end = next((i + 1 for i, t in enumerate(row) if t in backend.eos_ids), len(row))
         assert new == row[:end]
     assert len({len(x) for x in ours}) > 1  # rows really ended at different steps
+
+
+def test_samples_share_prefill_and_do_not_depend_on_batching(tiny_teacher):
+    """Self-consistency samples of one prompt are prefilled once, and each request's sample is the
+    same whether it runs alone or in a batch with others (per-request seeded generators)."""
+    backend = TransformersBackend(tiny_teacher, batch_size=16)
+    dec = Decoding(max_new_tokens=12, temperature=4.0, top_p=1.0)  # hot: the tiny teacher is peaked
+    prompts = [backend.chat_prompt([{"role": "user", "content": q}]) for q in ("1 + 2 =", "7 - 3 + 1 =")]
+    reqs = [GenerationRequest(prompts[0], dec, s) for s in range(5)] + [
+        GenerationRequest(prompts[1], dec, s) for s in range(3)
+    ]
+    prefill_rows = []
+    hook = backend.model.register_forward_pre_hook(
+        lambda m, args, kwargs: (
+            prefill_rows.append(kwargs["input_ids"].shape) if kwargs.get("logits_to_keep") else None
+        ),
+        with_kwargs=True,
+    )
+    together = backend.generate(reqs)
+    hook.remove()
+    assert [tuple(s)[0] for s in prefill_rows] == [2]  # 8 rows, 2 distinct prompts, one prefill pass
+    alone = [TransformersBackend(tiny_teacher, batch_size=1).generate([r])[0] for r in reqs]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert len({c.text for c in together[:5]}) > 1  # the samples really differ
+    again = backend.generate(reqs)
+    assert [c.text for c in again] == [c.text for c in together]  # and are reproducible
+
+
+def test_nucleus_sampling_keeps_the_smallest_set_over_top_p():
+    import math
+
+    import torch
+
+    from teachers.backends.transformers import _sample
+
+    scores = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]] * 4)
+    g = [torch.Generator().manual_seed(i) for i in range(4)]
+    drawn = {int(t) for _ in range(200) for t in _sample(scores, 1.0, 0.6, g)}
+    assert drawn == {0, 1}  # 0.5 < 0.6 needs the second token; the third is never drawn
+    assert {int(t) for _ in range(50) for t in _sample(scores, 1.0, 0.4, g)} == {0}
+    assert {int(t) for _ in range(300) for t in _sample(scores, 1.0, 1.0, g)} == {0, 1, 2}
