@@ -249,6 +249,12 @@ class ExportConfig(Strict):
         "(QDQ, calibrated on the distilled dataset), int8_dynamic (per-channel quantize_dynamic), int4 "
         "(MatMulNBits), fp16",
     )
+    attention: Literal["auto", "fused", "generic"] = Field(
+        "auto",
+        description="fused: one onnxruntime GroupQueryAttention (rotary inside) and SimplifiedLayerNormalization "
+        "node per layer/norm, as onnxruntime-genai's builder emits (llama/qwen2/qwen3/mistral; batches right-padded); "
+        "generic: attention as the exporter spells it out; auto: fused where the architecture allows",
+    )
     gate: bool = Field(True, description="score every variant on the eval split and keep the smallest within tolerance")
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a variant may lose vs fp32 (0.01 = 1 point)")
     smooth_alpha: float = Field(

@@ -58,12 +58,25 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_decoder(model, out_path: Path, opset: int = 18) -> Path:
-    """Export ``model`` (fp32, eval) to ``out_path``; returns the path. Weights go to external data
-    when the model exceeds protobuf's 2 GB limit."""
+# How a batch of prompts is padded for each attention layout (recorded in the bundle).
+PADDING_SIDE = {"fused": "right", "generic": "left"}
+
+
+def export_decoder(model, out_path: Path, opset: int = 18, attention: str = "auto") -> str:
+    """Export ``model`` (fp32, eval) to ``out_path``; weights go to external data when the model
+    exceeds protobuf's 2 GB limit. ``attention``: ``fused`` (one GroupQueryAttention node per layer,
+    see ``export.gqa``; prompts in a batch must then be right-padded), ``generic`` (attention as the
+    exporter spells it out; any padding) or ``auto`` (fused where the architecture allows).
+    Returns the attention layout used, ``fused`` or ``generic``."""
     import torch
 
+    from export import gqa
+
     model = model.eval().float()
+    reason = gqa.unsupported_reason(model)
+    if attention == "fused" and reason:
+        raise ValueError(f"fused attention export does not support {reason}")
+    layout = "fused" if attention in ("fused", "auto") and not reason else "generic"
     n_layers, kv_heads, head_dim = kv_shape(model.config)
     batch, seq, past_len = 2, 3, 4
     input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -82,7 +95,10 @@ def export_decoder(model, out_path: Path, opset: int = 18) -> Path:
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    wrapper = _wrapper(model).eval()
+    if layout == "fused":
+        wrapper, translation = gqa.FusedDecoder(model).eval(), gqa.onnx_translation()
+    else:
+        wrapper, translation = _wrapper(model).eval(), None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations) is not for users
         program = torch.onnx.export(
@@ -95,10 +111,11 @@ def export_decoder(model, out_path: Path, opset: int = 18) -> Path:
             dynamo=True,
             optimize=True,
             verbose=False,
+            custom_translation_table=translation,
         )
     program.save(str(out_path), external_data=model.num_parameters() * 4 > 1.8e9)
     _strip_saved(out_path)
-    return out_path
+    return layout
 
 
 def strip_node_metadata(model) -> int:

@@ -17,9 +17,11 @@ import numpy as np
 
 GENERATION_FILE = "distill_generation.json"
 # Layout version of the bundle (``major.minor``), written into GENERATION_FILE. A minor bump stays
-# readable by older runtimes; a runtime refuses a bundle of another major. Bundles written before
-# versioning have no field and the 1.x layout.
-FORMAT_VERSION = "1.0"
+# readable by older runtimes; a runtime refuses a major it does not know. Bundles written before
+# versioning have no field and the 1.x layout. 2.0 added ``padding_side``: fused-attention models
+# (export.gqa) take right-padded batches, which a 1.x runtime would left-pad.
+FORMAT_VERSION = "2.0"
+READS_MAJORS = ("1", "2")
 
 
 class BundleFormatError(ValueError):
@@ -33,9 +35,10 @@ class BundleFormatError(ValueError):
 def check_format(meta: dict, bundle_dir: Path | str) -> None:
     """Raise ``BundleFormatError`` unless the bundle's major format equals this runtime's."""
     found = str(meta.get("format_version", "1.0"))
-    if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+    if found.split(".")[0] not in READS_MAJORS:
         raise BundleFormatError(
-            f"{bundle_dir} has bundle format {found} but this runtime reads format {FORMAT_VERSION.split('.')[0]}.x",
+            f"{bundle_dir} has bundle format {found} but this runtime reads formats "
+            + " and ".join(f"{m}.x" for m in READS_MAJORS),
             f"run it with a distill runtime for format {found.split('.')[0]}.x, or re-export the student with this "
             "distill version",
         )
@@ -81,6 +84,7 @@ class OnnxGenerator:
         self.session = make_session(bundle_dir / (model_file or self.meta["model_file"]), threads)
         self.tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
         self.eos_ids = set(self.meta["eos_token_ids"])
+        self.right_pad = self.meta.get("padding_side", "left") == "right"
         self.pad_id = self.meta["pad_token_id"]
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -124,22 +128,28 @@ class OnnxGenerator:
         seed: int = 0,
         stop: tuple[str, ...] = (),
     ) -> list[list[int]]:
-        """Decode a batch of token-id prompts (left-padded together); returns the new token ids of each."""
+        """Decode a batch of token-id prompts, padded together on the side the model takes (left, or
+        right for fused-attention models); returns the new token ids of each."""
         n = len(prompts)
         rng = np.random.default_rng(seed)
-        width = max(len(p) for p in prompts)
+        lengths = np.array([len(p) for p in prompts])
+        width = int(lengths.max())
         ids = np.full((n, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
+            cols = slice(0, len(p)) if self.right_pad else slice(width - len(p), width)
+            ids[i, cols] = p
+            mask[i, cols] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        # each row's last prompt token: the end of the row when left-padded, its length - 1 when right-padded
+        last = lengths - 1 if self.right_pad else np.full(n, width - 1)
         past = [np.zeros((n, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype) for _ in self.past_names]
         out: list[list[int]] = [[] for _ in range(n)]
         done = np.zeros(n, dtype=bool)
         for _ in range(max_new_tokens):
             logits, past = self.step(ids, mask, positions, past)
-            nxt = _sample(logits[:, -1, :], temperature, top_p, rng)
+            nxt = _sample(logits[np.arange(n), last, :], temperature, top_p, rng)
+            last = np.zeros(n, dtype=np.int64)  # from now on one new position per row
             for i in np.flatnonzero(~done):
                 tok = int(nxt[i])
                 if tok in self.eos_ids:
@@ -153,7 +163,7 @@ class OnnxGenerator:
                 break
             ids = np.where(done, self.pad_id, nxt)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            positions = mask.sum(axis=1, keepdims=True) - 1
         return out
 
     def generate(

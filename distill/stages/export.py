@@ -45,9 +45,17 @@ def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
 
 
 def write_bundle_files(
-    tokenizer, config, bundle: Path, max_new_tokens: int, model_file: str, fmt: str = "rationale"
+    tokenizer,
+    config,
+    bundle: Path,
+    max_new_tokens: int,
+    model_file: str,
+    fmt: str = "rationale",
+    *,
+    padding_side: str,
 ) -> dict:
-    """Tokenizer + generation metadata a torch-free runtime needs; returns the metadata."""
+    """Tokenizer + generation metadata a torch-free runtime needs; returns the metadata.
+    ``padding_side``: how the exported model takes a batch (``PADDING_SIDE`` of its attention layout)."""
     from export.onnx_export import kv_shape
     from students.data import PLACEHOLDER, prompt_template
 
@@ -65,6 +73,7 @@ def write_bundle_files(
         "head_dim": head_dim,
         "max_new_tokens": max_new_tokens,
         "model_file": model_file,  # the variant runtimes load by default
+        "padding_side": padding_side,  # "right" for fused-attention exports (export.gqa)
         "format_version": FORMAT_VERSION,
     }
     write_json(bundle / GENERATION_FILE, meta)
@@ -157,7 +166,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     from distill.tasks import Task
     from export.calibration import calibration_ids, feeds_for
     from export.gate import VariantResult, choose, score_variant
-    from export.onnx_export import export_decoder, kv_shape
+    from export.onnx_export import PADDING_SIDE, export_decoder, kv_shape
     from export.quantize import linear_groups, make_variant
 
     cfg = recipe.export
@@ -168,11 +177,21 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         _smooth(model, tokenizer, gen_dir, cfg.smooth_alpha)
     t0 = time.time()
     with console.status(f"export {train_dir / 'model'} → ONNX (dynamo, opset {cfg.opset})"):
-        export_decoder(model, variants_dir / FP32_FILE, opset=cfg.opset)
+        layout = export_decoder(model, variants_dir / FP32_FILE, opset=cfg.opset, attention=cfg.attention)
     meta = write_bundle_files(
-        tokenizer, model.config, variants_dir, recipe.student.eval_max_new_tokens, FP32_FILE, recipe.student.format
+        tokenizer,
+        model.config,
+        variants_dir,
+        recipe.student.eval_max_new_tokens,
+        FP32_FILE,
+        recipe.student.format,
+        padding_side=PADDING_SIDE[layout],
     )
-    metrics: dict = {"export_seconds": time.time() - t0, "fp32_bytes": _size(variants_dir, FP32_FILE)}
+    metrics: dict = {
+        "export_seconds": time.time() - t0,
+        "fp32_bytes": _size(variants_dir, FP32_FILE),
+        "attention": layout,
+    }
     problems = eval_problems(gen_dir)
     questions = [p["question"] for p in problems[:4]]
 
@@ -307,7 +326,15 @@ def _assemble_bundle(
     for f in [chosen.file, chosen.file + ".data"]:
         if (variants_dir / f).exists():
             shutil.copy2(variants_dir / f, bundle / f)
-    meta = write_bundle_files(tokenizer, config, bundle, meta["max_new_tokens"], chosen.file, recipe.student.format)
+    meta = write_bundle_files(
+        tokenizer,
+        config,
+        bundle,
+        meta["max_new_tokens"],
+        chosen.file,
+        recipe.student.format,
+        padding_side=meta["padding_side"],
+    )
     if recipe.export.ort_format:
         from export.onnx_export import save_ort_format
 

@@ -14,12 +14,13 @@ def test_bundle_runs_without_torch(tmp_path, tiny_student):
 
     import export.runtime
     from distill.stages.export import FP32_FILE, write_bundle_files
-    from export.onnx_export import export_decoder
+    from export.onnx_export import PADDING_SIDE, export_decoder
 
     bundle = tmp_path / "bundle"
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
-    export_decoder(model, bundle / FP32_FILE)
-    write_bundle_files(AutoTokenizer.from_pretrained(tiny_student), model.config, bundle, 8, FP32_FILE)
+    layout = export_decoder(model, bundle / FP32_FILE)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    write_bundle_files(tok, model.config, bundle, 8, FP32_FILE, padding_side=PADDING_SIDE[layout])
 
     shutil.copy2(export.runtime.__file__, bundle / "distill_runtime.py")
     venv = tmp_path / "venv"
