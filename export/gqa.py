@@ -5,7 +5,7 @@ node — the layout onnxruntime-genai's model builder emits.
 The generic dynamo export spells these out as ~60 small ONNX ops per layer (rotary slices and
 concats, KV-cache concat and transposes, mask arithmetic, softmax, the norm's pow/mean/sqrt); at
 batch 1 on one CPU thread their dispatch and copies cost a large share of a decoding step next to the
-int8 weight MatMuls. SmolLM2-135M: 2246 nodes generic, 539 fused.
+int8 weight MatMuls. SmolLM2-135M: 2245 nodes generic, 473 fused.
 
 The model keeps the generic export's inputs and outputs (``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.*`` → ``logits``, ``present.*``), but ``attention_mask`` only
