@@ -2,7 +2,8 @@
 
 ``OnnxGenerator(bundle_dir)`` loads the bundle's default model (or a named variant), the tokenizer
 and ``distill_generation.json``, and runs batched KV-cache decoding: greedy or sampled
-(temperature, top-p, seeded), with stop strings. Export bundles carry a copy of this file, so
+(temperature, top-p, seeded), with stop strings; a batch is padded on the side the bundle's
+``padding_side`` names (right for fused-attention exports). Export bundles carry a copy of this file, so
 ``python distill_runtime.py <bundle> "question"`` works in an environment holding only
 onnxruntime, tokenizers and numpy.
 """
@@ -33,7 +34,7 @@ class BundleFormatError(ValueError):
 
 
 def check_format(meta: dict, bundle_dir: Path | str) -> None:
-    """Raise ``BundleFormatError`` unless the bundle's major format equals this runtime's."""
+    """Raise ``BundleFormatError`` unless this runtime reads the bundle's major format."""
     found = str(meta.get("format_version", "1.0"))
     if found.split(".")[0] not in READS_MAJORS:
         raise BundleFormatError(
