@@ -41,13 +41,16 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
-    """A tiny random causal LM (llama or qwen2 shaped) with the test tokenizer, saved to ``folder``."""
+def build_model(
+    folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, **config_kwargs
+) -> Path:
+    """A tiny random causal LM (llama, qwen2, qwen3 or mistral shaped) with the test tokenizer, saved
+    to ``folder``; ``config_kwargs`` override config fields (e.g. ``rope_scaling``)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     tok = build_tokenizer(folder)
-    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
     config = cls(
         vocab_size=len(tok),
         hidden_size=hidden,
@@ -60,6 +63,7 @@ def build_model(folder: Path, arch: str = "llama", seed: int = 0, layers: int = 
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
+        **config_kwargs,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,62 @@ def test_fused_export_is_one_node_per_attention_and_norm(bundle, generic_bundle)
     assert sum(ops.values()) < generic / 2
     v = verify(model, tok, generic_bundle[2], FP32_FILE, QUESTIONS, 12)
     assert v["max_abs_logit_error"] < 1e-4 and v["greedy_identical"] == len(QUESTIONS)
+
+
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("qwen2", {}),  # q/k/v biases
+        ("qwen3", {"head_dim": 16}),  # per-head q/k RMSNorm before the rotation
+        ("mistral", {"sliding_window": None}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),
+    ],
+)
+def test_fused_export_of_each_supported_architecture(arch, extra, tmp_path):
+    """Each architecture the fused layout claims exports to it and matches torch, batched and alone."""
+    from tiny import build_model
+
+    folder = build_model(tmp_path / arch, arch, seed=3, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert export_decoder(model, tmp_path / FP32_FILE) == "fused"
+    write_bundle_files(tok, model.config, tmp_path, 16, FP32_FILE, padding_side="right")
+    v = verify(model, tok, tmp_path, FP32_FILE, QUESTIONS, 12)
+    assert v["max_abs_logit_error"] < 1e-4 and v["greedy_identical"] == len(QUESTIONS)
+
+
+def test_unsupported_architectures_take_the_generic_export():
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    from export.gqa import unsupported_reason
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    assert "gpt2" in unsupported_reason(gpt2)
+    with pytest.raises(ValueError, match="fused attention export does not support model type 'gpt2'"):
+        export_decoder(gpt2, Path("/nonexistent/model.onnx"), attention="fused")
+    windowed = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=16,
+        )
+    )
+    assert unsupported_reason(windowed) == "sliding-window attention"
 
 
 def test_fused_reference_op_matches_the_hf_model_on_a_right_padded_batch(bundle):
