@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.artifacts import write_config, write_json, write_text
+from distill.errors import DistillError
 from distill.progress import console
 from export.runtime import FORMAT_VERSION, GENERATION_FILE
 
@@ -42,6 +43,18 @@ def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
     if per_layer == 7 and len(nodes) - 7 * n_layers in (0, 1):  # q, k, v, o, gate, up, down
         return [nodes[7 * i + 6] for i in range(n_layers)]
     return []
+
+
+def check_attention(model, attention: str) -> None:
+    """One clear error before any work when ``export.attention=fused`` names a student it cannot take."""
+    from export.gqa import unsupported_reason
+
+    reason = unsupported_reason(model) if attention == "fused" else None
+    if reason:
+        raise DistillError(
+            f"export.attention=fused cannot export this student: {reason}",
+            "set export.attention=auto (fused where the architecture allows) or generic",
+        )
 
 
 def write_bundle_files(
@@ -173,6 +186,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     variants_dir, bundle = out / "variants", out / "bundle"
     model, tokenizer = load_student(str(train_dir / "model"))
     model = model.cpu().eval()
+    check_attention(model, cfg.attention)
     if cfg.smooth_alpha > 0:
         _smooth(model, tokenizer, gen_dir, cfg.smooth_alpha)
     t0 = time.time()

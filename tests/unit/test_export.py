@@ -130,6 +130,12 @@ def test_unsupported_architectures_take_the_generic_export():
     assert "gpt2" in unsupported_reason(gpt2)
     with pytest.raises(ValueError, match="fused attention export does not support model type 'gpt2'"):
         export_decoder(gpt2, Path("/nonexistent/model.onnx"), attention="fused")
+    from distill.errors import DistillError
+    from distill.stages.export import check_attention
+
+    with pytest.raises(DistillError, match="export.attention=fused cannot export this student: model type 'gpt2'"):
+        check_attention(gpt2, "fused")
+    check_attention(gpt2, "auto")  # auto falls back to the generic export quietly
     windowed = MistralForCausalLM(
         MistralConfig(
             vocab_size=64,
