@@ -24,11 +24,28 @@ class VariantResult:
     tokens_per_second: float | None = None
     top1_agreement: float | None = None
     greedy_identical: str | None = None
+    lost: int | None = None  # eval problems fp32 solves and this variant does not
+    gained: int | None = None  # and the reverse; lost - gained is the accuracy gap in problems
     error: str | None = None
     chosen: bool = False
 
     def row(self) -> dict:
         return asdict(self)
+
+
+def paired_changes(reference: list[bool], variant: list[bool]) -> tuple[int, int]:
+    """(problems only ``reference`` solves, problems only ``variant`` solves) over the same problems:
+    the discordant pairs behind an accuracy gap (a gap of 2 can be 2 vs 0 or 12 vs 10)."""
+    if len(reference) != len(variant):
+        raise ValueError(f"paired outcomes need the same problems ({len(reference)} vs {len(variant)})")
+    lost = sum(bool(a) and not b for a, b in zip(reference, variant))
+    gained = sum(bool(b) and not a for a, b in zip(reference, variant))
+    return lost, gained
+
+
+def changes_cell(r: VariantResult) -> str:
+    """``−lost / +gained`` for a table cell; "—" where there is nothing to compare."""
+    return "—" if r.lost is None or r.preset == "fp32" else f"−{r.lost} / +{r.gained}"
 
 
 def choose(results: list[VariantResult], tolerance: float) -> VariantResult:

@@ -17,6 +17,7 @@ from pathlib import Path
 from distill.artifacts import write_config, write_json, write_text
 from distill.errors import DistillError
 from distill.progress import console
+from export.gate import changes_cell
 from export.runtime import FORMAT_VERSION, GENERATION_FILE
 
 FP32_FILE = "model.onnx"
@@ -178,7 +179,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     from distill.stages.train import load_student
     from distill.tasks import Task
     from export.calibration import calibration_ids, feeds_for
-    from export.gate import VariantResult, choose, score_variant
+    from export.gate import VariantResult, choose, paired_changes, score_variant
     from export.onnx_export import PADDING_SIDE, export_decoder, kv_shape
     from export.quantize import linear_groups, make_variant
 
@@ -273,6 +274,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     write_json(variants_dir / "quantization_configs.json", quant_configs)  # every preset's config, by preset
     task = Task(recipe.task.answer_type)
     if cfg.gate:
+        solved: dict[str, list[bool]] = {}
         for r in results:
             if r.error:
                 continue
@@ -287,7 +289,11 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
             )
             r.accuracy, r.correct, r.n = summary["accuracy"], summary["correct"], summary["n"]
             r.tokens_per_second = summary["tokens_per_second"]
+            solved[r.preset] = [bool(x["correct"]) for x in rows]
             write_text(out / "gate" / f"{r.preset}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
+        for r in results:
+            if r.preset in solved:
+                r.lost, r.gained = paired_changes(solved["fp32"], solved[r.preset])
         chosen = choose(results, cfg.tolerance)
     else:
         chosen = min((r for r in results if not r.error), key=lambda r: r.bytes)
@@ -374,8 +380,8 @@ def _assemble_bundle(
         f"- model file: `{chosen.file}`; runs with onnxruntime + tokenizers only: "
         f'`python distill_runtime.py . "question"`',
         "",
-        "| variant | size | size / fp32 | top-1 vs torch | accuracy | tokens/s (1 thread) | kept |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | size | size / fp32 | top-1 vs torch | accuracy | vs fp32 (problems) | tokens/s (1 thread) | kept |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fp32_bytes = next(r.bytes for r in results if r.preset == "fp32")
     for r in results:
@@ -383,8 +389,8 @@ def _assemble_bundle(
         tps = f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—"
         agree = f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—"
         lines.append(
-            f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {r.bytes / fp32_bytes:.3f} | {agree} | {acc} | {tps} "
-            f"| {'✓' if r.chosen else ''} |"
+            f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {r.bytes / fp32_bytes:.3f} | {agree} | {acc} | {changes_cell(r)} "
+            f"| {tps} | {'✓' if r.chosen else ''} |"
         )
     if sensitivity:
         from export.sensitivity import markdown_table
@@ -397,9 +403,12 @@ def _assemble_bundle(
 def _print_table(results) -> None:
     from rich.table import Table
 
-    table = Table(title="export variants")
-    for col in ("variant", "size", "size / fp32", "top-1 vs torch", "accuracy", "tok/s (1 thread)", "kept"):
-        table.add_column(col)
+    table = Table(
+        title="export variants",
+        caption="top-1: agreement with torch; vs fp32: eval problems lost / gained; tok/s at 1 thread",
+    )
+    for col in ("variant", "size", "/ fp32", "top-1", "accuracy", "vs fp32", "tok/s", "kept"):
+        table.add_column(col, no_wrap=True)
     fp32_bytes = next(r.bytes for r in results if r.preset == "fp32")
     for r in results:
         table.add_row(
@@ -408,6 +417,7 @@ def _print_table(results) -> None:
             f"{r.bytes / fp32_bytes:.3f}",
             f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—",
             f"{r.accuracy:.1%}" if r.accuracy is not None else (r.error or "—"),
+            changes_cell(r),
             f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—",
             "✓" if r.chosen else "",
         )

@@ -107,15 +107,17 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             f"{v.get('greedy_identical')}/{v.get('prompts')}. Kept variant: **{exp['chosen']}** "
             f"(size ratio to fp32 {exp['chosen_fp32_size_ratio']:.2f}, tolerance {exp['tolerance']:.0%}).",
             "",
-            "| variant | size | top-1 vs torch | accuracy | tokens/s (1 thread) | kept |",
-            "|---|---|---|---|---|---|",
+            "| variant | size | top-1 vs torch | accuracy | vs fp32 (problems lost / gained) | tokens/s (1 thread) | kept |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in exp["variants"]:
             acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else (r["error"] or "—")
             tps = f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "—"
             agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "—"
+            changes = "—" if r.get("lost") is None or r["preset"] == "fp32" else f"−{r['lost']} / +{r['gained']}"
             lines.append(
-                f"| {r['preset']} | {r['bytes'] / 1e6:.1f} MB | {agree} | {acc} | {tps} | {'✓' if r['chosen'] else ''} |"
+                f"| {r['preset']} | {r['bytes'] / 1e6:.1f} MB | {agree} | {acc} | {changes} | {tps} "
+                f"| {'✓' if r['chosen'] else ''} |"
             )
         if exp.get("sensitivity"):
             from export.sensitivity import markdown_table

@@ -172,6 +172,10 @@ def test_export_static_int8_sensitivity_and_ort_format(first_run, recipe_file, t
     rows = {r["preset"]: r for r in m["variants"]}
     assert set(rows) == {"fp32", "int8", "int8_static", "fp16"} and not any(r["error"] for r in rows.values())
     assert rows["int8_static"]["top1_agreement"] > 0.8 and rows["int8_static"]["bytes"] < rows["fp32"]["bytes"]
+    for r in rows.values():  # the paired lost/gained problems explain each accuracy gap exactly
+        assert r["correct"] - rows["fp32"]["correct"] == r["gained"] - r["lost"]
+    assert rows["fp32"]["lost"] == rows["fp32"]["gained"] == 0
+    assert "vs fp32 (problems)" in open(f"{dst}/export/bundle/README.md").read()
     groups = [r["group"] for r in m["sensitivity"]]
     assert set(groups) == {"q", "k", "v", "o", "gate", "up", "down", "embedding+lm_head", "all"}
     assert groups[-1] == "all" and all(0 <= r["top1_agreement"] <= 1 for r in m["sensitivity"])

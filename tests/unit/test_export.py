@@ -456,3 +456,16 @@ def test_int8_static_histogram_calibration_takes_prompts_of_different_lengths(bu
     cfg = quantize_static_int8(out / FP32_FILE, out / "m.pct.onnx", feeds, calibrate_method="Percentile")
     assert cfg["calibrate_method"] == "Percentile"
     assert top1_agreement(out / "m.pct.onnx", feeds, prefill_top1(out / FP32_FILE, feeds)) >= 0.8
+
+
+def test_paired_changes_count_the_discordant_problems():
+    from export.gate import VariantResult, changes_cell, paired_changes
+
+    fp32 = [True, True, False, False, True]
+    int8 = [True, False, True, False, False]
+    assert paired_changes(fp32, int8) == (2, 1)  # accuracy 3/5 vs 2/5: two lost, one gained
+    assert paired_changes(fp32, fp32) == (0, 0)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_changes(fp32, int8[:3])
+    assert changes_cell(VariantResult("int8", "m.onnx", 1, lost=2, gained=1)) == "−2 / +1"
+    assert changes_cell(VariantResult("fp32", "m.onnx", 1, lost=0, gained=0)) == "—"
