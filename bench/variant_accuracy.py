@@ -26,7 +26,7 @@ def main() -> None:
 
     from distill.config import load_recipe
     from distill.tasks import Task, _reasoning_gym
-    from export.gate import score_variant
+    from export.gate import paired_changes, score_variant
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
@@ -66,8 +66,7 @@ def main() -> None:
         print(f"{f:<24} {summary['accuracy']:6.1%} ({summary['correct']}/{summary['n']})  95% CI {lo:.1%}–{hi:.1%}")
     ref = args.files[0]
     for f in args.files[1:]:
-        only_ref = sum(a and not b for a, b in zip(correct[ref], correct[f]))
-        only_f = sum(b and not a for a, b in zip(correct[ref], correct[f]))
+        only_ref, only_f = paired_changes(correct[ref], correct[f])
         print(f"{f} vs {ref}: {only_ref} solved only by {ref}, {only_f} only by {f}")
 
 

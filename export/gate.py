@@ -43,9 +43,9 @@ def paired_changes(reference: list[bool], variant: list[bool]) -> tuple[int, int
     return lost, gained
 
 
-def changes_cell(r: VariantResult) -> str:
+def changes_cell(preset: str, lost: int | None, gained: int | None) -> str:
     """``−lost / +gained`` for a table cell; "—" where there is nothing to compare."""
-    return "—" if r.lost is None or r.preset == "fp32" else f"−{r.lost} / +{r.gained}"
+    return "—" if lost is None or preset == "fp32" else f"−{lost} / +{gained}"
 
 
 def choose(results: list[VariantResult], tolerance: float) -> VariantResult:

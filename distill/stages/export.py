@@ -389,7 +389,7 @@ def _assemble_bundle(
         tps = f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—"
         agree = f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—"
         lines.append(
-            f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {r.bytes / fp32_bytes:.3f} | {agree} | {acc} | {changes_cell(r)} "
+            f"| {r.preset} | {r.bytes / 1e6:.0f} MB | {r.bytes / fp32_bytes:.3f} | {agree} | {acc} | {changes_cell(r.preset, r.lost, r.gained)} "
             f"| {tps} | {'✓' if r.chosen else ''} |"
         )
     if sensitivity:
@@ -417,7 +417,7 @@ def _print_table(results) -> None:
             f"{r.bytes / fp32_bytes:.3f}",
             f"{r.top1_agreement:.1%}" if r.top1_agreement is not None else "—",
             f"{r.accuracy:.1%}" if r.accuracy is not None else (r.error or "—"),
-            changes_cell(r),
+            changes_cell(r.preset, r.lost, r.gained),
             f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "—",
             "✓" if r.chosen else "",
         )

@@ -110,11 +110,13 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             "| variant | size | top-1 vs torch | accuracy | vs fp32 (problems lost / gained) | tokens/s (1 thread) | kept |",
             "|---|---|---|---|---|---|---|",
         ]
+        from export.gate import changes_cell
+
         for r in exp["variants"]:
             acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else (r["error"] or "—")
             tps = f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "—"
             agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "—"
-            changes = "—" if r.get("lost") is None or r["preset"] == "fp32" else f"−{r['lost']} / +{r['gained']}"
+            changes = changes_cell(r["preset"], r.get("lost"), r.get("gained"))  # absent in older runs
             lines.append(
                 f"| {r['preset']} | {r['bytes'] / 1e6:.1f} MB | {agree} | {acc} | {changes} | {tps} "
                 f"| {'✓' if r['chosen'] else ''} |"
