@@ -3,7 +3,10 @@
     .venv/bin/python bench/export_speed.py runs/quickstart [--prompts 8] [--new-tokens 64] [--rounds 3]
 
 Prints tokens/s, ratio to torch fp32, size ratio to fp32 ONNX and peak RSS of each runtime process
-(each variant runs in its own process so peak memory is its own). With ``--rounds N`` the models run
+(each variant runs in its own process so peak memory is its own). Batch-1 decoding reads every weight
+once per token, so each row also shows the weight bytes streamed per second (tok/s x weight bytes) and
+its byte cap (torch's weight bytes / the variant's): where both sides stream weights at the same
+bandwidth no kernel beats it (``bench/gemv_ceiling.py`` measures how close the kernels themselves get). With ``--rounds N`` the models run
 interleaved N times (torch, v1, v2, ..., torch, v1, ...) and each keeps its best round, so load from
 other processes on a shared machine hits all of them alike instead of whichever ran during a spike.
 """
@@ -58,7 +61,12 @@ def torch_speed(run: Path, questions: list[str], new_tokens: int) -> dict:
                 top_k=None,
             )
         tokens += out.shape[1] - ids["input_ids"].shape[1]
-    return {"tokens_per_second": tokens / (time.perf_counter() - t0), "peak_rss_mb": _rss()}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+    return {
+        "tokens_per_second": tokens / (time.perf_counter() - t0),
+        "peak_rss_mb": _rss(),
+        "weight_bytes": weight_bytes,
+    }
 
 
 def ort_speed(folder: Path, file: str, questions: list[str], new_tokens: int) -> dict:
@@ -109,9 +117,13 @@ def main() -> None:
             if kind not in best or r["tokens_per_second"] > best[kind]["tokens_per_second"]:
                 best[kind] = {**r, "peak_rss_mb": max(r["peak_rss_mb"], best.get(kind, r)["peak_rss_mb"])}
     base = best["torch"]
-    print(f"{'model':<18}{'tok/s':>8}{'vs torch':>10}{'size':>10}{'size/fp32':>11}{'peak RSS':>10}{'accuracy':>10}")
     print(
-        f"{'torch fp32':<18}{base['tokens_per_second']:>8.1f}{1.0:>10.2f}{'':>10}{'':>11}{base['peak_rss_mb']:>8.0f}MB"
+        f"{'model':<18}{'tok/s':>8}{'vs torch':>10}{'byte cap':>9}{'size':>10}{'size/fp32':>11}{'GB/s':>7}"
+        f"{'peak RSS':>10}{'accuracy':>10}"
+    )
+    print(
+        f"{'torch fp32':<18}{base['tokens_per_second']:>8.1f}{1.0:>10.2f}{1.0:>9.2f}{base['weight_bytes'] / 1e6:>8.1f}MB{'':>11}"
+        f"{_gbs(base['tokens_per_second'], base['weight_bytes']):>7.1f}{base['peak_rss_mb']:>8.0f}MB"
     )
     for v in m["variants"]:
         if v["error"]:
@@ -121,8 +133,17 @@ def main() -> None:
         acc = f"{v['accuracy']:.1%}" if v["accuracy"] is not None else "—"
         print(
             f"{'onnx ' + v['preset']:<18}{r['tokens_per_second']:>8.1f}{r['tokens_per_second'] / base['tokens_per_second']:>10.2f}"
-            f"{v['bytes'] / 1e6:>8.1f}MB{v['bytes'] / m['fp32_bytes']:>11.3f}{r['peak_rss_mb']:>8.0f}MB{acc:>10}"
+            f"{base['weight_bytes'] / v['bytes']:>9.2f}{v['bytes'] / 1e6:>8.1f}MB{v['bytes'] / m['fp32_bytes']:>11.3f}"
+            f"{_gbs(r['tokens_per_second'], v['bytes']):>7.1f}{r['peak_rss_mb']:>8.0f}MB{acc:>10}"
         )
+    print(
+        "byte cap: torch fp32 weight bytes / the model's (the ratio's limit at equal bandwidth); GB/s: tok/s x "
+        "weight bytes (each weight is read once per decoded token at batch 1; tok/s includes the prompt pass)"
+    )
+
+
+def _gbs(tokens_per_second: float, weight_bytes: int) -> float:
+    return tokens_per_second * weight_bytes / 1e9
 
 
 if __name__ == "__main__":

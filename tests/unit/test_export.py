@@ -470,3 +470,31 @@ def test_paired_changes_count_the_discordant_problems():
     assert changes_cell("int8", 2, 1) == "−2 / +1"
     assert changes_cell("fp32", 0, 0) == "—"
     assert changes_cell("int8", None, None) == "—"  # no gate run, or a report of an older run
+
+
+def test_gemv_ceiling_bench_multiplies_the_exported_models_matrices(bundle):
+    """bench/gemv_ceiling.py stands for one decoded token's weight traffic: its matrices must be the
+    exported graph's (every constant-weight MatMul, plus the tied LM head read through a Transpose)."""
+    import importlib.util
+
+    import onnx
+    from onnx import numpy_helper
+
+    spec = importlib.util.spec_from_file_location(
+        "gemv_ceiling", Path(__file__).parents[2] / "bench" / "gemv_ceiling.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _, out = bundle
+    graph = onnx.load(str(out / FP32_FILE)).graph
+    inits = {i.name: numpy_helper.to_array(i).shape for i in graph.initializer}
+    transposed = {
+        n.output[0]: inits[n.input[0]][::-1] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
+    }
+    exported = sorted(
+        inits.get(n.input[1]) or transposed[n.input[1]]
+        for n in graph.node
+        if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in transposed)
+    )
+    assert sorted(bench.shapes(model.config.to_dict()).values()) == exported
+    assert len(exported) == 7 * model.config.num_hidden_layers + 1
