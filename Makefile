@@ -46,6 +46,7 @@ bench: install models
 	$(PY) bench/teacher_throughput.py
 	test -f runs/quickstart/export/DONE.json || $(VENV)/bin/distill run recipes/quickstart.yaml
 	$(PY) bench/export_speed.py runs/quickstart
+	$(PY) bench/gemv_ceiling.py runs/quickstart/train/model
 	$(PY) bench/train_vs_trl.py
 
 # Long soak: 20 kill -9s of a generation job at random moments, each resumed; exact-once check.
