@@ -6,9 +6,10 @@ Prints tokens/s, ratio to torch fp32, size ratio to fp32 ONNX and peak RSS of ea
 (each variant runs in its own process so peak memory is its own). Batch-1 decoding reads every weight
 once per token, so each row also shows the weight bytes streamed per second (tok/s x weight bytes) and
 its byte cap (torch's weight bytes / the variant's): where both sides stream weights at the same
-bandwidth no kernel beats it (``bench/gemv_ceiling.py`` measures how close the kernels themselves get). With ``--rounds N`` the models run
-interleaved N times (torch, v1, v2, ..., torch, v1, ...) and each keeps its best round, so load from
-other processes on a shared machine hits all of them alike instead of whichever ran during a spike.
+bandwidth no kernel beats it (``bench/gemv_ceiling.py`` measures how close the kernels themselves get).
+With ``--rounds N`` the models run interleaved N times (torch, v1, v2, ..., torch, v1, ...) and each
+keeps its best round, so load from other processes on a shared machine hits all of them alike instead
+of whichever ran during a spike.
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@
 
 A decoded token at batch 1 multiplies one activation row by every weight matrix of the model (7 per
 layer plus the LM head). This builds exactly that set of matrices from the student's config (random
-values: the kernels' speed does not depend on them), runs it in torch fp32 (``F.linear``, the
-baseline of ``bench/export_speed.py``) and in onnxruntime as fp32 ``MatMul`` and as the ``int8`` /
-``int4`` presets' ``MatMulNBits`` (quantized by ``export.quantize`` with the default block layout)
-and as ``int8_dynamic``'s ``DynamicQuantizeMatMul`` (per-channel weights, one activation scale per
-tensor: the faster kernel, but see BENCHMARKS.md for what that scale costs in accuracy), 1 thread each, interleaved rounds, best round kept. Attention, norms, the prompt pass and the Python
-loop are all left out, so the ratio printed for a preset is the most any decoder graph built on
-these kernels can reach against torch fp32 on this machine.
+values: the kernels' speed does not depend on them) and runs it, 1 thread each, interleaved rounds,
+best round kept, in torch fp32 (``F.linear``, the baseline of ``bench/export_speed.py``) and in
+onnxruntime as fp32 ``MatMul``, as the ``int8`` / ``int4`` presets' ``MatMulNBits`` (quantized by
+``export.quantize`` with the default block layout; here the int4 LM head is 4-bit too, where the
+exported int4 model shares an int8 embedding) and as ``int8_dynamic``'s ``DynamicQuantizeMatMul``
+(per-channel weights, one activation scale per tensor: a faster kernel, but see BENCHMARKS.md for
+what that scale costs in accuracy). Attention, norms, the prompt pass and the Python loop are left
+out, so the ratio printed for a preset is the most any decoder graph built on these kernels can reach
+against torch fp32 on this machine.
 """
 
 from __future__ import annotations
