@@ -111,23 +111,22 @@ def _chain_rationale(question: str) -> tuple[str, int]:
 
 
 def self_consistency(backend, problems, samples: int, n_prompts: int = 9, new_tokens: int = 48) -> None:
-    """4. N sampled paths per few-shot CoT prompt: HF generate(num_return_sequences) vs the backend."""
+    """4. N sampled paths per few-shot CoT prompt: HF generate(num_return_sequences) vs the backend.
+    The prompts are the ones ``teacher.method: self_consistency`` sends, with 4 worked demonstrations."""
     import torch
 
+    from distill.config import Demo, TeacherConfig
+    from distill.tasks import Task
     from teachers.backends.base import Decoding, GenerationRequest
+    from teachers.methods import _messages
 
     demos = []
     for p in problems[-4:]:
         rationale, answer = _chain_rationale(p["question"])
-        demos += [
-            {"role": "user", "content": p["question"]},
-            {
-                "role": "assistant",
-                "content": f"Let's think step by step. {rationale}\nTherefore, the answer is {answer}.",
-            },
-        ]
+        demos.append(Demo(question=p["question"], rationale=rationale, answer=str(answer)))
+    cfg = TeacherConfig(method="self_consistency", samples=samples, demos=demos)
     prompts = [
-        backend.chat_prompt([*demos, {"role": "user", "content": p["question"]}], "Let's think step by step.")
+        backend.chat_prompt(_messages(p["question"], cfg, Task("number")), assistant_prefix=cfg.trigger)
         for p in problems[:n_prompts]
     ]
     tok, model = backend.tokenizer, backend.model
