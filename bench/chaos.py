@@ -73,7 +73,7 @@ def main() -> int:
 
     from distill.cli import _env_defaults
     from distill.config import TaskConfig
-    from distill.tasks import load_problems
+    from distill.core.problems import load_problems
 
     _env_defaults()
     os.environ.pop("DISTILL_JOBS_DB", None)

@@ -38,7 +38,7 @@ def torch_speed(run: Path, questions: list[str], new_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from students.data import prompt_template, render_prompt
+    from distill.students.data import prompt_template, render_prompt
 
     torch.set_num_threads(1)
     path = run / "train" / "model"
@@ -71,7 +71,7 @@ def torch_speed(run: Path, questions: list[str], new_tokens: int) -> dict:
 
 
 def ort_speed(folder: Path, file: str, questions: list[str], new_tokens: int) -> dict:
-    from export.runtime import OnnxGenerator
+    from distill.export.runtime import OnnxGenerator
 
     gen = OnnxGenerator(folder, file, threads=1)
     gen.eos_ids = set()  # fixed-length decoding, as min_new_tokens does for torch

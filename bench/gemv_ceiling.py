@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     from distill.config import ExportConfig
-    from export.quantize import quantize_dynamic_int8, quantize_weight_only
+    from distill.export.quantize import quantize_dynamic_int8, quantize_weight_only
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)

@@ -38,10 +38,10 @@ def main() -> None:
     import torch
 
     from distill.config import Recipe
-    from distill.sources import resolve_model
-    from distill.tasks import load_problems
-    from teachers.backends.base import Decoding
-    from teachers.backends.transformers import TransformersBackend
+    from distill.core.problems import load_problems
+    from distill.core.sources import resolve_model
+    from distill.teachers.backends.base import Decoding
+    from distill.teachers.backends.transformers import TransformersBackend
 
     torch.set_num_threads(1)
     path = resolve_model(args.model)
@@ -72,7 +72,7 @@ def naive_vs_batched(backend, prompts, dec, new_tokens) -> None:
     """1. naive loop vs batched backend (same prompts, same greedy decoding, same process)."""
     import torch
 
-    from teachers.backends.base import GenerationRequest
+    from distill.teachers.backends.base import GenerationRequest
 
     tok, model = backend.tokenizer, backend.model
     t0 = time.perf_counter()
@@ -116,9 +116,9 @@ def self_consistency(backend, problems, samples: int, n_prompts: int = 9, new_to
     import torch
 
     from distill.config import Demo, TeacherConfig
-    from distill.tasks import Task
-    from teachers.backends.base import Decoding, GenerationRequest
-    from teachers.methods import _messages
+    from distill.core.answers import Task
+    from distill.teachers.backends.base import Decoding, GenerationRequest
+    from distill.teachers.methods import _messages
 
     demos = []
     for p in problems[-4:]:

@@ -28,9 +28,9 @@ STUDENT = "embedded:smollm2-135m-instruct"
 
 def examples(tokenizer, n: int, max_length: int) -> list[dict]:
     """The first ``n`` correct coin-flip rationales as (input_ids, labels), prompt masked."""
-    from distill.tasks import Task
-    from students.data import build_examples
-    from teachers.replay import parse_kojima_log
+    from distill.core.answers import Task
+    from distill.core.problems import parse_kojima_log
+    from distill.students.data import build_examples
 
     task = Task("text")
     rows = [
@@ -48,7 +48,7 @@ def rss_mb() -> float:
 def run_ours(args) -> dict:
     from distill.config import StudentConfig
     from distill.stages.train import load_student
-    from students.trainer import train
+    from distill.students.trainer import train
 
     model, tok = load_student(STUDENT)
     data = examples(tok, args.steps * args.batch, args.max_length)
@@ -77,7 +77,7 @@ def run_trl(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from distill.stages.train import load_student
-    from students.trainer import use_bf16
+    from distill.students.trainer import use_bf16
 
     model, tok = load_student(STUDENT)
     data = examples(tok, args.steps * args.batch, args.max_length)

@@ -25,8 +25,9 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from distill.config import load_recipe
-    from distill.tasks import Task, _reasoning_gym
-    from export.gate import paired_changes, score_variant
+    from distill.core.answers import Task
+    from distill.core.problems import reasoning_gym_problems
+    from distill.export.gate import paired_changes, score_variant
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
@@ -43,7 +44,7 @@ def main() -> None:
         for split in ("train", "eval")
         for r in pq.read_table(args.run / "generate" / "dataset" / f"{split}.parquet").to_pylist()
     }
-    pool = _reasoning_gym(task.name, task.params, args.problems * 2 + 16, args.seed)
+    pool = reasoning_gym_problems(task.name, task.params, args.problems * 2 + 16, args.seed)
     unseen = [p for p in pool if p["question"] not in seen]
     problems = [{"id": f"fresh-{i:05d}", **p} for i, p in enumerate(unseen[: args.problems])]
     print(

@@ -15,11 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
-from distill.artifacts import atomic_write_bytes, write_json, write_recipe, write_text
 from distill.config import Recipe, content_hash
-from distill.errors import DistillError
+from distill.core.artifacts import atomic_write_bytes, write_json, write_recipe, write_text
+from distill.core.errors import DistillError
+from distill.core.progress import console
 from distill.pipeline import _done, run_stage, stage_dir, stage_hash
-from distill.progress import console
 
 FORMATS = ("label", "rationale", "multitask", "kd")
 LABELS = {
@@ -57,8 +57,8 @@ def kd_unavailable(recipe: Recipe, gen_dir: Path) -> str | None:
         return "the teacher stored no top-k log-probabilities (set teacher.topk_logprobs, e.g. 20)"
     from transformers import AutoTokenizer
 
-    from distill.sources import resolve_model
-    from students.kd import tokenizer_mismatch
+    from distill.core.sources import resolve_model
+    from distill.students.kd import tokenizer_mismatch
 
     cfg = recipe.student
     if cfg.model.startswith("config:") and not cfg.tokenizer:
@@ -114,9 +114,9 @@ def ablate(
 
     Writes ``<run>/ablate/ablation.md``, ``ablation.json`` and ``ablation.png``.
     """
+    from distill.core.answers import Task
     from distill.stages.evaluate import eval_problems, evaluate_student, teacher_rows, write_rows
-    from distill.tasks import Task
-    from students.evaluate import summarize
+    from distill.students.evaluate import summarize
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

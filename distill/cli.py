@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Distill large teachers into small, deployable students."
@@ -84,7 +84,7 @@ def storage_problem(e: BaseException) -> str | None:
 
 
 def _fail(message: str):
-    from distill.progress import console
+    from distill.core.progress import console
 
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
@@ -195,7 +195,7 @@ def infer(
 
     def go():
         _env_defaults()
-        from export.runtime import GENERATION_FILE, BundleFormatError, OnnxGenerator, check_format
+        from distill.export.runtime import GENERATION_FILE, BundleFormatError, OnnxGenerator, check_format
 
         if not (bundle / GENERATION_FILE).is_file():
             raise DistillError(
@@ -233,8 +233,8 @@ def serve(
 
     def go():
         _env_defaults()
-        from distill.progress import console
-        from teachers.serve import serve as run_server
+        from distill.core.progress import console
+        from distill.teachers.serve import serve as run_server
 
         def ready(server):
             console.print(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 
 class Strict(BaseModel):
@@ -142,7 +142,7 @@ class TeacherConfig(Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template_renders(cls, v: str) -> str:
-        from teachers.prompts import render
+        from distill.teachers.prompts import render
 
         render(v, question="1 + 1 =")  # a broken or unsafe template fails here, before any job starts
         return v

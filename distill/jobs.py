@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 
 def store_path() -> Path:

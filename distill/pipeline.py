@@ -14,10 +14,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distill.artifacts import write_json, write_recipe
 from distill.config import Recipe, content_hash
-from distill.errors import DistillError
-from distill.progress import console
+from distill.core.artifacts import write_json, write_recipe
+from distill.core.errors import DistillError
+from distill.core.progress import console
 
 STAGES = ("generate", "train", "export", "evaluate")
 

@@ -17,7 +17,7 @@ def calibration_ids(tokenizer, train_parquet: Path, fmt: str, task, n: int = 32,
     """Token ids of the first ``n`` training examples (prompt + target through the chat template)."""
     import pyarrow.parquet as pq
 
-    from students.data import build_examples
+    from distill.students.data import build_examples
 
     rows = pq.read_table(train_parquet).to_pylist()[:n]
     return [ex["input_ids"] for ex in build_examples(tokenizer, rows, fmt, task, max_length)][:n]

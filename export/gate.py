@@ -60,9 +60,9 @@ def score_variant(
     bundle: Path, file: str, problems: list[dict], task, max_new_tokens: int, batch_size: int, label: str
 ):
     """(summary with accuracy and 1-thread tokens/s, per-example rows) for one ONNX file."""
-    from distill.progress import progress_bar
-    from export.runtime import OnnxGenerator
-    from students.evaluate import score
+    from distill.core.progress import progress_bar
+    from distill.export.runtime import OnnxGenerator
+    from distill.students.evaluate import score
 
     gen = OnnxGenerator(bundle, file, threads=1)
     questions = [p["question"] for p in problems]

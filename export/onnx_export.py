@@ -70,7 +70,7 @@ def export_decoder(model, out_path: Path, opset: int = 18, attention: str = "aut
     Returns the attention layout used, ``fused`` or ``generic``."""
     import torch
 
-    from export import gqa
+    from distill.export import gqa
 
     model = model.eval().float()
     reason = gqa.unsupported_reason(model)

@@ -133,7 +133,7 @@ def save_model(model, dst: Path) -> None:
     """Save ``model``; weights go to external data past protobuf's 2 GB limit."""
     import onnx
 
-    from export.onnx_export import strip_node_metadata
+    from distill.export.onnx_export import strip_node_metadata
 
     strip_node_metadata(model)
     onnx.save(model, str(dst), save_as_external_data=model.ByteSize() > 1.8e9)
@@ -158,7 +158,7 @@ def quantize_static_int8(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from export.calibration import FeedReader, crop_feeds
+    from distill.export.calibration import FeedReader, crop_feeds
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     # The tied LM head reads Transpose(embedding); left to quantize_static it would get a per-tensor

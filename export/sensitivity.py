@@ -15,7 +15,7 @@ import numpy as np
 
 def prefill_top1(model_path: Path, feeds: list[dict]) -> list[np.ndarray]:
     """Argmax token at every position of every feed (prefill, 1 thread)."""
-    from export.runtime import make_session
+    from distill.export.runtime import make_session
 
     sess = make_session(model_path, threads=1)
     return [sess.run(["logits"], feed)[0][0].argmax(-1) for feed in feeds]

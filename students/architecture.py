@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 
 def keep_layers(model, layers: list[int]):

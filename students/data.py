@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from distill.tasks import Task
+from distill.core.answers import Task
 
 PLACEHOLDER = "<<<DISTILL_QUESTION>>>"
 

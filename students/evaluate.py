@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from distill.progress import progress_bar
-from distill.tasks import Task
-from students.data import render_prompt
+from distill.core.answers import Task
+from distill.core.progress import progress_bar
+from distill.students.data import render_prompt
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

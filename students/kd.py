@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from students.losses import completion_positions, topk_forward_kl, topk_generalized_jsd
+from distill.students.losses import completion_positions, topk_forward_kl, topk_generalized_jsd
 
 
 def tokenizer_mismatch(teacher_source: str, student_tokenizer) -> str | None:
     """Why the teacher's token ids cannot be read as the student's (None when both tokenizers agree)."""
     from transformers import AutoTokenizer
 
-    from distill.sources import resolve_model
+    from distill.core.sources import resolve_model
 
     teacher = AutoTokenizer.from_pretrained(resolve_model(teacher_source))
     if teacher.get_vocab() != student_tokenizer.get_vocab():

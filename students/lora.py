@@ -14,7 +14,7 @@ def add_lora(model, settings, seed: int = 0):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        from distill.errors import DistillError
+        from distill.core.errors import DistillError
 
         raise DistillError("student.lora needs peft", "pip install 'distill[trl]' (peft 0.21)") from None
 

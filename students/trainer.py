@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.progress import progress_bar
-from students.data import collate, length_grouped_batches, pack_examples
-from students.losses import completion_cross_entropy, selected_cross_entropy
+from distill.core.progress import progress_bar
+from distill.students.data import collate, length_grouped_batches, pack_examples
+from distill.students.losses import completion_cross_entropy, selected_cross_entropy
 
 
 @dataclass
@@ -65,7 +65,7 @@ def forward_loss(model, batch, kd=None):
         return completion_cross_entropy(model(**inputs).logits, batch["labels"])
     hidden = decoder(**inputs).last_hidden_state
     if kd is not None and "kd_mask" in batch:
-        from students.kd import selected_kd_loss
+        from distill.students.kd import selected_kd_loss
 
         return selected_kd_loss(
             hidden,

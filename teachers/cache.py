@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from teachers.backends.base import Completion, GenerationRequest, TeacherBackend
+from distill.teachers.backends.base import Completion, GenerationRequest, TeacherBackend
 
 log = logging.getLogger("distill.cache")
 

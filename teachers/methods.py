@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from distill.tasks import Task
-from teachers.backends.base import Decoding, GenerationRequest
-from teachers.prompts import render
+from distill.core.answers import Task
+from distill.teachers.backends.base import Decoding, GenerationRequest
+from distill.teachers.prompts import render
 
 
 def _messages(question: str, cfg, task: Task) -> list[dict]:

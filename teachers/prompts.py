@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 
 @cache

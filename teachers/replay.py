@@ -9,42 +9,11 @@ is kept with a reason, never dropped silently.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from distill.errors import DistillError
-from distill.tasks import Task
-
-_BLOCK_SPLIT = re.compile(r"\n\*{20,}\n")
-
-
-def _norm(q: str) -> str:
-    return " ".join(q.split())
-
-
-def parse_kojima_log(path: Path) -> list[dict]:
-    """Records from a zero-shot-CoT log: question, rationale, answer_raw, pred, gold."""
-    records = []
-    for block in _BLOCK_SPLIT.split(path.read_text(encoding="utf-8")):
-        q = re.search(r"^Q: (.*?)\nA: ", block, re.S | re.M)
-        pred = re.search(r"^pred_mode : (.*)$", block, re.M)
-        gold = re.search(r"^GT : (.*)$", block, re.M)
-        if not (q and pred and gold):
-            continue
-        answer_text = block[q.end() : block.index("pred_before")] if "pred_before" in block else block[q.end() :]
-        cut = answer_text.rfind("Therefore, the answer")
-        rationale = answer_text[:cut] if cut >= 0 else answer_text
-        rationale = rationale.strip().removeprefix("Let's think step by step.").strip()
-        records.append(
-            {
-                "question": q.group(1).strip(),
-                "rationale": rationale,
-                "answer_raw": answer_text[cut:].strip() if cut >= 0 else "",
-                "answer": pred.group(1).strip(),
-                "gold": gold.group(1).strip(),
-            }
-        )
-    return records
+from distill.core.answers import Task
+from distill.core.errors import DistillError
+from distill.core.problems import normalize_question, parse_kojima_log
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -77,7 +46,7 @@ class ReplayTeacher:
     """Answers problems from recorded outputs; ``model_id`` names the file for provenance."""
 
     def __init__(self, path: str | Path):
-        self.records = {_norm(r["question"]): r for r in load_records(path)}
+        self.records = {normalize_question(r["question"]): r for r in load_records(path)}
         self.model_id = f"replay:{Path(path).name}"
         self.calls = 0
 
@@ -85,7 +54,7 @@ class ReplayTeacher:
         """One output row per problem, in the schema the generate stage writes."""
         out = []
         for p in problems:
-            r = self.records.get(_norm(p["question"]))
+            r = self.records.get(normalize_question(p["question"]))
             pred = task.extract(str(r["answer"])).answer if r else None
             gold = task.normalize_gold(p["gold"])
             out.append(

@@ -22,8 +22,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from distill.errors import DistillError
-from teachers.backends.base import Decoding, GenerationRequest
+from distill.core.errors import DistillError
+from distill.teachers.backends.base import Decoding, GenerationRequest
 
 log = logging.getLogger("distill.serve")
 
@@ -232,8 +232,8 @@ def serve(
     """Serve ``model_source`` until interrupted."""
     from aiohttp import web
 
-    from distill.sources import resolve_model
-    from teachers.backends.transformers import TransformersBackend
+    from distill.core.sources import resolve_model
+    from distill.teachers.backends.transformers import TransformersBackend
 
     token = os.environ.get(token_env) or None
     check_bind(host, token, token_env)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from teachers.backends.base import Decoding, GenerationRequest
+from distill.teachers.backends.base import Decoding, GenerationRequest
 
 INSTRUCTION = (
     "Here are example problems:\n\n{examples}\n\nWrite one new problem of the same kind and difficulty, with "

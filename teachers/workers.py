@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from distill.tasks import Task
-from teachers.methods import METHODS
-from teachers.replay import ReplayTeacher
+from distill.core.answers import Task
+from distill.teachers.methods import METHODS
+from distill.teachers.replay import ReplayTeacher
 
 ROW_SCHEMA = pa.schema(
     [
@@ -39,7 +39,7 @@ ROW_SCHEMA = pa.schema(
 def make_backend(cfg, model_path: str):
     """The backend a teacher config names: an OpenAI-compatible endpoint or a local model folder."""
     if cfg.model.startswith("openai:"):
-        from teachers.backends.openai import OpenAIBackend
+        from distill.teachers.backends.openai import OpenAIBackend
 
         return OpenAIBackend(
             cfg.model.removeprefix("openai:"),
@@ -54,10 +54,10 @@ def make_backend(cfg, model_path: str):
             retry_base=cfg.retry_base,
         )
     if cfg.engine == "vllm":
-        from teachers.backends.vllm import VLLMBackend
+        from distill.teachers.backends.vllm import VLLMBackend
 
         return VLLMBackend(model_path, dtype=cfg.dtype)
-    from teachers.backends.transformers import TransformersBackend
+    from distill.teachers.backends.transformers import TransformersBackend
 
     return TransformersBackend(
         model_path,
@@ -75,7 +75,7 @@ class TeacherWorker:
         import torch
 
         from distill.config import TeacherConfig
-        from teachers.cache import CachedTeacher, CompletionCache
+        from distill.teachers.cache import CachedTeacher, CompletionCache
 
         self.cfg = TeacherConfig.model_validate(teacher_cfg)
         self.task = Task(answer_type)

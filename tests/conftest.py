@@ -43,7 +43,7 @@ def tiny_teacher(tmp_path_factory, tiny_task_cfg) -> Path:
     """A tiny model fitted to answer most of the tiny task's problems (real weights, no download)."""
     from tiny import train_tiny_teacher
 
-    from distill.tasks import load_problems
+    from distill.core.problems import load_problems
 
     train, evals = load_problems(tiny_task_cfg)
     # Fit on part of each split so the teacher is right on some problems and wrong on others.

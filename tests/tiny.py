@@ -83,8 +83,8 @@ def train_tiny_teacher(folder: Path, problems: list[dict], epochs: float = 30, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.config import StudentConfig
-    from students.data import render_prompt, tokenize_example
-    from students.trainer import train
+    from distill.students.data import render_prompt, tokenize_example
+    from distill.students.trainer import train
 
     torch.set_num_threads(1)
     build_model(folder, "qwen2", seed=seed, layers=2, hidden=96)

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import write_config, write_json
-from distill.errors import DistillError
-from distill.progress import console
-from distill.tasks import Task
-from students.evaluate import score, summarize
+from distill.core.answers import Task
+from distill.core.artifacts import write_config, write_json
+from distill.core.errors import DistillError
+from distill.core.progress import console
+from distill.students.evaluate import score, summarize
 
 LABELS = {
     "teacher": "teacher",
@@ -34,14 +34,14 @@ class EvalResult:
 def write_rows(path: Path, rows: list[dict]) -> None:
     import json
 
-    from distill.artifacts import write_text
+    from distill.core.artifacts import write_text
 
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _weights_bytes(source: str) -> int | None:
     """On-disk fp32 size of a model source's weights (safetensors), or None when unknown."""
-    from distill.sources import resolve_model
+    from distill.core.sources import resolve_model
 
     if source.startswith("replay:"):
         return None
@@ -75,10 +75,11 @@ def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[di
         return table.filter(pc.equal(table["split"], "train")).sort_by("id").to_pylist(), True
     if not Path(split).is_file():
         raise DistillError(f"split {split!r} is neither eval, train nor a file", "pass eval, train or a .jsonl path")
-    from distill.tasks import Task, _file
+    from distill.core.answers import Task
+    from distill.core.problems import read_problem_file
 
     task = Task(answer_type)
-    rows = _file(split)
+    rows = read_problem_file(split)
     return [
         {"id": f"file-{i:06d}", "split": "file", "question": r["question"], "gold": task.normalize_gold(r["gold"])}
         for i, r in enumerate(rows)
@@ -103,8 +104,8 @@ def teacher_rows(problems: list[dict]) -> list[dict]:
 def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cfg, label: str) -> tuple[dict, list]:
     """Greedy accuracy of a torch student (asked in format ``fmt``); returns (summary, per-example rows)."""
     from distill.stages.train import load_student
-    from students.data import prompt_template
-    from students.evaluate import generate_torch
+    from distill.students.data import prompt_template
+    from distill.students.evaluate import generate_torch
 
     model, tokenizer = load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
     questions = [p["question"] for p in problems]
@@ -152,7 +153,7 @@ def evaluate_stage(
                 rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
                 summary = summarize(rows)
             else:
-                from export.gate import score_variant
+                from distill.export.gate import score_variant
 
                 summary, rows = score_variant(
                     export_dir / "bundle",

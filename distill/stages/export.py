@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import write_config, write_json, write_text
-from distill.errors import DistillError
-from distill.progress import console
-from export.gate import changes_cell
-from export.runtime import FORMAT_VERSION, GENERATION_FILE
+from distill.core.artifacts import write_config, write_json, write_text
+from distill.core.errors import DistillError
+from distill.core.progress import console
+from distill.export.gate import changes_cell
+from distill.export.runtime import FORMAT_VERSION, GENERATION_FILE
 
 FP32_FILE = "model.onnx"
 
@@ -37,7 +37,7 @@ def variant_file(preset: str) -> str:
 def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
     """MatMuls ``int8_dynamic`` keeps in fp32: the MLP down-projections, whose inputs carry the
     activation outliers that per-tensor scales cannot represent (found by a per-group sweep)."""
-    from export.quantize import matmul_nodes
+    from distill.export.quantize import matmul_nodes
 
     nodes = matmul_nodes(model_path)  # the lm_head may or may not be among them (tied weights)
     per_layer = len(nodes) // n_layers if n_layers else 0
@@ -48,7 +48,7 @@ def default_fp32_nodes(model_path: Path, n_layers: int) -> list[str]:
 
 def check_attention(model, attention: str) -> None:
     """One clear error before any work when ``export.attention=fused`` names a student it cannot take."""
-    from export.gqa import unsupported_reason
+    from distill.export.gqa import unsupported_reason
 
     reason = unsupported_reason(model) if attention == "fused" else None
     if reason:
@@ -70,8 +70,8 @@ def write_bundle_files(
 ) -> dict:
     """Tokenizer + generation metadata a torch-free runtime needs; returns the metadata.
     ``padding_side``: how the exported model takes a batch (``PADDING_SIDE`` of its attention layout)."""
-    from export.onnx_export import kv_shape
-    from students.data import PLACEHOLDER, prompt_template
+    from distill.export.onnx_export import kv_shape
+    from distill.students.data import PLACEHOLDER, prompt_template
 
     bundle.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(bundle)
@@ -147,8 +147,8 @@ def verify(model, tokenizer, folder: Path, model_file: str, questions: list[str]
     import numpy as np
     import torch
 
-    from export.runtime import OnnxGenerator
-    from students.evaluate import generate_torch
+    from distill.export.runtime import OnnxGenerator
+    from distill.students.evaluate import generate_torch
 
     gen = OnnxGenerator(folder, model_file)
     max_err, agree, total = 0.0, 0, 0
@@ -175,13 +175,13 @@ def verify(model, tokenizer, folder: Path, model_file: str, questions: list[str]
 
 def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportResult:
     """Export ``train_dir/model``, build and gate the variants, assemble ``out/bundle``."""
+    from distill.core.answers import Task
+    from distill.export.calibration import calibration_ids, feeds_for
+    from distill.export.gate import VariantResult, choose, paired_changes, score_variant
+    from distill.export.onnx_export import PADDING_SIDE, export_decoder, kv_shape
+    from distill.export.quantize import linear_groups, make_variant
     from distill.stages.evaluate import eval_problems
     from distill.stages.train import load_student
-    from distill.tasks import Task
-    from export.calibration import calibration_ids, feeds_for
-    from export.gate import VariantResult, choose, paired_changes, score_variant
-    from export.onnx_export import PADDING_SIDE, export_decoder, kv_shape
-    from export.quantize import linear_groups, make_variant
 
     cfg = recipe.export
     variants_dir, bundle = out / "variants", out / "bundle"
@@ -340,7 +340,7 @@ def _assemble_bundle(
     """The device folder: chosen model, tokenizer, generation/genai config, runtime copy, model card."""
     import hashlib
 
-    import export.runtime as runtime
+    import distill.export.runtime as runtime
 
     bundle.mkdir(parents=True, exist_ok=True)
     for f in [chosen.file, chosen.file + ".data"]:
@@ -356,7 +356,7 @@ def _assemble_bundle(
         padding_side=meta["padding_side"],
     )
     if recipe.export.ort_format:
-        from export.onnx_export import save_ort_format
+        from distill.export.onnx_export import save_ort_format
 
         ort_file = Path(chosen.file).with_suffix(".ort").name
         with console.status(f"ORT format → {ort_file}"):
@@ -393,7 +393,7 @@ def _assemble_bundle(
             f"| {tps} | {'✓' if r.chosen else ''} |"
         )
     if sensitivity:
-        from export.sensitivity import markdown_table
+        from distill.export.sensitivity import markdown_table
 
         lines += ["", markdown_table(sensitivity, "int8_static")]
     write_text(bundle / "README.md", "\n".join(lines) + "\n")
@@ -429,8 +429,8 @@ def _sensitivity(fp32: Path, groups: dict, calib: list, held_out: list, cfg) -> 
     alone, then everything; top-1 agreement measured on held-out training prompts."""
     from functools import partial
 
-    from export.quantize import quantize_static_int8, quantize_weight_only
-    from export.sensitivity import group_sensitivity
+    from distill.export.quantize import quantize_static_int8, quantize_weight_only
+    from distill.export.sensitivity import group_sensitivity
 
     emb = cfg.embed_block_size or cfg.block_size
     builders = {
@@ -452,8 +452,8 @@ def _smooth(model, tokenizer, gen_dir: Path, alpha: float) -> None:
     """Fold SmoothQuant scales into the model, calibrated on prompts from the distilled dataset."""
     import pyarrow.parquet as pq
 
-    from export.smooth import calibrate, smooth, smoothable
-    from students.data import prompt_template, render_prompt
+    from distill.export.smooth import calibrate, smooth, smoothable
+    from distill.students.data import prompt_template, render_prompt
 
     if not smoothable(model):
         console.print("[yellow]export.smooth_alpha ignored: not a Llama-style decoder[/]")

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import ShardWriter, write_config, write_json, write_parquet
-from distill.errors import DistillError
-from distill.progress import console, progress_bar
-from distill.sources import resolve_model
-from distill.tasks import load_problems
+from distill.core.artifacts import ShardWriter, write_config, write_json, write_parquet
+from distill.core.errors import DistillError
+from distill.core.problems import load_problems
+from distill.core.progress import console, progress_bar
+from distill.core.sources import resolve_model
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _run_ray(problems, worker_kwargs, cfg, on_batch):
     init_ray()
     batch = balanced_batch_size(len(problems), cfg.batch_size, cfg.workers)
     ds = ray.data.from_items(problems, override_num_blocks=math.ceil(len(problems) / batch))
-    from teachers.workers import TeacherWorker
+    from distill.teachers.workers import TeacherWorker
 
     ds = ds.map_batches(
         TeacherWorker,
@@ -107,8 +107,8 @@ def _distill_cause(e: BaseException) -> DistillError | None:
 def _serve_from_cache(problems, worker_kwargs, cfg, on_batch) -> list[dict]:
     """Answer every batch the completion cache fully covers, in-process (tokenizer only, no weights,
     no Ray); returns the problems that still need the teacher."""
-    from teachers.cache import CacheMiss
-    from teachers.workers import TeacherWorker
+    from distill.teachers.cache import CacheMiss
+    from distill.teachers.workers import TeacherWorker
 
     if cfg.model.startswith("replay:") or not Path(worker_kwargs["cache_path"]).exists():
         return problems
@@ -124,7 +124,7 @@ def _serve_from_cache(problems, worker_kwargs, cfg, on_batch) -> list[dict]:
 
 
 def _run_local(problems, worker_kwargs, cfg, on_batch):
-    from teachers.workers import TeacherWorker
+    from distill.teachers.workers import TeacherWorker
 
     worker = TeacherWorker(**worker_kwargs)
     for start in range(0, len(problems), cfg.batch_size):
@@ -139,9 +139,9 @@ EARLY_STOP_ROWS = 32
 def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], dict]:
     """The teacher writes ``task.train_size`` new problems from the seed rows (in this process,
     through the completion cache: a re-run or resume gets the very same problems for free)."""
-    from distill.tasks import load_seeds
-    from teachers.synthesis import synthesize
-    from teachers.workers import TeacherWorker
+    from distill.core.problems import load_seeds
+    from distill.teachers.synthesis import synthesize
+    from distill.teachers.workers import TeacherWorker
 
     seeds = [r["question"] for r in load_seeds(recipe.task)]
     if recipe.teacher.model.startswith("replay:"):
@@ -183,7 +183,7 @@ def select_training_rows(rows, cfg):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from teachers.workers import ROW_SCHEMA
+    from distill.teachers.workers import ROW_SCHEMA
 
     dropped = {}
 
@@ -220,7 +220,7 @@ def latest_rows(tables: list):
     for t in tables:  # shards in commit order
         for row in t.to_pylist():
             latest[row["id"]] = row
-    from teachers.workers import ROW_SCHEMA
+    from distill.teachers.workers import ROW_SCHEMA
 
     return pa.Table.from_pylist([latest[k] for k in sorted(latest)], schema=ROW_SCHEMA)
 
@@ -246,13 +246,13 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from teachers.workers import ROW_SCHEMA
+    from distill.teachers.workers import ROW_SCHEMA
 
     work = work or out
     train, evals = load_problems(recipe.task)
     replay = recipe.teacher.model.startswith("replay:")
     if replay:  # recorded outputs: check the file now, in the driver, for a one-line error
-        from teachers.replay import load_records
+        from distill.teachers.replay import load_records
 
         load_records(recipe.teacher.model.removeprefix("replay:"))
     remote = recipe.teacher.model.startswith("openai:")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill.artifacts import atomic_write_bytes, write_json, write_text
+from distill.core.artifacts import atomic_write_bytes, write_json, write_text
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -110,7 +110,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             "| variant | size | top-1 vs torch | accuracy | vs fp32 (problems lost / gained) | tokens/s (1 thread) | kept |",
             "|---|---|---|---|---|---|---|",
         ]
-        from export.gate import changes_cell
+        from distill.export.gate import changes_cell
 
         for r in exp["variants"]:
             acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else (r["error"] or "—")
@@ -122,7 +122,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
                 f"| {'✓' if r['chosen'] else ''} |"
             )
         if exp.get("sensitivity"):
-            from export.sensitivity import markdown_table
+            from distill.export.sensitivity import markdown_table
 
             lines += ["", markdown_table(exp["sensitivity"], "int8_static").rstrip()]
     if loss_file.exists():
@@ -140,7 +140,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
 def print_table(scores: dict, stage_seconds: dict) -> None:
     from rich.table import Table
 
-    from distill.progress import console
+    from distill.core.progress import console
 
     table = Table(title="held-out accuracy")
     for col in ("model", "accuracy", "95% CI", "size"):

@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import write_config, write_json
-from distill.errors import DistillError
-from distill.progress import console
-from distill.sources import resolve_model
-from distill.tasks import Task
+from distill.core.answers import Task
+from distill.core.artifacts import write_config, write_json
+from distill.core.errors import DistillError
+from distill.core.progress import console
+from distill.core.sources import resolve_model
 
 REQUIRED_COLUMNS = {"question", "rationale", "gold"}
 
@@ -33,7 +33,7 @@ def load_student(source: str, tokenizer_source: str | None = None, seed: int = 0
 
     torch.set_num_threads(1)
     if source.startswith("config:"):
-        from students.architecture import model_from_config, read_config_spec
+        from distill.students.architecture import model_from_config, read_config_spec
 
         _, folder = read_config_spec(source)
         if tokenizer_source is None and folder is None:
@@ -64,11 +64,11 @@ def build_student(cfg):
     cut to ``cfg.layers``, wrapped with LoRA adapters when ``cfg.lora`` is set."""
     model, tokenizer = load_student(cfg.model, cfg.tokenizer, cfg.seed)
     if cfg.layers is not None:
-        from students.architecture import keep_layers
+        from distill.students.architecture import keep_layers
 
         keep_layers(model, cfg.layers)
     if cfg.lora is not None:
-        from students.lora import add_lora
+        from distill.students.lora import add_lora
 
         model = add_lora(model, cfg.lora, cfg.seed)
     return model, tokenizer
@@ -90,7 +90,7 @@ def read_train_rows(dataset_file: Path) -> list[dict]:
 
 def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
     """Logit KD needs the teacher's top-k in the data and the teacher's tokenizer in the student."""
-    from students.kd import tokenizer_mismatch
+    from distill.students.kd import tokenizer_mismatch
 
     if recipe.teacher.model.startswith("replay:"):
         raise DistillError(
@@ -116,8 +116,8 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     With ``checkpoint_dir``, resumable checkpoints go there (outside the stage's temp folder, so a
     killed run keeps them) and an existing one is continued from.
     """
-    from students.data import build_examples
-    from students.trainer import save_student, train
+    from distill.students.data import build_examples
+    from distill.students.trainer import save_student, train
 
     cfg = recipe.student
     rows = read_train_rows(gen_dir / "dataset" / "train.parquet")
@@ -133,7 +133,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = train(model, examples, cfg, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir)
     if cfg.lora is not None:
-        from students.lora import merge_lora
+        from distill.students.lora import merge_lora
 
         model = merge_lora(model)  # a plain model: export and evaluation need no PEFT
     model_dir = out / "model"

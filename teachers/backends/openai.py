@@ -23,8 +23,8 @@ import random
 import time
 from collections import deque
 
-from distill.errors import DistillError
-from teachers.backends.base import Completion, GenerationRequest, render_chat
+from distill.core.errors import DistillError
+from distill.teachers.backends.base import Completion, GenerationRequest, render_chat
 
 CHAT_MARK = "\x02chat:"
 PREFIX_MARK = "\x1e"

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from teachers.backends.base import Completion, Decoding, GenerationRequest, render_chat
+from distill.teachers.backends.base import Completion, Decoding, GenerationRequest, render_chat
 
 log = logging.getLogger("distill.teacher")
 

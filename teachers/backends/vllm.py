@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.errors import DistillError
-from teachers.backends.base import Completion, GenerationRequest, render_chat
-from teachers.backends.transformers import model_identity
+from distill.core.errors import DistillError
+from distill.teachers.backends.base import Completion, GenerationRequest, render_chat
+from distill.teachers.backends.transformers import model_identity
 
 
 class VLLMBackend:

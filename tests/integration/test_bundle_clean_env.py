@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 def test_bundle_runs_without_torch(tmp_path, tiny_student):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import export.runtime
+    import distill.export.runtime
+    from distill.export.onnx_export import PADDING_SIDE, export_decoder
     from distill.stages.export import FP32_FILE, write_bundle_files
-    from export.onnx_export import PADDING_SIDE, export_decoder
 
     bundle = tmp_path / "bundle"
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
@@ -22,7 +22,7 @@ def test_bundle_runs_without_torch(tmp_path, tiny_student):
     tok = AutoTokenizer.from_pretrained(tiny_student)
     write_bundle_files(tok, model.config, bundle, 8, FP32_FILE, padding_side=PADDING_SIDE[layout])
 
-    shutil.copy2(export.runtime.__file__, bundle / "distill_runtime.py")
+    shutil.copy2(distill.export.runtime.__file__, bundle / "distill_runtime.py")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([venv / "bin" / "pip", "install", "-q", "onnxruntime==1.32.*", "tokenizers>=0.22"], check=True)

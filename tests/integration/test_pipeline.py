@@ -184,7 +184,7 @@ def test_export_static_int8_sensitivity_and_ort_format(first_run, recipe_file, t
     assert meta["ort_model_file"].endswith(".ort") and meta["format_version"]
     qcfg = json.loads(open(f"{dst}/export/variants/quantization_configs.json").read())
     assert qcfg["int8_static"]["calibration_examples"] == 4
-    from export.runtime import OnnxGenerator
+    from distill.export.runtime import OnnxGenerator
 
     ort_out = OnnxGenerator(bundle, meta["ort_model_file"]).generate(["1 + 2 ="], 6)
     assert ort_out == OnnxGenerator(bundle).generate(["1 + 2 ="], 6)

@@ -86,21 +86,21 @@ def test_killed_ablation_resumes_to_the_uninterrupted_weights(recipe_file, tmp_p
 
     from safetensors.torch import load_file
 
-    import students.trainer
+    import distill.students.trainer
     from distill.ablate import ablate
     from distill.config import load_recipe
-    from students.trainer import TrainingInterrupted
+    from distill.students.trainer import TrainingInterrupted
 
     fresh = load_recipe(recipe_file, [f"output_dir={tmp_path / 'fresh'}"])
     killed = load_recipe(recipe_file, [f"output_dir={tmp_path / 'killed'}"])
     ablate(fresh, ("rationale",))
-    original = students.trainer.train
-    monkeypatch.setattr(students.trainer, "train", functools.partial(original, stop_after=3))
+    original = distill.students.trainer.train
+    monkeypatch.setattr(distill.students.trainer, "train", functools.partial(original, stop_after=3))
     with pytest.raises(TrainingInterrupted):
         ablate(killed, ("rationale",))
     base = tmp_path / "killed" / "abl" / "ablate"
     assert not (base / "train-rationale").exists() and list(base.glob(".train-rationale.work-*/rng.json"))
-    monkeypatch.setattr(students.trainer, "train", original)
+    monkeypatch.setattr(distill.students.trainer, "train", original)
     capsys.readouterr()
     table = ablate(killed, ("rationale",))
     assert "resuming from the checkpoint" in capsys.readouterr().err

@@ -62,7 +62,7 @@ def test_pickle_only_student_is_refused(tmp_path, tiny_student):
     import torch
     from safetensors.torch import load_file
 
-    from distill.errors import DistillError
+    from distill.core.errors import DistillError
     from distill.stages.train import load_student
 
     folder = tmp_path / "pickled"

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from distill.config import Recipe, content_hash, load_recipe
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 ROOT = Path(__file__).resolve().parents[2]
 

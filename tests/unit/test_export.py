@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill.export.onnx_export import PADDING_SIDE, export_decoder
+from distill.export.quantize import matmul_nodes, quantize_dynamic_int8, quantize_weight_only
+from distill.export.runtime import OnnxGenerator
 from distill.stages.export import FP32_FILE, verify, write_bundle_files
-from export.onnx_export import PADDING_SIDE, export_decoder
-from export.quantize import matmul_nodes, quantize_dynamic_int8, quantize_weight_only
-from export.runtime import OnnxGenerator
 
 QUESTIONS = ["State the final answer to the following arithmetic problem: 3 + 4 =", "12 - 7 =", "Calculate 2 + 2."]
 
@@ -124,13 +124,13 @@ def test_fused_export_of_each_supported_architecture(arch, extra, tmp_path):
 def test_unsupported_architectures_take_the_generic_export():
     from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
-    from export.gqa import unsupported_reason
+    from distill.export.gqa import unsupported_reason
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
     assert "gpt2" in unsupported_reason(gpt2)
     with pytest.raises(ValueError, match="fused attention export does not support model type 'gpt2'"):
         export_decoder(gpt2, Path("/nonexistent/model.onnx"), attention="fused")
-    from distill.errors import DistillError
+    from distill.core.errors import DistillError
     from distill.stages.export import check_attention
 
     with pytest.raises(DistillError, match="export.attention=fused cannot export this student: model type 'gpt2'"):
@@ -153,8 +153,8 @@ def test_unsupported_architectures_take_the_generic_export():
 def test_fused_reference_op_matches_the_hf_model_on_a_right_padded_batch(bundle):
     """The torch reference of the fused attention (what the ONNX node computes) reproduces the HF
     model for each row of a right-padded batch, in the prompt pass and in cached decoding steps."""
-    from export.gqa import FusedDecoder
-    from export.onnx_export import kv_shape
+    from distill.export.gqa import FusedDecoder
+    from distill.export.onnx_export import kv_shape
 
     model = bundle[0]
     n_layers, kv_heads, head_dim = kv_shape(model.config)
@@ -246,8 +246,8 @@ def calib(bundle, tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from distill.tasks import Task
-    from export.calibration import calibration_ids, feeds_for
+    from distill.core.answers import Task
+    from distill.export.calibration import calibration_ids, feeds_for
 
     model, tok, out = bundle
     rows = [
@@ -278,8 +278,8 @@ def test_calibration_ids_are_training_examples_through_the_chat_template(bundle,
 def test_int8_static_is_qdq_calibrated_and_keeps_excluded_nodes(bundle, calib):
     import onnx
 
-    from export.quantize import linear_groups, quantize_static_int8
-    from export.sensitivity import prefill_top1, top1_agreement
+    from distill.export.quantize import linear_groups, quantize_static_int8
+    from distill.export.sensitivity import prefill_top1, top1_agreement
 
     model, tok, out = bundle
     _, feeds = calib
@@ -322,8 +322,8 @@ def test_group_sensitivity_ranks_a_broken_group_first(bundle, calib):
     import onnx
     from onnx import numpy_helper
 
-    from export.quantize import linear_groups, quantize_weight_only
-    from export.sensitivity import group_sensitivity, markdown_table, sensitive_groups
+    from distill.export.quantize import linear_groups, quantize_weight_only
+    from distill.export.sensitivity import group_sensitivity, markdown_table, sensitive_groups
 
     model, _, out = bundle
     _, feeds = calib
@@ -356,7 +356,7 @@ def test_group_sensitivity_ranks_a_broken_group_first(bundle, calib):
 def test_block_size_per_group_and_embedding(bundle):
     import onnx
 
-    from export.quantize import linear_groups, quantize_weight_only
+    from distill.export.quantize import linear_groups, quantize_weight_only
 
     model, _, out = bundle
     groups = linear_groups(out / FP32_FILE, model.config.num_hidden_layers)
@@ -393,7 +393,7 @@ def test_exported_model_has_no_exporter_metadata(bundle):
 
 
 def test_ort_format_model_loads_in_the_runtime(bundle):
-    from export.onnx_export import save_ort_format
+    from distill.export.onnx_export import save_ort_format
 
     _, _, out = bundle
     save_ort_format(out / FP32_FILE, out / "model.ort")
@@ -405,7 +405,7 @@ def test_ort_format_model_loads_in_the_runtime(bundle):
 def test_bundle_of_another_major_format_is_refused(bundle, tmp_path):
     import shutil
 
-    from export.runtime import FORMAT_VERSION, BundleFormatError
+    from distill.export.runtime import FORMAT_VERSION, BundleFormatError
 
     _, _, out = bundle
     assert json.loads((out / "distill_generation.json").read_text())["format_version"] == FORMAT_VERSION
@@ -423,7 +423,7 @@ def test_bundle_of_another_major_format_is_refused(bundle, tmp_path):
     )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "99.0" in lines[0]
-    from export.runtime import main
+    from distill.export.runtime import main
 
     assert main([str(other), "1 + 1 ="]) == 2
 
@@ -443,9 +443,9 @@ def test_export_config_block_sizes_must_be_powers_of_two():
 
 
 def test_int8_static_histogram_calibration_takes_prompts_of_different_lengths(bundle, calib):
-    from export.calibration import prefill_feed
-    from export.quantize import quantize_static_int8
-    from export.sensitivity import prefill_top1, top1_agreement
+    from distill.export.calibration import prefill_feed
+    from distill.export.quantize import quantize_static_int8
+    from distill.export.sensitivity import prefill_top1, top1_agreement
 
     model, _, out = bundle
     ids, feeds = calib
@@ -459,7 +459,7 @@ def test_int8_static_histogram_calibration_takes_prompts_of_different_lengths(bu
 
 
 def test_paired_changes_count_the_discordant_problems():
-    from export.gate import changes_cell, paired_changes
+    from distill.export.gate import changes_cell, paired_changes
 
     fp32 = [True, True, False, False, True]
     int8 = [True, False, True, False, False]

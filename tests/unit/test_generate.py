@@ -63,7 +63,7 @@ def test_budget_stop_then_resume_is_exactly_once(tmp_path, tiny_teacher, tiny_ta
 def test_no_parsable_answer_stops_early_with_the_reason(tmp_path, tiny_teacher, tiny_task_cfg):
     """A teacher that never states a parsable answer (here: numbers where choice letters are asked)
     is stopped after the first rows, not run to the end of the job."""
-    from distill.errors import DistillError
+    from distill.core.errors import DistillError
 
     rows = [{"question": f"{i % 9} + {i % 7} =", "answer": "ABCD"[i % 4]} for i in range(70)]
     (tmp_path / "choice.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from distill.config import content_hash, load_recipe
-from distill.errors import DistillError
-from teachers.backends.openai import RateLimiter, backoff_seconds, decode_chat, encode_chat, retry_after_seconds
+from distill.core.errors import DistillError
+from distill.teachers.backends.openai import RateLimiter, backoff_seconds, decode_chat, encode_chat, retry_after_seconds
 
 
 def test_chat_prompt_survives_concatenation():

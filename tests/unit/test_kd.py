@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from distill.cli import app
-from students.kd import selected_kd_loss
-from students.losses import selected_cross_entropy, topk_forward_kl, topk_generalized_jsd
-from teachers.backends.base import Decoding, GenerationRequest
+from distill.students.kd import selected_kd_loss
+from distill.students.losses import selected_cross_entropy, topk_forward_kl, topk_generalized_jsd
+from distill.teachers.backends.base import Decoding, GenerationRequest
 
 
 def test_selected_kd_loss_mixes_cross_entropy_and_the_pure_top_k_losses():
@@ -47,7 +47,7 @@ def test_cache_keys_without_logprobs_are_unchanged():
 
 
 def test_backend_top_k_equals_teacher_forced_log_probs(tiny_teacher):
-    from teachers.backends.transformers import TransformersBackend
+    from distill.teachers.backends.transformers import TransformersBackend
 
     backend = TransformersBackend(tiny_teacher, dtype="float32", batch_size=2)
     prompts = [

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from students.losses import completion_cross_entropy, selected_cross_entropy
+from distill.students.losses import completion_cross_entropy, selected_cross_entropy
 
 
 def test_completion_ce_hand_computed():
@@ -35,13 +35,13 @@ def test_selected_cross_entropy_equals_full_logits():
 
 
 def test_multitask_weights_hand_computed():
-    from students.losses import multitask_loss
+    from distill.students.losses import multitask_loss
 
     assert abs(multitask_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() - 3.5) < 1e-6
 
 
 def test_topk_forward_kl_hand_computed():
-    from students.losses import topk_forward_kl
+    from distill.students.losses import topk_forward_kl
 
     # Teacher puts 0.75/0.25 on tokens 0/1; student logits give p(0)=p(1)=1/2 on that support.
     student = torch.tensor([[0.0, 0.0, 5.0]])
@@ -56,7 +56,7 @@ def test_topk_forward_kl_hand_computed():
 
 
 def test_generalized_jsd_hand_computed_and_limits():
-    from students.losses import topk_forward_kl, topk_generalized_jsd
+    from distill.students.losses import topk_forward_kl, topk_generalized_jsd
 
     student = torch.tensor([[math.log(0.5), math.log(0.5)]])
     ids = torch.tensor([[0, 1]])

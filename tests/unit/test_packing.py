@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import KDSettings, StudentConfig
-from students.data import collate, pack_examples, tokenize_example
-from students.trainer import forward_loss, train
+from distill.students.data import collate, pack_examples, tokenize_example
+from distill.students.trainer import forward_loss, train
 
 
 def _examples(tok, with_kd=False):

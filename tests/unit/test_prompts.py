@@ -1,8 +1,8 @@
 import pytest
 
 from distill.config import load_recipe
-from distill.errors import DistillError
-from teachers.prompts import render
+from distill.core.errors import DistillError
+from distill.teachers.prompts import render
 
 
 def test_template_renders_the_question():

@@ -6,9 +6,10 @@ import pytest
 from conftest import SHARED_DATA
 
 from distill.config import TaskConfig
-from distill.errors import DistillError
-from distill.tasks import Task, load_problems
-from teachers.replay import ReplayTeacher, load_records, parse_kojima_log
+from distill.core.answers import Task
+from distill.core.errors import DistillError
+from distill.core.problems import load_problems, parse_kojima_log
+from distill.teachers.replay import ReplayTeacher, load_records
 
 LOGS = SHARED_DATA / "zero_shot_cot" / "teacher_logs"
 needs_data = pytest.mark.skipif(not LOGS.exists(), reason="../shared/data not present")

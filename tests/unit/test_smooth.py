@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export.smooth import calibrate, smooth, smoothable
+from distill.export.smooth import calibrate, smooth, smoothable
 
 
 def test_smoothing_preserves_outputs_and_flattens_outliers(tiny_student):

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from distill.errors import DistillError
-from distill.sources import file_digest, parse_source, resolve_model
+from distill.core.errors import DistillError
+from distill.core.sources import file_digest, parse_source, resolve_model
 
 
 def test_file_digest_is_remembered_and_invalidated_by_changes(tmp_path, monkeypatch):

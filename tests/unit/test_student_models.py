@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import LoraSettings, Recipe, StudentConfig
-from distill.errors import DistillError
-from students.architecture import keep_layers, model_from_config
-from students.lora import add_lora, merge_lora, trainable_parameters
+from distill.core.errors import DistillError
+from distill.students.architecture import keep_layers, model_from_config
+from distill.students.lora import add_lora, merge_lora, trainable_parameters
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_config_student_loads_with_a_tokenizer_from_another_source(tiny_student,
 
 
 def test_lora_trains_only_adapters_and_merged_logits_equal_peft_logits(tiny_student):
-    from students.data import tokenize_example
-    from students.trainer import train
+    from distill.students.data import tokenize_example
+    from distill.students.trainer import train
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
     base = AutoModelForCausalLM.from_pretrained(tiny_student)

@@ -4,8 +4,8 @@ import pyarrow as pa
 
 from distill.config import TeacherConfig
 from distill.stages.generate import select_training_rows
-from teachers.synthesis import NearDuplicateIndex, normalize_question, parse_problem, synthesize
-from teachers.workers import ROW_SCHEMA
+from distill.teachers.synthesis import NearDuplicateIndex, normalize_question, parse_problem, synthesize
+from distill.teachers.workers import ROW_SCHEMA
 
 
 def test_exact_and_near_duplicates():
@@ -36,7 +36,7 @@ class EchoTeacher:
         return messages[-1]["content"] + assistant_prefix
 
     def generate(self, requests):
-        from teachers.backends.base import Completion
+        from distill.teachers.backends.base import Completion
 
         out = []
         for r in requests:

@@ -3,7 +3,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from distill.config import TaskConfig
-from distill.tasks import Task, extract_number, load_problems, normalize_number
+from distill.core.answers import Task, extract_number, normalize_number
+from distill.core.problems import load_problems
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
 import pytest
 
 from distill.config import TeacherConfig
-from distill.tasks import Task, load_problems
-from teachers.backends.base import Decoding, GenerationRequest
-from teachers.backends.transformers import TransformersBackend
-from teachers.cache import CachedTeacher, CompletionCache
-from teachers.methods import zero_shot_cot
+from distill.core.answers import Task
+from distill.core.problems import load_problems
+from distill.teachers.backends.base import Decoding, GenerationRequest
+from distill.teachers.backends.transformers import TransformersBackend
+from distill.teachers.cache import CachedTeacher, CompletionCache
+from distill.teachers.methods import zero_shot_cot
 
 
 def test_cache_key_ignores_batching_and_separates_decoding():
@@ -42,7 +43,7 @@ def test_cached_teacher_never_pays_twice(tiny_teacher, tmp_path):
     out2 = second.generate(reqs + reqs[:2])
     assert second.calls == 0 and fresh._model is None
     assert [c.text for c in out2[:5]] == [c.text for c in out1] and all(c.cached for c in out2)
-    from teachers.cache import CacheMiss
+    from distill.teachers.cache import CacheMiss
 
     with pytest.raises(CacheMiss):
         second.generate([GenerationRequest("never asked", Decoding(max_new_tokens=6))])
@@ -96,21 +97,21 @@ def test_few_shot_without_demos_is_a_config_error():
     import pytest
 
     from distill.config import load_recipe
-    from distill.errors import DistillError
+    from distill.core.errors import DistillError
 
     with pytest.raises(DistillError, match="demos"):
         load_recipe(None, ["teacher.method=few_shot_cot"])
 
 
 def test_subquestions_parse_numbered_lists_and_end_with_the_question():
-    from teachers.methods import _subquestions
+    from distill.teachers.methods import _subquestions
 
     text = "1. What is 3 + 4?\n2) What is 7 - 2?\n- Then what?\nSome prose without a question mark"
     assert _subquestions(text, "3 + 4 - 2 = ?", 2) == ["What is 3 + 4?", "What is 7 - 2?", "3 + 4 - 2 = ?"]
 
 
 def test_least_to_most_solves_each_step_and_keeps_the_transcript(tiny_teacher, tiny_task_cfg, tmp_path):
-    from teachers.methods import least_to_most
+    from distill.teachers.methods import least_to_most
 
     train, _ = load_problems(tiny_task_cfg)
     teacher = CachedTeacher(TransformersBackend(tiny_teacher, batch_size=4), CompletionCache(tmp_path / "c.sqlite"))
@@ -127,7 +128,7 @@ def test_least_to_most_solves_each_step_and_keeps_the_transcript(tiny_teacher, t
 
 
 def test_self_ask_prompt_uses_the_scaffold(tiny_teacher, tiny_task_cfg):
-    from teachers.methods import self_ask
+    from distill.teachers.methods import self_ask
 
     train, _ = load_problems(tiny_task_cfg)
     rows = self_ask(
@@ -231,7 +232,7 @@ def test_nucleus_sampling_keeps_the_smallest_set_over_top_p():
 
     import torch
 
-    from teachers.backends.transformers import _sample
+    from distill.teachers.backends.transformers import _sample
 
     scores = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]] * 4)
     g = [torch.Generator().manual_seed(i) for i in range(4)]

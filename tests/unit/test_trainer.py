@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import StudentConfig
-from students.data import length_grouped_batches, tokenize_example
-from students.trainer import lr_at, train
+from distill.students.data import length_grouped_batches, tokenize_example
+from distill.students.trainer import lr_at, train
 
 
 def test_lr_schedule_shapes():
@@ -62,7 +62,7 @@ def test_gradient_accumulation_matches_full_batch(tiny_student):
 
 
 def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tiny_student, tmp_path):
-    from students.trainer import TrainingInterrupted
+    from distill.students.trainer import TrainingInterrupted
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
     cfg = StudentConfig(
@@ -83,10 +83,10 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_weights(tiny_student, tm
 
 
 def test_multitask_examples_and_alpha_weighting(tiny_student):
-    from distill.tasks import Task
-    from students.data import build_examples, prompt_template
-    from students.losses import multitask_loss
-    from students.trainer import forward_loss
+    from distill.core.answers import Task
+    from distill.students.data import build_examples, prompt_template
+    from distill.students.losses import multitask_loss
+    from distill.students.trainer import forward_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_student)
     rows = [
@@ -111,7 +111,7 @@ def test_multitask_examples_and_alpha_weighting(tiny_student):
         warmup_ratio=0.0,
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_student)
-    from students.data import collate
+    from distill.students.data import collate
 
     with torch.no_grad():
         per_task = {

@@ -3,9 +3,9 @@
 import pytest
 
 from distill.config import TeacherConfig
-from distill.errors import DistillError
-from teachers.backends.base import Decoding, GenerationRequest
-from teachers.workers import make_backend
+from distill.core.errors import DistillError
+from distill.teachers.backends.base import Decoding, GenerationRequest
+from distill.teachers.workers import make_backend
 
 
 def _have_vllm_gpu() -> bool:
@@ -26,7 +26,7 @@ def test_vllm_engine_without_vllm_is_one_clear_error(tiny_teacher):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _have_vllm_gpu(), reason="needs vllm and a CUDA GPU")
 def test_vllm_engine_matches_transformers_greedy(tiny_teacher):
-    from teachers.backends.transformers import TransformersBackend
+    from distill.teachers.backends.transformers import TransformersBackend
 
     reqs = [GenerationRequest(f"{a} + {b} =", Decoding(max_new_tokens=12)) for a, b in [(1, 2), (3, 4), (5, 1)]]
     vllm_out = make_backend(TeacherConfig(model=f"hf:{tiny_teacher}", engine="vllm", dtype="float32"), tiny_teacher)

@@ -1,18 +1,11 @@
-"""Tasks own their problems, their answer parsing and their correctness check.
-
-A problem is a dict ``{"id", "split", "question", "gold"}``. Train and eval problems come from
-disjoint generator seeds and are de-duplicated against each other, so a student never trains on
-its test questions.
-"""
+"""Answer types: how a final answer is extracted from model text, normalised and checked."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 _NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _ANSWER_PATTERNS = [
@@ -134,94 +127,3 @@ class Task:
     def answer_sentence(self, answer: str) -> str:
         """How a training target states its final answer (what ``extract`` reads back)."""
         return f"Therefore, the answer is {answer}."
-
-
-def _reasoning_gym(name: str, params: dict, size: int, seed: int) -> list[dict]:
-    import reasoning_gym
-
-    try:
-        data = reasoning_gym.create_dataset(name, size=size, seed=seed, **params)
-    except (KeyError, ValueError) as e:
-        raise DistillError(f"reasoning_gym dataset {name!r} failed: {e}", "check task.name and task.params") from None
-    except TypeError as e:
-        raise DistillError(f"reasoning_gym {name!r} rejected task.params: {e}", "fix task.params") from None
-    return [{"question": x["question"].strip(), "gold": str(x["answer"])} for x in data]
-
-
-def _file(path: str) -> list[dict]:
-    """Problems from a file: JSONL (question/answer), JSON ({"examples": [...]} or MultiArith-style
-    sQuestion/lSolutions rows), or a zero-shot-CoT log (Q:/GT:)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"task file {p} does not exist", "set task.name to a .jsonl/.json/.log path")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DistillError(f"task file {p} is not UTF-8 text", "re-encode it as UTF-8") from None
-    if p.suffix == ".log":
-        from teachers.replay import parse_kojima_log
-
-        return [{"question": r["question"], "gold": r["gold"]} for r in parse_kojima_log(p)]
-    if p.suffix == ".json":
-        data = json.loads(text)
-        rows = data["examples"] if isinstance(data, dict) and "examples" in data else data
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise DistillError(f"{p}:{i + 1} is not valid JSON", "one JSON object per line") from None
-    out = []
-    for i, row in enumerate(rows):
-        if "sQuestion" in row and "lSolutions" in row:
-            row = {"question": row["sQuestion"], "answer": row["lSolutions"][0]}
-        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-            raise DistillError(f"{p} row {i + 1} lacks 'question' or 'answer'", "each row needs both fields")
-        out.append({"question": str(row["question"]).strip(), "gold": str(row["answer"])})
-    return out
-
-
-def load_seeds(cfg) -> list[dict]:
-    """Seed problems of a synthetic task: the file's rows before the evaluation split."""
-    return _file(cfg.name)[: -cfg.eval_size]
-
-
-def load_problems(cfg) -> tuple[list[dict], list[dict]]:
-    """(train, eval) problems for a ``TaskConfig``; disjoint by question text. A synthetic task has
-    no train problems until the teacher writes them (``teachers.synthesis``)."""
-    if cfg.source == "reasoning_gym":
-        evals = _reasoning_gym(cfg.name, cfg.params, cfg.eval_size, cfg.seed + 1_000_003)
-        # Over-draw train problems so de-duplication against eval still leaves train_size of them.
-        pool = _reasoning_gym(cfg.name, cfg.params, cfg.train_size * 2 + 16, cfg.seed)
-    elif cfg.source == "synthetic":  # the seed rows only; generate() has the teacher write train problems
-        rows = _file(cfg.name)
-        if len(rows) <= cfg.eval_size:
-            raise DistillError(
-                f"{cfg.name} has {len(rows)} rows, not more than task.eval_size={cfg.eval_size}", "lower task.eval_size"
-            )
-        evals = rows[-cfg.eval_size :]
-        return [], [{"id": f"eval-{i:06d}", "split": "eval", **r} for i, r in enumerate(evals)]
-    else:  # file order: the last eval_size rows are held out (as in the published splits)
-        rows = _file(cfg.name)
-        if len(rows) <= cfg.eval_size:
-            raise DistillError(
-                f"{cfg.name} has {len(rows)} rows, not more than task.eval_size={cfg.eval_size}", "lower task.eval_size"
-            )
-        evals, pool = rows[-cfg.eval_size :], rows[: -cfg.eval_size]
-    if not evals or not pool:
-        raise DistillError("the task produced no problems", "check task.name / task.params / the JSONL file")
-    eval_questions = {r["question"] for r in evals}
-    seen: set[str] = set()
-    train = []
-    for r in pool:
-        if r["question"] in eval_questions or r["question"] in seen:
-            continue
-        seen.add(r["question"])
-        train.append(r)
-        if len(train) == cfg.train_size:
-            break
-    out_train = [{"id": f"train-{i:06d}", "split": "train", **r} for i, r in enumerate(train)]
-    out_eval = [{"id": f"eval-{i:06d}", "split": "eval", **r} for i, r in enumerate(evals)]
-    return out_train, out_eval

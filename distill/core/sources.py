@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.errors import DistillError
+from distill.core.errors import DistillError
 
 
 @dataclass(frozen=True)
