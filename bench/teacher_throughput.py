@@ -169,8 +169,8 @@ def self_consistency(backend, problems, samples: int, n_prompts: int = 9, new_to
 def ray_actors(path, task, args) -> None:
     """2. the generate stage through Ray, 1 actor vs 2 (fresh caches, same problems); 3. its re-run."""
     from distill.config import Recipe
+    from distill.core.executor import init_ray
     from distill.pipeline import run_stage
-    from distill.stages.generate import init_ray
 
     init_ray(num_cpus=2)  # cluster start-up is not part of either measurement
     rates = {}

@@ -47,7 +47,7 @@ def rss_mb() -> float:
 
 def run_ours(args) -> dict:
     from distill.config import StudentConfig
-    from distill.stages.train import load_student
+    from distill.students.models import load_student
     from distill.students.trainer import train
 
     model, tok = load_student(STUDENT)
@@ -76,7 +76,7 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from distill.stages.train import load_student
+    from distill.students.models import load_student
     from distill.students.trainer import use_bf16
 
     model, tok = load_student(STUDENT)

@@ -115,8 +115,9 @@ def ablate(
     Writes ``<run>/ablate/ablation.md``, ``ablation.json`` and ``ablation.png``.
     """
     from distill.core.answers import Task
-    from distill.stages.evaluate import eval_problems, evaluate_student, teacher_rows, write_rows
+    from distill.stages.evaluate import evaluate_student, teacher_rows, write_rows
     from distill.students.evaluate import summarize
+    from distill.teachers.rows import read_eval_problems
 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -130,7 +131,7 @@ def ablate(
     base = run_dir / "ablate"
     base.mkdir(exist_ok=True)
     task = Task(recipe.task.answer_type)
-    problems = eval_problems(gen_dir)
+    problems = read_eval_problems(gen_dir)
     gen = json.loads((gen_dir / "metrics.json").read_text())
 
     results: list[dict] = []

@@ -168,8 +168,9 @@ def status_lines(job: dict, recipe=None) -> list[str]:
 def run_job(job_id: str, db: str) -> int:
     """The runner: generate for the job's recipe, recording progress; exit code 0 on success."""
     from distill.config import load_recipe
+    from distill.core.executor import init_ray
     from distill.pipeline import run_stage
-    from distill.stages.generate import BudgetExceeded, init_ray
+    from distill.teachers.budget import BudgetExceeded
 
     store = JobStore(Path(db))
     job = store.get(job_id)
@@ -219,7 +220,7 @@ def run_job(job_id: str, db: str) -> int:
 
 
 if __name__ == "__main__":
-    from distill.cli import _env_defaults
+    from distill.core.env import set_env_defaults
 
-    _env_defaults()
+    set_env_defaults()
     sys.exit(run_job(sys.argv[1], sys.argv[2]))

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
 from distill.core.answers import Task
 from distill.teachers.methods import METHODS
 from distill.teachers.replay import ReplayTeacher
-
-ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("split", pa.string()),
-        ("question", pa.string()),
-        ("gold", pa.string()),
-        ("prompt", pa.string()),
-        ("rationale", pa.string()),
-        ("answer_raw", pa.string()),
-        ("pred", pa.string()),
-        ("confidence", pa.float64()),
-        ("correct", pa.bool_()),
-        ("parse_error", pa.string()),
-        ("finish_reason", pa.string()),
-        ("tokens_in", pa.int64()),
-        ("tokens_out", pa.int64()),
-        ("cached", pa.bool_()),
-        ("teacher", pa.string()),
-        ("error", pa.string()),
-        ("alternatives", pa.list_(pa.string())),
-        # Logit KD (teacher.topk_logprobs > 0): rationale token ids, top-k ids and log-probs per token.
-        ("teacher_token_ids", pa.list_(pa.int32())),
-        ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
-        ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
-    ]
-)
+from distill.teachers.rows import ROW_SCHEMA
 
 
 def make_backend(cfg, model_path: str):
@@ -71,13 +47,12 @@ def make_backend(cfg, model_path: str):
 class TeacherWorker:
     """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows."""
 
-    def __init__(self, model_path: str, teacher_cfg: dict, answer_type: str, cache_path: str, cache_only: bool = False):
+    def __init__(self, model_path: str, teacher_cfg, answer_type: str, cache_path: str, cache_only: bool = False):
         import torch
 
-        from distill.config import TeacherConfig
         from distill.teachers.cache import CachedTeacher, CompletionCache
 
-        self.cfg = TeacherConfig.model_validate(teacher_cfg)
+        self.cfg = teacher_cfg  # the recipe's teacher section (or any object with its fields)
         self.task = Task(answer_type)
         if self.cfg.model.startswith("replay:"):
             self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
@@ -96,3 +71,47 @@ class TeacherWorker:
         for r in rows:
             r["teacher"] = self.teacher.model_id
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def run_teacher(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> None:
+    """Answer ``problems`` with ``TeacherWorker(**worker_kwargs)``, calling ``on_batch(table)`` per batch.
+
+    Batches the completion cache fully covers are answered first, in this process (tokenizer only,
+    no weights, no Ray); the rest go to ``cfg.workers`` Ray actors (``cfg.executor=ray``) or to one
+    in-process worker (``local``)."""
+    from distill.core.executor import map_actor_pool
+
+    todo = _serve_from_cache(problems, worker_kwargs, cfg, on_batch)
+    if not todo:
+        return
+    if cfg.executor == "ray":
+        map_actor_pool(
+            todo,
+            TeacherWorker,
+            worker_kwargs,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            num_cpus=0.25 if cfg.model.startswith("openai:") else 1,  # an HTTP client mostly waits
+            on_batch=on_batch,
+        )
+        return
+    worker = TeacherWorker(**worker_kwargs)
+    for start in range(0, len(todo), cfg.batch_size):
+        on_batch(worker(todo[start : start + cfg.batch_size]))
+
+
+def _serve_from_cache(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> list[dict]:
+    """Answer every batch the completion cache fully covers; returns the problems that still need the teacher."""
+    from distill.teachers.cache import CacheMiss
+
+    if cfg.model.startswith("replay:") or not Path(worker_kwargs["cache_path"]).exists():
+        return problems
+    worker = TeacherWorker(**worker_kwargs, cache_only=True)
+    rest: list[dict] = []
+    for start in range(0, len(problems), cfg.batch_size):
+        batch = problems[start : start + cfg.batch_size]
+        try:
+            on_batch(worker(batch))
+        except CacheMiss:
+            rest += batch
+    return rest

@@ -1,19 +1,10 @@
-import os
 import sys
 from pathlib import Path
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "ORT_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}.items():
-    os.environ.setdefault(key, value)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # distill itself, before any install
+from distill.core.env import set_env_defaults  # noqa: E402
 
+set_env_defaults()  # before torch is imported anywhere: one OpenMP thread per process
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
@@ -55,7 +46,7 @@ def ray_cluster():
     """One local Ray cluster for the whole session (starting one costs seconds)."""
     import ray
 
-    from distill.stages.generate import init_ray
+    from distill.core.executor import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -46,7 +46,6 @@ def parse_kojima_log(path: Path) -> list[dict]:
     return records
 
 
-
 def reasoning_gym_problems(name: str, params: dict, size: int, seed: int) -> list[dict]:
     import reasoning_gym
 

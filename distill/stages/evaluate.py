@@ -16,6 +16,7 @@ from distill.core.artifacts import write_config, write_json
 from distill.core.errors import DistillError
 from distill.core.progress import console
 from distill.students.evaluate import score, summarize
+from distill.teachers.rows import read_eval_problems
 
 LABELS = {
     "teacher": "teacher",
@@ -50,15 +51,6 @@ def _weights_bytes(source: str) -> int | None:
     return sum(sizes) or None
 
 
-def eval_problems(gen_dir: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    f = gen_dir / "dataset" / "eval.parquet"
-    if not f.is_file():
-        raise DistillError(f"evaluation split {f} does not exist", "run `distill generate` first")
-    return pq.read_table(f).to_pylist()
-
-
 def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[dict], bool]:
     """(problems, teacher answers known) for ``split``: ``eval``, ``train`` (every train problem the
     teacher answered, kept or not) or a task file (.jsonl/.json/.log) of new problems."""
@@ -66,7 +58,7 @@ def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[di
     import pyarrow.parquet as pq
 
     if split == "eval":
-        return eval_problems(gen_dir), True
+        return read_eval_problems(gen_dir), True
     if split == "train":
         shards = gen_dir / "shards"
         if not shards.is_dir():
@@ -103,9 +95,9 @@ def teacher_rows(problems: list[dict]) -> list[dict]:
 
 def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cfg, label: str) -> tuple[dict, list]:
     """Greedy accuracy of a torch student (asked in format ``fmt``); returns (summary, per-example rows)."""
-    from distill.stages.train import load_student
     from distill.students.data import prompt_template
     from distill.students.evaluate import generate_torch
+    from distill.students.models import load_student
 
     model, tokenizer = load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
     questions = [p["question"] for p in problems]

@@ -180,8 +180,8 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     from distill.export.gate import VariantResult, choose, paired_changes, score_variant
     from distill.export.onnx_export import PADDING_SIDE, export_decoder, kv_shape
     from distill.export.quantize import linear_groups, make_variant
-    from distill.stages.evaluate import eval_problems
-    from distill.stages.train import load_student
+    from distill.students.models import load_student
+    from distill.teachers.rows import read_eval_problems
 
     cfg = recipe.export
     variants_dir, bundle = out / "variants", out / "bundle"
@@ -207,7 +207,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         "fp32_bytes": _size(variants_dir, FP32_FILE),
         "attention": layout,
     }
-    problems = eval_problems(gen_dir)
+    problems = read_eval_problems(gen_dir)
     questions = [p["question"] for p in problems[:4]]
 
     results: list[VariantResult] = []

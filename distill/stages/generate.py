@@ -7,7 +7,6 @@ problems with the teacher's answers) and ``generate/metrics.json``.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,9 @@ from distill.core.errors import DistillError
 from distill.core.problems import load_problems
 from distill.core.progress import console, progress_bar
 from distill.core.sources import resolve_model
+from distill.teachers.budget import BudgetExceeded, cost_of
+from distill.teachers.rows import ROW_SCHEMA, latest_rows, select_training_rows
+from distill.teachers.workers import run_teacher
 
 
 @dataclass
@@ -26,109 +28,6 @@ class GenerateResult:
     eval_rows: int
     teacher_accuracy: float
     metrics: dict
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start (or join) Ray quietly, once per process."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Worker logs stay in Ray's session folder; failures still reach the driver as exceptions.
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.verbose_stats_logs = False
-    # Ray Data logs a worker's exception before re-raising it; the driver reports it (one line for
-    # the user's own problems), so the log copy is noise. Set after ray.data configured its loggers.
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-
-
-def balanced_batch_size(n: int, batch_size: int, workers: int) -> int:
-    """At most ``batch_size``, and such that the batches split evenly over the workers: 5 batches
-    on 2 actors take 3 rounds (1.67x at best), 6 slightly smaller ones take 3 rounds of full use."""
-    batches = max(1, math.ceil(n / batch_size))
-    batches = math.ceil(batches / workers) * workers
-    return max(1, math.ceil(n / batches))
-
-
-def _run_ray(problems, worker_kwargs, cfg, on_batch):
-    import ray
-
-    init_ray()
-    batch = balanced_batch_size(len(problems), cfg.batch_size, cfg.workers)
-    ds = ray.data.from_items(problems, override_num_blocks=math.ceil(len(problems) / batch))
-    from distill.teachers.workers import TeacherWorker
-
-    ds = ds.map_batches(
-        TeacherWorker,
-        fn_constructor_kwargs=worker_kwargs,
-        batch_size=batch,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-        num_cpus=0.25 if cfg.model.startswith("openai:") else 1,  # an HTTP client mostly waits
-    )
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            on_batch(batch)
-    except DistillError:
-        raise
-    except Exception as e:  # a worker's DistillError arrives wrapped by Ray: surface it as itself
-        cause = _distill_cause(e)
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def _distill_cause(e: BaseException) -> DistillError | None:
-    """The DistillError a Ray worker raised. Ray Data re-raises it as ``RayTaskError(UserCodeException)``
-    carrying only the worker's traceback text, so the error is found by its ``module.Class: message`` line."""
-    import importlib
-    import re
-
-    for m in re.finditer(r"^((?:distill|teachers|students|export)[\w.]*)\.(\w+): (.+)$", str(e), re.M):
-        try:
-            cls = getattr(importlib.import_module(m.group(1)), m.group(2))
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(cls, type) and issubclass(cls, DistillError):
-            return DistillError(m.group(3).strip())
-    return None
-
-
-def _serve_from_cache(problems, worker_kwargs, cfg, on_batch) -> list[dict]:
-    """Answer every batch the completion cache fully covers, in-process (tokenizer only, no weights,
-    no Ray); returns the problems that still need the teacher."""
-    from distill.teachers.cache import CacheMiss
-    from distill.teachers.workers import TeacherWorker
-
-    if cfg.model.startswith("replay:") or not Path(worker_kwargs["cache_path"]).exists():
-        return problems
-    worker = TeacherWorker(**worker_kwargs, cache_only=True)
-    rest: list[dict] = []
-    for start in range(0, len(problems), cfg.batch_size):
-        batch = problems[start : start + cfg.batch_size]
-        try:
-            on_batch(worker(batch))
-        except CacheMiss:
-            rest += batch
-    return rest
-
-
-def _run_local(problems, worker_kwargs, cfg, on_batch):
-    from distill.teachers.workers import TeacherWorker
-
-    worker = TeacherWorker(**worker_kwargs)
-    for start in range(0, len(problems), cfg.batch_size):
-        on_batch(worker(problems[start : start + cfg.batch_size]))
 
 
 # Stop when this many rows came back and not one had a parsable answer: something is wrong with
@@ -173,67 +72,6 @@ def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], d
     return train, stats
 
 
-def select_training_rows(rows, cfg):
-    """Apply the recipe's filters to the train rows; returns (kept rows, counts dropped per filter).
-
-    In order: failed calls, keep-correct (gold, or the vote when there is none), minimum agreement,
-    rationale length bounds; then up to ``rationales_per_question`` distinct rationales per
-    question become separate training rows (ids ``<id>#k``).
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from distill.teachers.workers import ROW_SCHEMA
-
-    dropped = {}
-
-    def apply(name, mask):
-        nonlocal rows
-        before = rows.num_rows
-        rows = rows.filter(mask)
-        dropped[name] = before - rows.num_rows
-
-    apply("failed", pc.is_null(rows["error"]))
-    if cfg.keep == "correct":
-        apply("incorrect", pc.fill_null(rows["correct"], False))
-    if cfg.min_confidence > 0:
-        apply("low_agreement", pc.greater_equal(pc.fill_null(rows["confidence"], 0.0), cfg.min_confidence))
-    if cfg.min_rationale_words or cfg.max_rationale_words:
-        words = [len((r or "").split()) for r in rows["rationale"].to_pylist()]
-        upper = cfg.max_rationale_words or float("inf")
-        apply("length", pa.array([cfg.min_rationale_words <= w <= upper for w in words]))
-    if cfg.rationales_per_question > 1:
-        out = []
-        for r in rows.to_pylist():
-            out.append(r)
-            for k, alt in enumerate((r.get("alternatives") or [])[: cfg.rationales_per_question - 1], start=1):
-                out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": []})
-        rows = pa.Table.from_pylist(out, schema=ROW_SCHEMA)
-    return rows, dropped
-
-
-def latest_rows(tables: list):
-    """One row per id, the last committed one winning (a failed row is replaced by its retry), by id."""
-    import pyarrow as pa
-
-    latest: dict[str, dict] = {}
-    for t in tables:  # shards in commit order
-        for row in t.to_pylist():
-            latest[row["id"]] = row
-    from distill.teachers.workers import ROW_SCHEMA
-
-    return pa.Table.from_pylist([latest[k] for k in sorted(latest)], schema=ROW_SCHEMA)
-
-
-class BudgetExceeded(DistillError):
-    """The job spent its token or cost budget; committed shards stay and ``resume`` continues."""
-
-
-def cost_of(tokens_in: int, tokens_out: int, cfg) -> float:
-    """Estimated spend from the recipe's per-1k-token prices."""
-    return tokens_in / 1000 * cfg.price_per_1k_input + tokens_out / 1000 * cfg.price_per_1k_output
-
-
 def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> GenerateResult:
     """Run the teacher over train + eval problems into ``out``; returns counts and teacher accuracy.
 
@@ -245,8 +83,6 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
 
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from distill.teachers.workers import ROW_SCHEMA
 
     work = work or out
     train, evals = load_problems(recipe.task)
@@ -263,7 +99,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     )
     worker_kwargs = dict(
         model_path=teacher_path,
-        teacher_cfg=recipe.teacher.model_dump(),
+        teacher_cfg=recipe.teacher,
         answer_type=recipe.task.answer_type,
         cache_path=str(Path(recipe.cache).resolve()),
     )
@@ -339,10 +175,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
                     "raise teacher.max_tokens / teacher.max_cost and resume; committed rows are kept",
                 )
 
-        runner = _run_ray if recipe.teacher.executor == "ray" else _run_local
-        todo = _serve_from_cache(todo, worker_kwargs, recipe.teacher, on_batch) if todo else todo
         if todo:
-            runner(todo, worker_kwargs, recipe.teacher, on_batch)
+            run_teacher(todo, worker_kwargs, cfg, on_batch)
     shards = writer.close()
 
     import pyarrow.parquet as pq

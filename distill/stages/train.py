@@ -10,9 +10,8 @@ from distill.core.answers import Task
 from distill.core.artifacts import write_config, write_json
 from distill.core.errors import DistillError
 from distill.core.progress import console
-from distill.core.sources import resolve_model
 
-REQUIRED_COLUMNS = {"question", "rationale", "gold"}
+TRAIN_COLUMNS = ("question", "rationale", "gold")
 
 
 @dataclass
@@ -20,72 +19,6 @@ class TrainStageResult:
     dir: Path
     model_dir: Path
     metrics: dict
-
-
-def load_student(source: str, tokenizer_source: str | None = None, seed: int = 0):
-    """(model, tokenizer) for a student source, fp32, one CPU thread.
-
-    ``config:<...>`` sources build a randomly initialised model (seeded) with ``tokenizer_source``'s
-    tokenizer, or the tokenizer saved beside the config.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(1)
-    if source.startswith("config:"):
-        from distill.students.architecture import model_from_config, read_config_spec
-
-        _, folder = read_config_spec(source)
-        if tokenizer_source is None and folder is None:
-            raise DistillError("a config: student needs a tokenizer", "set student.tokenizer to a model source")
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source) if tokenizer_source else folder)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = model_from_config(source, len(tokenizer), seed)
-        return (model.cuda() if torch.cuda.is_available() else model), tokenizer
-    path = resolve_model(source)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_source) if tokenizer_source else path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:  # safetensors only: a pickle checkpoint can run code on load
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    except OSError as e:
-        raise DistillError(
-            f"{path} has no loadable safetensors weights ({str(e).splitlines()[0][:120]})",
-            "save the model with save_pretrained(..., safe_serialization=True); pickle checkpoints are not loaded",
-        ) from None
-    if torch.cuda.is_available():
-        model = model.cuda()
-    return model, tokenizer
-
-
-def build_student(cfg):
-    """(model, tokenizer) ready to train for a ``StudentConfig``: loaded or built from a config,
-    cut to ``cfg.layers``, wrapped with LoRA adapters when ``cfg.lora`` is set."""
-    model, tokenizer = load_student(cfg.model, cfg.tokenizer, cfg.seed)
-    if cfg.layers is not None:
-        from distill.students.architecture import keep_layers
-
-        keep_layers(model, cfg.layers)
-    if cfg.lora is not None:
-        from distill.students.lora import add_lora
-
-        model = add_lora(model, cfg.lora, cfg.seed)
-    return model, tokenizer
-
-
-def read_train_rows(dataset_file: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    if not dataset_file.is_file():
-        raise DistillError(f"training data {dataset_file} does not exist", "run `distill generate` first")
-    table = pq.read_table(dataset_file)
-    missing = REQUIRED_COLUMNS - set(table.column_names)
-    if missing:
-        raise DistillError(f"{dataset_file} lacks columns {sorted(missing)}", "regenerate it with `distill generate`")
-    if table.num_rows == 0:
-        raise DistillError(f"{dataset_file} has no rows", "generate more data or relax teacher.keep")
-    return table.to_pylist()
 
 
 def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
@@ -117,10 +50,12 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     killed run keeps them) and an existing one is continued from.
     """
     from distill.students.data import build_examples
+    from distill.students.models import build_student
     from distill.students.trainer import save_student, train
+    from distill.teachers.rows import read_rows
 
     cfg = recipe.student
-    rows = read_train_rows(gen_dir / "dataset" / "train.parquet")
+    rows = read_rows(gen_dir / "dataset" / "train.parquet", TRAIN_COLUMNS, "generate more data or relax teacher.keep")
     model, tokenizer = build_student(cfg)
     task = Task(recipe.task.answer_type)
     if cfg.format == "kd":

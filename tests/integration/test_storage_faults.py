@@ -77,7 +77,7 @@ def test_full_disk_then_read_only(tmp_path, tiny_teacher, tiny_task_cfg):
     # What the full disk left: only complete shards, each listed in the manifest and intact.
     work = next((out / "after_full" / "r").glob(".generate.work-*"))
     from distill.core.artifacts import ShardWriter
-    from distill.teachers.workers import ROW_SCHEMA
+    from distill.teachers.rows import ROW_SCHEMA
 
     committed = list(ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, 4).resume())
     assert 0 < sum(t.num_rows for t in committed) < 46  # it failed part-way, after some commits

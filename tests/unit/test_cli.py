@@ -63,7 +63,7 @@ def test_pickle_only_student_is_refused(tmp_path, tiny_student):
     from safetensors.torch import load_file
 
     from distill.core.errors import DistillError
-    from distill.stages.train import load_student
+    from distill.students.models import load_student
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_student, folder)

@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import Recipe
+from distill.core.errors import DistillError
 from distill.pipeline import run_stage, work_dir
-from distill.stages.generate import BudgetExceeded
+from distill.teachers.budget import BudgetExceeded
 
 
 def _recipe(tmp_path, teacher, task_cfg, **teacher_kw):
@@ -81,7 +82,7 @@ def test_no_parsable_answer_stops_early_with_the_reason(tmp_path, tiny_teacher, 
 def test_batches_split_evenly_over_workers(n, batch, workers):
     import math
 
-    from distill.stages.generate import balanced_batch_size
+    from distill.core.executor import balanced_batch_size
 
     size = balanced_batch_size(n, batch, workers)
     batches = math.ceil(n / size)
@@ -89,14 +90,33 @@ def test_batches_split_evenly_over_workers(n, batch, workers):
     assert batches % workers == 0 or batches < workers  # no round with idle workers but the last partial one
 
 
-def test_a_workers_distill_error_is_found_in_rays_wrapper_text():
-    from distill.stages.generate import _distill_cause
+def test_a_workers_distill_error_reaches_the_driver_as_itself(ray_cluster):
+    """Through Ray's exception chain (RayTaskError.cause), not its traceback text: same class, same line."""
+    from distill.core.executor import map_actor_pool
+    from distill.teachers.backends.openai import AuthError
 
-    wrapped = RuntimeError(
-        "RayTaskError(UserCodeException): ray::MapWorker(MapBatches(TeacherWorker)).submit() (pid=1)\n"
-        '  File "teachers/backends/openai.py", line 200, in _one\n    raise AuthError(\n'
-        "teachers.backends.openai.AuthError: the endpoint refused the credentials (HTTP 401) — set OPENAI_API_KEY"
-    )
-    found = _distill_cause(wrapped)
-    assert str(found) == "the endpoint refused the credentials (HTTP 401) — set OPENAI_API_KEY"
-    assert _distill_cause(RuntimeError("builtins.ValueError: not ours")) is None
+    # Defined here so Ray pickles them by value (a test module is not importable in the workers).
+    class _RefusingWorker:
+        """A Ray actor whose endpoint refuses the credentials, as the OpenAI backend does on HTTP 401."""
+
+        def __init__(self, status: int):
+            self.status = status
+
+        def __call__(self, batch):
+            from distill.teachers.backends.openai import AuthError
+
+            raise AuthError(f"the endpoint refused the credentials (HTTP {self.status})", "set OPENAI_API_KEY")
+
+    class _BrokenWorker:
+        def __call__(self, batch):
+            raise ZeroDivisionError("not a user error")
+
+    items = [{"q": str(i)} for i in range(4)]
+    run = dict(batch_size=2, workers=1, num_cpus=1, on_batch=lambda t: None)
+    with pytest.raises(AuthError) as info:
+        map_actor_pool(items, _RefusingWorker, {"status": 401}, **run)
+    assert str(info.value) == "the endpoint refused the credentials (HTTP 401) — set OPENAI_API_KEY"
+    assert type(info.value) is AuthError
+    with pytest.raises(Exception) as other:  # not ours: raised as Ray raised it, never turned into one line
+        map_actor_pool(items, _BrokenWorker, {}, **run)
+    assert not isinstance(other.value, DistillError) and "ZeroDivisionError" in str(other.value)

@@ -72,7 +72,7 @@ def test_model_from_inline_config_is_seeded_and_checks_the_vocab():
 
 
 def test_config_student_loads_with_a_tokenizer_from_another_source(tiny_student, tmp_path):
-    from distill.stages.train import load_student
+    from distill.students.models import load_student
 
     cfg = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64}
     cfg.update(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)

@@ -3,9 +3,8 @@
 import pyarrow as pa
 
 from distill.config import TeacherConfig
-from distill.stages.generate import select_training_rows
+from distill.teachers.rows import ROW_SCHEMA, select_training_rows
 from distill.teachers.synthesis import NearDuplicateIndex, normalize_question, parse_problem, synthesize
-from distill.teachers.workers import ROW_SCHEMA
 
 
 def test_exact_and_near_duplicates():

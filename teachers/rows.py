@@ -1,0 +1,111 @@
+"""Teacher output rows: their schema, the filters that pick training rows, and readers of a dataset.
+
+Every row the generate stage writes has ``ROW_SCHEMA``; a failed or unparsable row is kept with its
+reason (``error``, ``parse_error``), never dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+
+from distill.core.errors import DistillError
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("question", pa.string()),
+        ("gold", pa.string()),
+        ("prompt", pa.string()),
+        ("rationale", pa.string()),
+        ("answer_raw", pa.string()),
+        ("pred", pa.string()),
+        ("confidence", pa.float64()),
+        ("correct", pa.bool_()),
+        ("parse_error", pa.string()),
+        ("finish_reason", pa.string()),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("cached", pa.bool_()),
+        ("teacher", pa.string()),
+        ("error", pa.string()),
+        ("alternatives", pa.list_(pa.string())),
+        # Logit KD (teacher.topk_logprobs > 0): rationale token ids, top-k ids and log-probs per token.
+        ("teacher_token_ids", pa.list_(pa.int32())),
+        ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
+        ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+
+
+def select_training_rows(rows, cfg):
+    """Apply the recipe's filters to the train rows; returns (kept rows, counts dropped per filter).
+
+    In order: failed calls, keep-correct (gold, or the vote when there is none), minimum agreement,
+    rationale length bounds; then up to ``rationales_per_question`` distinct rationales per
+    question become separate training rows (ids ``<id>#k``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dropped = {}
+
+    def apply(name, mask):
+        nonlocal rows
+        before = rows.num_rows
+        rows = rows.filter(mask)
+        dropped[name] = before - rows.num_rows
+
+    apply("failed", pc.is_null(rows["error"]))
+    if cfg.keep == "correct":
+        apply("incorrect", pc.fill_null(rows["correct"], False))
+    if cfg.min_confidence > 0:
+        apply("low_agreement", pc.greater_equal(pc.fill_null(rows["confidence"], 0.0), cfg.min_confidence))
+    if cfg.min_rationale_words or cfg.max_rationale_words:
+        words = [len((r or "").split()) for r in rows["rationale"].to_pylist()]
+        upper = cfg.max_rationale_words or float("inf")
+        apply("length", pa.array([cfg.min_rationale_words <= w <= upper for w in words]))
+    if cfg.rationales_per_question > 1:
+        out = []
+        for r in rows.to_pylist():
+            out.append(r)
+            for k, alt in enumerate((r.get("alternatives") or [])[: cfg.rationales_per_question - 1], start=1):
+                out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": []})
+        rows = pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+    return rows, dropped
+
+
+def latest_rows(tables: list):
+    """One row per id, the last committed one winning (a failed row is replaced by its retry), by id."""
+    import pyarrow as pa
+
+    latest: dict[str, dict] = {}
+    for t in tables:  # shards in commit order
+        for row in t.to_pylist():
+            latest[row["id"]] = row
+    return pa.Table.from_pylist([latest[k] for k in sorted(latest)], schema=ROW_SCHEMA)
+
+
+def read_rows(path: Path, columns: Iterable[str] = ("question", "gold"), fix_if_empty: str | None = None) -> list[dict]:
+    """Rows of a dataset Parquet file that must have ``columns``; one clear error when it is missing,
+    lacks a column or (with ``fix_if_empty``) holds no rows."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{path} does not exist", "run `distill generate` first")
+    table = pq.read_table(path)
+    missing = set(columns) - set(table.column_names)
+    if missing:
+        raise DistillError(f"{path} lacks columns {sorted(missing)}", "regenerate it with `distill generate`")
+    if fix_if_empty and table.num_rows == 0:
+        raise DistillError(f"{path} has no rows", fix_if_empty)
+    return table.to_pylist()
+
+
+def read_eval_problems(gen_dir: Path) -> list[dict]:
+    """The held-out problems of a generate folder, with the teacher's recorded answers."""
+    return read_rows(Path(gen_dir) / "dataset" / "eval.parquet", ("id", "question", "gold"))
