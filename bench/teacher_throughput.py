@@ -18,7 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.core.env import set_env_defaults  # noqa: E402
+
+set_env_defaults()
+
 for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(k, "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -199,7 +203,7 @@ def ray_actors(path, task, args) -> None:
                 marks.append((time.perf_counter(), stats["tokens_out"]))
 
             t0 = time.perf_counter()
-            _, m = run_stage(r, "generate", force=True, on_progress=mark)
+            m = run_stage(r, "generate", force=True, on_progress=mark).metrics
             wall = time.perf_counter() - t0
             # steady state: from the first committed batch to the last (actor start and weight load excluded)
             steady = (marks[-1][1] - marks[0][1]) / max(marks[-1][0] - marks[0][0], 1e-9)
@@ -213,7 +217,7 @@ def ray_actors(path, task, args) -> None:
         # 3. re-run the finished 2-actor job: every row from the cache
         r = rates[2][2]
         t0 = time.perf_counter()
-        _, m = run_stage(r, "generate", force=True)
+        m = run_stage(r, "generate", force=True).metrics
         again = time.perf_counter() - t0
         print(
             f"3. re-run: {m['problems'] - m['cached_rows']} teacher calls, {again:.1f}s = "

@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.core.env import set_env_defaults  # noqa: E402
+
+set_env_defaults()
+
 ROOT = Path(__file__).resolve().parents[1]
 LOG = ROOT.parent / "shared/data/zero_shot_cot/teacher_logs/coin_flip_zero_shot_cot.log"
 STUDENT = "embedded:smollm2-135m-instruct"

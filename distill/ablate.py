@@ -19,7 +19,7 @@ from distill.config import Recipe, content_hash
 from distill.core.artifacts import atomic_write_bytes, write_json, write_recipe, write_text
 from distill.core.errors import DistillError
 from distill.core.progress import console
-from distill.pipeline import _done, run_stage, stage_dir, stage_hash
+from distill.pipeline import is_done, run_stage, stage_dir, stage_hash
 
 FORMATS = ("label", "rationale", "multitask", "kd")
 LABELS = {
@@ -69,7 +69,7 @@ def kd_unavailable(recipe: Recipe, gen_dir: Path) -> str | None:
 
 def _unit(base: Path, name: str, digest: str, force: bool, fn) -> Path:
     """Run ``fn(out_dir)`` into ``base/name`` unless a finished unit with ``digest`` is already there."""
-    if not force and _done(base / name, digest):
+    if not force and is_done(base / name, digest):
         console.print(f"[dim]ablate: {name} up to date, reusing[/]")
         return base / name
     with stage_dir(base, name, digest) as out:

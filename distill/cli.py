@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from distill.core.env import set_env_defaults
 from distill.core.errors import DistillError
 
 app = typer.Typer(
@@ -25,22 +26,6 @@ Resume = Annotated[
     bool,
     typer.Option("--resume/--restart", help="continue a killed training run from its last checkpoint, or start over"),
 ]
-
-
-def _env_defaults() -> None:
-    # Offline by default and one thread per process: parallelism comes from Ray workers.
-    for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "ORT_DISABLE_TELEMETRY": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-load bars: noise in job logs; ours is rich
-    }.items():
-        os.environ.setdefault(key, value)
 
 
 def _guard(fn):
@@ -94,7 +79,7 @@ def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool, 
     from distill.config import load_recipe
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         recipe = load_recipe(recipe_path, overrides or [])
         from distill.pipeline import run
 
@@ -142,12 +127,12 @@ def eval_(
         return
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         from distill.config import load_recipe
         from distill.pipeline import evaluate_split
         from distill.stages.report import print_table
 
-        folder = evaluate_split(load_recipe(recipe, overrides or []), split, force)
+        folder = evaluate_split(load_recipe(recipe, overrides or []), split, force).dir
         print_table(json.loads((folder / "scores.json").read_text()), {})
         print(folder)
 
@@ -167,7 +152,7 @@ def ablate(
     """Train label-only, rationale, multitask and logit-KD students on the same data and budget; one table."""
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         from distill.config import load_recipe
 
         r = load_recipe(recipe, overrides or [])
@@ -194,7 +179,7 @@ def infer(
     """Answer one question with an exported bundle through onnxruntime (no torch)."""
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         from distill.export.runtime import GENERATION_FILE, BundleFormatError, OnnxGenerator, check_format
 
         if not (bundle / GENERATION_FILE).is_file():
@@ -232,7 +217,7 @@ def serve(
     """Serve a local teacher as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions)."""
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         from distill.core.progress import console
         from distill.teachers.serve import serve as run_server
 
@@ -264,7 +249,7 @@ def jobs_submit(
     """Start the generate stage of a recipe in the background; prints the job id at once."""
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         from distill.jobs import submit
 
         print(submit(recipe, overrides or [], address))
@@ -316,7 +301,7 @@ def jobs_resume(job_id: str) -> None:
     """Continue a cancelled, failed or budget-stopped job where it stopped."""
 
     def go():
-        _env_defaults()
+        set_env_defaults()
         from distill.jobs import resume
 
         resume(job_id)

@@ -367,58 +367,80 @@ class Recipe(Strict):
         return self
 
 
-# Settings that do not change what a stage computes: excluded from content hashes.
-NON_SEMANTIC = {
-    "batch_size",
-    "workers",
-    "executor",
-    "eval_batch_size",
-    "micro_batch_size",
-    "save_every",
-    "price_per_1k_input",
-    "price_per_1k_output",
-    "max_tokens",
-    "max_cost",
-    "shard_rows",
-    # how a teacher is run or reached, not what it answers
-    "engine",
-    "base_url",
-    "api_key_env",
-    "concurrency",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "max_retries",
-    "request_timeout",
-    "retry_base",
-}
+# Settings that do not change what a stage computes, by path: excluded from content hashes. A key of
+# the same name elsewhere (``task.params.batch_size``) counts. ``student.batch_size`` has always been
+# left out; it stays out so that finished run folders keep their hashes.
+NON_SEMANTIC = frozenset(
+    {
+        "teacher.batch_size",
+        "teacher.workers",
+        "teacher.executor",
+        "teacher.shard_rows",
+        "teacher.price_per_1k_input",
+        "teacher.price_per_1k_output",
+        "teacher.max_tokens",
+        "teacher.max_cost",
+        # how a teacher is run or reached, not what it answers
+        "teacher.engine",
+        "teacher.base_url",
+        "teacher.api_key_env",
+        "teacher.concurrency",
+        "teacher.requests_per_minute",
+        "teacher.tokens_per_minute",
+        "teacher.max_retries",
+        "teacher.request_timeout",
+        "teacher.retry_base",
+        "student.batch_size",
+        "student.micro_batch_size",
+        "student.eval_batch_size",
+        "student.save_every",
+    }
+)
 
 
-# Options added after the first release: at their default they are left out of content hashes, so
-# adding an option does not invalidate stages that finished before it existed.
+# Options added after the first release, by path: at their default they are left out of content
+# hashes, so adding an option does not invalidate stages that finished before it existed.
 OPTIONAL_DEFAULTS = {
-    "tokenizer": None,
-    "layers": None,
-    "lora": None,
-    "kd": KDSettings().model_dump(mode="json"),
-    "packing": False,
-    "topk_logprobs": 0,
+    "student.tokenizer": None,
+    "student.layers": None,
+    "student.lora": None,
+    "student.kd": KDSettings().model_dump(mode="json"),
+    "student.packing": False,
+    "teacher.topk_logprobs": 0,
+}
+
+# The recipe path of each section model, so a section hashes alone as it does inside the recipe.
+SECTIONS: dict[type[BaseModel], str] = {
+    TaskConfig: "task",
+    TeacherConfig: "teacher",
+    StudentConfig: "student",
+    ExportConfig: "export",
+    EvalConfig: "eval",
 }
 
 
-def content_hash(section: BaseModel | dict) -> str:
-    """Hash of the semantic settings only: batch sizes, worker counts and executors do not count."""
-    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+def content_hash(data: BaseModel | dict, path: str | None = None) -> str:
+    """Hash of the semantic settings only: batch sizes, worker counts and executors do not count.
 
-    def strip(x):
-        if isinstance(x, dict):
-            return {
-                k: strip(v)
-                for k, v in sorted(x.items())
-                if k not in NON_SEMANTIC and not (k in OPTIONAL_DEFAULTS and v == OPTIONAL_DEFAULTS[k])
-            }
-        return x
+    ``data`` is a recipe section (hashed at its recipe path, e.g. ``teacher``) or a dict whose keys
+    are section names (``{"task": ..., "teacher": ...}``); ``path`` names where a dict sits instead.
+    """
+    if isinstance(data, BaseModel):
+        path = path if path is not None else SECTIONS.get(type(data), "")
+        data = data.model_dump(mode="json")
 
-    return hashlib.sha256(json.dumps(strip(data), sort_keys=True).encode()).hexdigest()[:16]
+    def strip(x, at: str):
+        if not isinstance(x, dict):
+            return x
+        out = {}
+        for k, v in sorted(x.items()):
+            key = f"{at}.{k}" if at else k
+            if key in NON_SEMANTIC or (key in OPTIONAL_DEFAULTS and v == OPTIONAL_DEFAULTS[key]):
+                continue
+            out[k] = strip(v, key)
+        return out
+
+    return hashlib.sha256(json.dumps(strip(data, path or ""), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

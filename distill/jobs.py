@@ -187,7 +187,7 @@ def run_job(job_id: str, db: str) -> int:
         def progress(stats: dict) -> None:
             store.update(job_id, progress=stats)  # one small WAL write per batch
 
-        _, metrics = run_stage(recipe, "generate", on_progress=progress)
+        metrics = run_stage(recipe, "generate", on_progress=progress).metrics
         failed = metrics.get("failed_rows", 0)
         final = {
             **store.get(job_id)["progress"],

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import Recipe, content_hash
@@ -20,6 +21,42 @@ from distill.core.errors import DistillError
 from distill.core.progress import console
 
 STAGES = ("generate", "train", "export", "evaluate")
+
+# What each stage leaves for the next one (or for the user), relative to its folder.
+STAGE_PATHS = {
+    "generate": {"train": "dataset/train.parquet", "eval": "dataset/eval.parquet", "shards": "shards"},
+    "train": {"model": "model", "loss": "loss.json"},
+    "export": {"bundle": "bundle", "variants": "variants"},
+    "evaluate": {"scores": "scores.json"},
+}
+
+
+@dataclass
+class StageResult:
+    """One stage's outcome: its folder, the paths it leaves, its metrics and wall time.
+
+    ``reused`` is True when the folder was already up to date (``seconds`` is then 0)."""
+
+    stage: str
+    dir: Path
+    metrics: dict
+    seconds: float = 0.0
+    reused: bool = False
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.paths:
+            self.paths = {k: self.dir / v for k, v in STAGE_PATHS.get(self.stage, {}).items()}
+
+
+@dataclass
+class RunResult:
+    """A pipeline run: the run folder, its report, the evaluation scores and every stage's result."""
+
+    run_dir: Path
+    report: Path
+    scores: dict
+    stages: dict[str, StageResult]
 
 
 def stage_hash(recipe: Recipe, stage: str) -> str:
@@ -34,7 +71,8 @@ def stage_hash(recipe: Recipe, stage: str) -> str:
     return content_hash({k: v.model_dump(mode="json") for k, v in parts.items()})
 
 
-def _done(folder: Path, digest: str) -> bool:
+def is_done(folder: Path, digest: str) -> bool:
+    """Whether ``folder`` holds a finished stage (its DONE.json) with content hash ``digest``."""
     marker = folder / "DONE.json"
     return marker.exists() and json.loads(marker.read_text()).get("hash") == digest
 
@@ -61,8 +99,11 @@ def stage_dir(run_dir: Path, stage: str, digest: str):
 
 
 def _metrics(folder: Path) -> dict:
-    f = folder / "metrics.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+    """A stage folder's metrics.json (the evaluate stage's: its scores)."""
+    f, scores = folder / "metrics.json", folder / "scores.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    return {"scores": json.loads(scores.read_text())} if scores.exists() else {}
 
 
 def work_dir(recipe: Recipe, stage: str) -> Path:
@@ -70,10 +111,8 @@ def work_dir(recipe: Recipe, stage: str) -> Path:
     return recipe.run_dir / f".{stage}.work-{stage_hash(recipe, stage)[:12]}"
 
 
-def run_stage(
-    recipe: Recipe, stage: str, force: bool = False, resume: bool = True, on_progress=None
-) -> tuple[float, dict]:
-    """Run one stage of ``recipe`` (its inputs must exist); returns (seconds, stage metrics).
+def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = True, on_progress=None) -> StageResult:
+    """Run one stage of ``recipe`` (its inputs must exist); returns its ``StageResult``.
 
     Generation commits shards and training keeps checkpoints in ``work_dir`` until the stage
     succeeds; with ``resume`` a killed run continues from there, otherwise it starts over.
@@ -82,13 +121,13 @@ def run_stage(
     digest = stage_hash(recipe, stage)
     # A generation with failed rows (retries spent) is done enough for the next stages, but a new
     # run retries those rows from the kept work folder instead of reusing it.
-    if not force and _done(run_dir / stage, digest) and not _metrics(run_dir / stage).get("failed_rows"):
+    if not force and is_done(run_dir / stage, digest) and not _metrics(run_dir / stage).get("failed_rows"):
         console.print(f"[dim]{stage}: up to date in {run_dir / stage}, reusing (pass --force to redo)[/]")
-        return 0.0, _metrics(run_dir / stage)
+        return StageResult(stage, run_dir / stage, _metrics(run_dir / stage), reused=True)
     for upstream in STAGES[: STAGES.index(stage)]:
         if stage == "evaluate" and upstream == "export" and not recipe.export.enabled:
             continue
-        if not _done(run_dir / upstream, stage_hash(recipe, upstream)):
+        if not is_done(run_dir / upstream, stage_hash(recipe, upstream)):
             raise DistillError(
                 f"stage {stage} needs {run_dir / upstream} from this recipe, which is missing or stale",
                 f"run `distill {upstream}` (or `distill run`) with the same recipe first",
@@ -119,19 +158,19 @@ def run_stage(
         metrics = _metrics(out)
     if not metrics.get("failed_rows"):
         shutil.rmtree(work, ignore_errors=True)
-    return seconds, metrics
+    return StageResult(stage, run_dir / stage, metrics, seconds)
 
 
-def evaluate_split(recipe: Recipe, split: str, force: bool = False) -> Path:
+def evaluate_split(recipe: Recipe, split: str, force: bool = False) -> StageResult:
     """Evaluate the run's models on ``split`` (``train`` or a task file) into ``<run>/evaluate-<split>``;
-    reused when done with the same settings and split contents. Returns the folder."""
+    reused when done with the same settings and split contents."""
     import hashlib
 
     from distill.stages.evaluate import evaluate_stage
 
     run_dir = recipe.run_dir
     for upstream in ("generate", "train"):
-        if not _done(run_dir / upstream, stage_hash(recipe, upstream)):
+        if not is_done(run_dir / upstream, stage_hash(recipe, upstream)):
             raise DistillError(
                 f"evaluating on {split!r} needs {run_dir / upstream} from this recipe, which is missing or stale",
                 f"run `distill {upstream}` (or `distill run`) with the same recipe first",
@@ -140,31 +179,31 @@ def evaluate_split(recipe: Recipe, split: str, force: bool = False) -> Path:
     ident = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else split
     name = "evaluate-" + ("".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem) or "file")
     digest = content_hash({"evaluate": stage_hash(recipe, "evaluate"), "split": ident})
-    if not force and _done(run_dir / name, digest):
+    if not force and is_done(run_dir / name, digest):
         console.print(f"[dim]evaluate on {split}: up to date in {run_dir / name}, reusing (pass --force to redo)[/]")
-        return run_dir / name
+        return StageResult("evaluate", run_dir / name, _metrics(run_dir / name), reused=True)
     export_dir = run_dir / "export"
-    export_ok = recipe.export.enabled and _done(export_dir, stage_hash(recipe, "export"))
+    export_ok = recipe.export.enabled and is_done(export_dir, stage_hash(recipe, "export"))
+    t0 = time.time()
     with stage_dir(run_dir, name, digest) as out:
         evaluate_stage(recipe, run_dir / "generate", run_dir / "train", export_dir if export_ok else None, out, split)
-    return run_dir / name
+    return StageResult("evaluate", run_dir / name, _metrics(run_dir / name), time.time() - t0)
 
 
-def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, resume: bool = True) -> dict:
-    """Run ``stages`` in order, then write the report; returns the scores."""
+def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, resume: bool = True) -> RunResult:
+    """Run ``stages`` in order, then write the report and print the table."""
     from distill.stages.report import print_table, write_report
 
     run_dir = recipe.run_dir
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_recipe(run_dir / "recipe.yaml", recipe.dump())
-    seconds: dict[str, float] = {}
-    metrics: dict[str, dict] = {}
+    results: dict[str, StageResult] = {}
     try:
         for stage in stages:
             if stage == "export" and not recipe.export.enabled:
                 continue
-            seconds[stage], metrics[stage] = run_stage(recipe, stage, force, resume)
+            results[stage] = run_stage(recipe, stage, force, resume)
     except BaseException:
         # A run that failed before leaving anything but its recipe leaves no folder behind.
         if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml"}:
@@ -174,13 +213,13 @@ def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, r
     timings_file = run_dir / "stage_seconds.json"
     previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     # A reused stage keeps the wall time it took when it actually ran.
-    seconds = {k: (v if v > 0 else previous.get(k, 0.0)) for k, v in seconds.items()}
+    seconds = {k: (r.seconds if r.seconds > 0 else previous.get(k, 0.0)) for k, r in results.items()}
     write_json(timings_file, seconds)
-    write_report(run_dir, recipe.dump(), seconds, metrics, scores)
+    write_report(run_dir, recipe.dump(), seconds, {k: r.metrics for k, r in results.items()}, scores)
     if scores:
         print_table(scores, seconds)
     console.print(f"report: {run_dir / 'report.md'}")
-    return scores
+    return RunResult(run_dir, run_dir / "report.md", scores, results)
 
 
 def _read_scores(run_dir: Path) -> dict:

@@ -54,7 +54,7 @@ def test_budget_stop_then_resume_is_exactly_once(tmp_path, tiny_teacher, tiny_ta
     victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
 
     uncapped = _recipe(tmp_path / "job", tiny_teacher, tiny_task_cfg)  # same semantic hash: resumes
-    seconds, metrics = run_stage(uncapped, "generate")
+    metrics = run_stage(uncapped, "generate").metrics
     assert _rows(uncapped.run_dir) == reference
     ids = pq.read_table(uncapped.run_dir / "generate" / "shards")["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 18

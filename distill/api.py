@@ -1,0 +1,82 @@
+"""The Python API: the pipeline and each of its stages as functions returning result objects.
+
+    import distill
+
+    distill.set_env_defaults()
+    result = distill.run("recipes/quickstart.yaml", overrides=["student.epochs=2"])
+    result.scores["student"]["accuracy"], result.stages["export"].paths["bundle"]
+
+A ``recipe`` is a YAML path, a ``Recipe`` (``distill.load_recipe``) or None for the defaults;
+``overrides`` are ``key=value`` strings as on the command line. Errors a user can fix raise
+``distill.DistillError`` with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from distill.config import Recipe, load_recipe
+from distill.pipeline import STAGES, RunResult, StageResult, evaluate_split, run_stage
+from distill.pipeline import run as run_pipeline
+
+RecipeLike = str | Path | Recipe | None
+
+
+def recipe_of(recipe: RecipeLike, overrides: Sequence[str] = ()) -> Recipe:
+    """The validated ``Recipe`` for a path, a ``Recipe`` (overrides applied to a copy) or None (defaults)."""
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        import tempfile
+
+        import yaml
+
+        with tempfile.TemporaryDirectory() as tmp:  # overrides go through the same parser as the CLI's
+            f = Path(tmp) / "recipe.yaml"
+            f.write_text(yaml.safe_dump(recipe.dump()), encoding="utf-8")
+            return load_recipe(f, list(overrides))
+    return load_recipe(recipe, list(overrides))
+
+
+def run(
+    recipe: RecipeLike = None,
+    overrides: Sequence[str] = (),
+    *,
+    stages: Sequence[str] = STAGES,
+    force: bool = False,
+    resume: bool = True,
+) -> RunResult:
+    """Run the pipeline (generate → train → export → evaluate → report); returns a ``RunResult``
+    with the run folder, report path, scores and each stage's ``StageResult``. Up-to-date stages are reused."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        from distill.core.errors import DistillError
+
+        raise DistillError(f"unknown stage(s) {unknown}", f"pick from {list(STAGES)}")
+    return run_pipeline(recipe_of(recipe, overrides), tuple(stages), force, resume)
+
+
+def generate(recipe: RecipeLike = None, overrides: Sequence[str] = (), *, force: bool = False) -> StageResult:
+    """The teacher answers the task's problems; ``paths``: train, eval (Parquet), shards."""
+    return run_stage(recipe_of(recipe, overrides), "generate", force)
+
+
+def train(
+    recipe: RecipeLike = None, overrides: Sequence[str] = (), *, force: bool = False, resume: bool = True
+) -> StageResult:
+    """Fine-tune the student on the generated data; ``paths``: model (a save_pretrained folder), loss."""
+    return run_stage(recipe_of(recipe, overrides), "train", force, resume)
+
+
+def export_student(recipe: RecipeLike = None, overrides: Sequence[str] = (), *, force: bool = False) -> StageResult:
+    """Export the trained student to ONNX, quantize, gate; ``paths``: bundle (the folder to ship), variants."""
+    return run_stage(recipe_of(recipe, overrides), "export", force)
+
+
+def evaluate(
+    recipe: RecipeLike = None, overrides: Sequence[str] = (), *, split: str = "eval", force: bool = False
+) -> StageResult:
+    """Score the run's models on ``split`` (eval, train or a task file); ``metrics["scores"]`` per model."""
+    r = recipe_of(recipe, overrides)
+    return run_stage(r, "evaluate", force) if split == "eval" else evaluate_split(r, split, force)

@@ -1,0 +1,70 @@
+"""Users' paid work stays valid across refactors: stage hashes, cache keys and dataset bytes of
+unchanged recipes equal the values recorded on main at e892d24 (tests/data/compat_e892d24.json,
+written by the code of that commit before the namespace refactor)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.config import load_recipe
+from distill.core.answers import Task
+from distill.pipeline import STAGES, stage_hash
+from distill.teachers.backends.base import Completion, render_chat
+from distill.teachers.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[2]
+RECORDED = json.loads((ROOT / "tests" / "data" / "compat_e892d24.json").read_text())
+PROBLEMS = [
+    {"id": "train-000000", "split": "train", "question": "What is 2 + 2?", "gold": "4"},
+    {"id": "train-000001", "split": "train", "question": "Tom has 3 apples and eats 1. How many are left?", "gold": "2"},
+]
+
+
+@pytest.mark.parametrize("entry", RECORDED["hashes"], ids=lambda e: f"{e['recipe']}:{' '.join(e['overrides'])}")
+def test_stage_hashes_of_unchanged_recipes_are_the_recorded_ones(entry, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipe paths are relative to the project root
+    recipe = load_recipe(entry["recipe"], entry["overrides"])
+    assert {s: stage_hash(recipe, s) for s in STAGES} == entry["stages"]
+
+
+class RecordingTeacher:
+    """Answers every request with the same text and keeps the cache key of each request."""
+
+    model_id = "recorded-model"
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def chat_prompt(self, messages, assistant_prefix=""):
+        return render_chat(None, messages, assistant_prefix)
+
+    def generate(self, requests):
+        self.keys += [r.key(self.model_id) for r in requests]
+        return [Completion("Step one. 2 + 2 = 4.\nThe answer is 4.", 5, 5, "stop") for _ in requests]
+
+
+@pytest.mark.parametrize("entry", RECORDED["cache_keys"], ids=lambda e: " ".join(e["overrides"]))
+def test_cache_keys_of_every_method_are_the_recorded_ones(entry):
+    recipe = load_recipe(None, entry["overrides"])
+    teacher = RecordingTeacher()
+    METHODS[recipe.teacher.method](teacher, PROBLEMS, recipe.teacher, Task("number"))
+    assert teacher.keys == entry["keys"]
+
+
+def test_the_same_recipe_gives_the_same_dataset_bytes(tmp_path, monkeypatch):
+    """The replay recipe's generate stage writes byte-identical Parquet files to e892d24's."""
+    from distill.pipeline import run_stage
+
+    recipe_file = "bench/recipes/coin_flip_replay.yaml"
+    if not (ROOT.parent / "shared" / "data" / "zero_shot_cot").is_dir():
+        pytest.skip("needs ../shared/data (the recorded InstructGPT rationales)")
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(recipe_file, [f"output_dir={tmp_path}", f"cache={tmp_path / 'cache.sqlite'}"])
+    run_stage(recipe, "generate")
+    done = json.loads((recipe.run_dir / "generate" / "DONE.json").read_text())
+    assert done["hash"] == next(h["stages"]["generate"] for h in RECORDED["hashes"] if h["recipe"] == recipe_file)
+    for name, digest in RECORDED["datasets"][recipe_file].items():
+        data = (recipe.run_dir / "generate" / "dataset" / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, name
