@@ -7,7 +7,6 @@ problems with the teacher's answers) and ``generate/metrics.json``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from distill.core.errors import DistillError
 from distill.core.problems import load_problems
 from distill.core.progress import console, progress_bar
 from distill.core.sources import resolve_model
-from distill.teachers.budget import BudgetExceeded, cost_of
+from distill.teachers.budget import GenerationMeter
 from distill.teachers.rows import ROW_SCHEMA, latest_rows, select_training_rows
 from distill.teachers.workers import run_teacher
 
@@ -28,11 +27,6 @@ class GenerateResult:
     eval_rows: int
     teacher_accuracy: float
     metrics: dict
-
-
-# Stop when this many rows came back and not one had a parsable answer: something is wrong with
-# the prompt or the model, and the rest of the job would be paid for nothing.
-EARLY_STOP_ROWS = 32
 
 
 def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], dict]:
@@ -72,6 +66,23 @@ def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], d
     return train, stats
 
 
+def _worker_kwargs(recipe) -> dict:
+    """What each ``TeacherWorker`` is built from; a replay file or model source is checked here, in the
+    driver, so a bad one is one line before any worker starts."""
+    cfg = recipe.teacher
+    replay, remote = cfg.model.startswith("replay:"), cfg.model.startswith("openai:")
+    if replay:
+        from distill.teachers.replay import load_records
+
+        load_records(cfg.model.removeprefix("replay:"))
+    return dict(
+        model_path="" if replay or remote else str(resolve_model(cfg.model, cfg.trust_remote_code, "teacher")),
+        teacher_cfg=cfg,
+        answer_type=recipe.task.answer_type,
+        cache_path=str(Path(recipe.cache).resolve()),
+    )
+
+
 def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> GenerateResult:
     """Run the teacher over train + eval problems into ``out``; returns counts and teacher accuracy.
 
@@ -85,95 +96,41 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     import pyarrow.compute as pc
 
     work = work or out
+    cfg = recipe.teacher
     train, evals = load_problems(recipe.task)
-    replay = recipe.teacher.model.startswith("replay:")
-    if replay:  # recorded outputs: check the file now, in the driver, for a one-line error
-        from distill.teachers.replay import load_records
-
-        load_records(recipe.teacher.model.removeprefix("replay:"))
-    remote = recipe.teacher.model.startswith("openai:")
-    teacher_path = (
-        ""
-        if replay or remote
-        else str(resolve_model(recipe.teacher.model, recipe.teacher.trust_remote_code, "teacher"))
-    )
-    worker_kwargs = dict(
-        model_path=teacher_path,
-        teacher_cfg=recipe.teacher,
-        answer_type=recipe.task.answer_type,
-        cache_path=str(Path(recipe.cache).resolve()),
-    )
+    worker_kwargs = _worker_kwargs(recipe)
     synthesis = None
     if recipe.task.source == "synthetic":
         train, synthesis = _synthesize(recipe, worker_kwargs, evals)
     problems = evals + train  # eval first: the teacher's score is known early
-    writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=recipe.teacher.shard_rows)
-    stats = {
-        "rows": 0,
-        "correct": 0,
-        "tokens_in": 0,
-        "tokens_out": 0,
-        "cached": 0,
-        "parse_errors": 0,
-        "failed": 0,
-        "total": len(problems),
-    }
-    t0 = time.time()
-
-    def count(batch: pa.Table) -> None:
-        failed = pc.is_valid(batch["error"])
-        stats["failed"] += pc.sum(failed).as_py() or 0
-        batch = batch.filter(pc.invert(failed))  # a failed row is retried: it is not done
-        stats["rows"] += batch.num_rows
-        stats["correct"] += pc.sum(batch["correct"]).as_py() or 0
-        stats["tokens_in"] += pc.sum(batch["tokens_in"]).as_py() or 0
-        stats["tokens_out"] += pc.sum(batch["tokens_out"]).as_py() or 0
-        stats["cached"] += pc.sum(batch["cached"]).as_py() or 0
-        stats["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
-
+    writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=cfg.shard_rows)
+    meter = GenerationMeter(len(problems), cfg)
     done_ids: set[str] = set()
     for table in writer.resume():
         table = table.filter(pc.is_null(table["error"]))  # rows whose teacher call failed are retried
-        count(table)
+        meter.count(table)
         done_ids.update(table["id"].to_pylist())
     todo = [p for p in problems if p["id"] not in done_ids]
     if done_ids:
         console.print(f"generate: {len(done_ids)} rows already committed, {len(todo)} to go")
     console.print(
-        f"[bold]generate[/] {len(train)} train + {len(evals)} eval problems, teacher {recipe.teacher.model}, "
-        f"{recipe.teacher.workers} {recipe.teacher.executor} worker(s)"
+        f"[bold]generate[/] {len(train)} train + {len(evals)} eval problems, teacher {cfg.model}, "
+        f"{cfg.workers} {cfg.executor} worker(s)"
     )
-    cfg = recipe.teacher
     with progress_bar("generate", len(problems)) as advance:
         advance(len(done_ids))
 
         def on_batch(batch: pa.Table) -> None:
             writer.add(batch)
-            count(batch)
-            stats["seconds"] = time.time() - t0
-            stats["cost"] = cost_of(stats["tokens_in"], stats["tokens_out"], cfg)
-            rate = stats["tokens_out"] / max(stats["seconds"], 1e-9)
-            failed = f", {stats['failed']} failed" if stats["failed"] else ""
-            advance(batch.num_rows, f"{stats['correct']}/{stats['rows']} correct{failed}, {rate:.0f} tok/s")
+            meter.count(batch)
+            advance(batch.num_rows, meter.status())
             if on_progress:
-                on_progress(dict(stats))
-            answered = stats["rows"] - stats["parse_errors"]
-            if stats["rows"] >= min(EARLY_STOP_ROWS, len(problems)) and answered == 0:
-                writer.flush()
-                raise DistillError(
-                    f"the teacher gave no parsable answer for any of the first {stats['rows']} problems",
-                    "check the teacher model, its prompt (teacher.trigger, teacher.prompt_template), "
-                    "task.answer_type and teacher.max_new_tokens; committed rows are kept",
-                )
-            over_tokens = cfg.max_tokens and stats["tokens_in"] + stats["tokens_out"] >= cfg.max_tokens
-            over_cost = cfg.max_cost and stats["cost"] >= cfg.max_cost
-            if over_tokens or over_cost:
-                writer.flush()
-                raise BudgetExceeded(
-                    f"budget reached after {stats['rows']}/{len(problems)} rows "
-                    f"({stats['tokens_in'] + stats['tokens_out']} tokens, cost {stats['cost']:.4f})",
-                    "raise teacher.max_tokens / teacher.max_cost and resume; committed rows are kept",
-                )
+                on_progress(meter.snapshot())
+            try:
+                meter.check()
+            except DistillError:
+                writer.flush()  # what was paid for is committed before the job stops
+                raise
 
         if todo:
             run_teacher(todo, worker_kwargs, cfg, on_batch)
@@ -224,14 +181,14 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "synthesis": synthesis,
         "keep_rate": train_rows.num_rows / max(len(train), 1),
         "teacher_eval_accuracy": teacher_acc,
-        "tokens_in": stats["tokens_in"],
-        "tokens_out": stats["tokens_out"],
-        "estimated_cost": cost_of(stats["tokens_in"], stats["tokens_out"], cfg),
-        "cached_rows": stats["cached"],
+        "tokens_in": meter.stats["tokens_in"],
+        "tokens_out": meter.stats["tokens_out"],
+        "estimated_cost": meter.snapshot()["cost"],
+        "cached_rows": meter.stats["cached"],
         "parse_errors": answered.num_rows - pc.count(answered["pred"]).as_py(),
         "failed_rows": failed.num_rows,
         "failure_reasons": sorted(set(failed["error"].to_pylist()))[:10],
-        "seconds": time.time() - t0,
+        "seconds": meter.snapshot()["seconds"],
         "teacher_model": recipe.teacher.model,
         "shards": shards,
     }
@@ -241,6 +198,6 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     )
     console.print(
         f"generate: kept {train_rows.num_rows}/{len(train)} train rationales, teacher eval accuracy "
-        f"{teacher_acc:.1%}, {stats['cached']} rows from cache, {metrics['seconds']:.0f}s"
+        f"{teacher_acc:.1%}, {meter.stats['cached']} rows from cache, {metrics['seconds']:.0f}s"
     )
     return GenerateResult(out, train_rows.num_rows, eval_rows.num_rows, teacher_acc, metrics)
