@@ -1,6 +1,7 @@
 """Users' paid work stays valid across refactors: stage hashes, cache keys and dataset bytes of
 unchanged recipes equal the values recorded on main at e892d24 (tests/data/compat_e892d24.json,
-written by the code of that commit before the namespace refactor)."""
+written by the code of that commit before the namespace refactor). The recipes are that commit's
+copies (tests/data/recipes_e892d24/): the shipped ones may change, these must not."""
 
 import hashlib
 import json
@@ -16,16 +17,30 @@ from distill.teachers.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDED = json.loads((ROOT / "tests" / "data" / "compat_e892d24.json").read_text())
+
+
+def frozen(recipe: str | None) -> str | None:
+    """The e892d24 copy of a recipe path recorded as ``recipes/x.yaml`` or ``bench/recipes/x.yaml``."""
+    if recipe is None:
+        return None
+    return "tests/data/recipes_e892d24/" + recipe.removeprefix("recipes/").replace("bench/recipes/", "bench/")
+
+
 PROBLEMS = [
     {"id": "train-000000", "split": "train", "question": "What is 2 + 2?", "gold": "4"},
-    {"id": "train-000001", "split": "train", "question": "Tom has 3 apples and eats 1. How many are left?", "gold": "2"},
+    {
+        "id": "train-000001",
+        "split": "train",
+        "question": "Tom has 3 apples and eats 1. How many are left?",
+        "gold": "2",
+    },
 ]
 
 
 @pytest.mark.parametrize("entry", RECORDED["hashes"], ids=lambda e: f"{e['recipe']}:{' '.join(e['overrides'])}")
 def test_stage_hashes_of_unchanged_recipes_are_the_recorded_ones(entry, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipe paths are relative to the project root
-    recipe = load_recipe(entry["recipe"], entry["overrides"])
+    recipe = load_recipe(frozen(entry["recipe"]), entry["overrides"])
     assert {s: stage_hash(recipe, s) for s in STAGES} == entry["stages"]
 
 
@@ -61,7 +76,8 @@ def test_the_same_recipe_gives_the_same_dataset_bytes(tmp_path, monkeypatch):
     if not (ROOT.parent / "shared" / "data" / "zero_shot_cot").is_dir():
         pytest.skip("needs ../shared/data (the recorded InstructGPT rationales)")
     monkeypatch.chdir(ROOT)
-    recipe = load_recipe(recipe_file, [f"output_dir={tmp_path}", f"cache={tmp_path / 'cache.sqlite'}"])
+    overrides = [f"output_dir={tmp_path}", f"cache={tmp_path / 'cache.sqlite'}"]
+    recipe = load_recipe(frozen(recipe_file), overrides)
     run_stage(recipe, "generate")
     done = json.loads((recipe.run_dir / "generate" / "DONE.json").read_text())
     assert done["hash"] == next(h["stages"]["generate"] for h in RECORDED["hashes"] if h["recipe"] == recipe_file)
