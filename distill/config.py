@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,27 @@ class KDSettings(Strict):
     weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) * cross-entropy + weight * KD")
 
 
+class ValidationSettings(Strict):
+    """Training sized by validation: a dev split carved from the training rows (never the eval split),
+    dev loss and dev task accuracy every few steps, early stopping, the best checkpoint kept."""
+
+    dev_size: int = Field(
+        24, ge=1, description="training questions held out as the dev split (all rows of a question go together)"
+    )
+    every: int = Field(
+        0, ge=0, description="optimizer steps between dev evaluations (0 = twice per epoch, at least every 50 steps)"
+    )
+    metric: Literal["accuracy", "loss"] = Field(
+        "accuracy", description="what picks the best checkpoint and stops training: dev task accuracy or dev loss"
+    )
+    patience: int = Field(3, ge=1, description="dev evaluations without improvement before training stops")
+    max_epochs: float = Field(8.0, gt=0, description="epochs: auto trains at most this many passes")
+    max_minutes: float = Field(
+        0.0, ge=0, description="stop (keeping the best checkpoint) after this many minutes; 0 = no cap"
+    )
+    max_tokens: int = Field(0, ge=0, description="stop after this many training tokens; 0 = no cap")
+
+
 class StudentConfig(Strict):
     """The small model being trained."""
 
@@ -209,7 +231,14 @@ class StudentConfig(Strict):
         False, description="pack several examples per row (no attention across examples) instead of padding"
     )
     alpha: float = Field(0.5, ge=0, le=1, description="multitask: weight of the label loss (rationale gets 1 - alpha)")
-    epochs: float = Field(2.0, gt=0, description="passes over the training set")
+    epochs: float | Literal["auto"] = Field(
+        2.0,
+        description="passes over the training set, or auto: until the dev metric stops improving "
+        "(student.validation; at most validation.max_epochs)",
+    )
+    validation: ValidationSettings | None = Field(
+        None, description="dev split, periodic dev loss/accuracy, early stopping and best checkpoint (null = off)"
+    )
     lr: float = Field(1e-4, gt=0, lt=1, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -224,6 +253,25 @@ class StudentConfig(Strict):
     save_every: int = Field(25, ge=0, description="optimizer steps between resumable checkpoints (0 = none)")
     eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
     eval_batch_size: int = Field(8, ge=1)
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _positive_epochs(cls, v):
+        if v == "auto":
+            return v
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError("epochs must be a positive number or auto") from None
+        if not v > 0:
+            raise ValueError("epochs must be a positive number or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _auto_needs_validation(self):
+        if self.epochs == "auto" and self.validation is None:
+            self.validation = ValidationSettings()  # auto is sized by the dev split: its defaults
+        return self
 
     @model_validator(mode="after")
     def _micro_divides(self):
@@ -406,6 +454,7 @@ OPTIONAL_DEFAULTS = {
     "student.lora": None,
     "student.kd": KDSettings().model_dump(mode="json"),
     "student.packing": False,
+    "student.validation": None,
     "teacher.topk_logprobs": 0,
 }
 
@@ -447,9 +496,9 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _all_keys(ann, prefix + name + ".")
+        for ann in (field.annotation, *typing.get_args(field.annotation)):  # a section, or an optional one
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                keys += _all_keys(ann, prefix + name + ".")
     return keys
 
 

@@ -46,16 +46,26 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def generate_torch(
-    model, tokenizer, template: str, questions: list[str], max_new_tokens: int, batch_size: int, label: str
+    model,
+    tokenizer,
+    template: str,
+    questions: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    label: str,
+    show_progress: bool = True,
 ):
     """Greedy completions from a torch model for ``questions`` rendered with ``template``."""
+    import contextlib
+
     import torch
 
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs: list[str] = []
     model.eval()
-    with progress_bar(f"eval {label}", len(questions)) as advance:
+    bar = progress_bar(f"eval {label}", len(questions)) if show_progress else contextlib.nullcontext(lambda n: None)
+    with bar as advance:
         for start in range(0, len(questions), batch_size):
             chunk = [render_prompt(template, q) for q in questions[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)

@@ -7,6 +7,7 @@ loss, length-grouped batches, deterministic for a seed, one CPU thread (CUDA whe
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ class TrainResult:
     tokens: int
     seconds: float
     losses: list[dict] = field(default_factory=list)
+    dev: list[dict] = field(default_factory=list)  # one entry per dev evaluation (step 0 = before training)
+    best_step: int | None = None  # the step whose weights the model holds at the end (with a dev set)
+    stop_reason: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -102,12 +106,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def planned_steps(n_examples: int, cfg) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch): ``cfg.epochs`` passes, or ``validation.max_epochs`` for auto."""
+    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
+    val = getattr(cfg, "validation", None)
+    epochs = val.max_epochs if cfg.epochs == "auto" else cfg.epochs
+    return max(1, math.ceil(steps_per_epoch * epochs)), steps_per_epoch
+
+
+def improves(entry: dict, best: dict | None, metric: str) -> bool:
+    """Whether a dev evaluation beats the best so far: higher accuracy (lower loss breaks a tie), or lower loss."""
+    if best is None:
+        return True
+    if metric == "loss":
+        return entry["dev_loss"] < best["dev_loss"]
+    return (entry["dev_accuracy"], -entry["dev_loss"]) > (best["dev_accuracy"], -best["dev_loss"])
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised by ``stop_after`` (tests simulate a crash with it); the last checkpoint survives."""
 
 
 CHECKPOINT_STATE = "trainer_state.pt"
 CHECKPOINT_RNG = "rng.json"
+CHECKPOINT_BEST = "best.safetensors"  # the best dev checkpoint's weights, beside the resumable one
 
 
 def save_checkpoint(folder: Path, model, opt, sched, position: dict) -> None:
@@ -133,6 +155,12 @@ def save_checkpoint(folder: Path, model, opt, sched, position: dict) -> None:
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
     (tmp / CHECKPOINT_RNG).write_text(json.dumps({"rng": rng, "position": position}))
+    best = folder / CHECKPOINT_BEST
+    if best.exists():  # the best dev weights travel with the checkpoint (a hard link: no copy, no gap)
+        try:
+            os.link(best, tmp / CHECKPOINT_BEST)
+        except OSError:
+            shutil.copy2(best, tmp / CHECKPOINT_BEST)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -169,21 +197,30 @@ def train(
     pad_id: int,
     checkpoint_dir: Path | None = None,
     stop_after: int | None = None,
+    dev=None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log.
 
     With ``checkpoint_dir``, a checkpoint is written every ``cfg.save_every`` steps and, if one is
     there already, training continues from it — to the same weights an uninterrupted run reaches.
+
+    With ``dev`` (a callable ``model -> {"dev_loss", "dev_accuracy", ...}``, e.g. ``students.validation.DevSet``)
+    and ``cfg.validation``: the dev split is scored before training and every ``validation.every`` steps;
+    training stops when ``validation.metric`` has not improved for ``patience`` evaluations (or at the
+    epoch, time or token cap), and the model ends holding the best evaluation's weights.
     """
     import torch
+
+    from distill.students.validation import evaluation_interval
 
     seed_everything(cfg.seed)
     device = next(model.parameters()).device
     model.train()
     model.config.use_cache = False
     lengths = [len(e["input_ids"]) for e in examples]
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    total, steps_per_epoch = planned_steps(len(examples), cfg)
+    val = getattr(cfg, "validation", None) if dev is not None else None
+    every = evaluation_interval(val.every, steps_per_epoch) if val else 0
     warmup = int(total * cfg.warmup_ratio)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -196,15 +233,49 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
     bf16 = use_bf16(cfg.precision, device)
     kd = cfg.kd if getattr(cfg, "format", None) == "kd" else None
-    pos = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "log": []}
+    pos = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "tokens": 0,
+        "log": [],
+        "dev": [],
+        "best": None,
+        "stale": 0,
+        "seconds": 0.0,
+    }
+    best_state = None
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_RNG).exists():
-        pos = load_checkpoint(checkpoint_dir, model, opt, sched)
+        pos = {**pos, **load_checkpoint(checkpoint_dir, model, opt, sched)}
+        if (checkpoint_dir / CHECKPOINT_BEST).exists():
+            from safetensors.torch import load_file
+
+            best_state = load_file(str(checkpoint_dir / CHECKPOINT_BEST))
     log, tokens, step, epoch = pos["log"], pos["tokens"], pos["step"], pos["epoch"]
-    skip = pos["batch"]
-    t0 = time.time()
+    dev_log, skip = pos["dev"], pos["batch"]
+    t0 = time.time() - pos["seconds"]  # wall time of earlier attempts counts against max_minutes
+    stop_reason = ""
+
+    def evaluate_dev() -> None:
+        nonlocal best_state
+        entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), **dev(model), "seconds": time.time() - t0}
+        dev_log.append(entry)
+        if improves(entry, pos["best"], val.metric):
+            pos["best"], pos["stale"] = entry, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if checkpoint_dir is not None:
+                from safetensors.torch import save_file
+
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                save_file(_untied(best_state), str(checkpoint_dir / CHECKPOINT_BEST))
+        else:
+            pos["stale"] += 1
+
     with progress_bar("train", total) as advance:
         advance(step, "resumed" if step else "")
-        while step < total:
+        if val and not dev_log:
+            evaluate_dev()  # the untrained student: where the curve starts
+        while step < total and not stop_reason:
             batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch, grouped=not cfg.packing)
             for bi, batch_idx in enumerate(batches):
                 if bi < skip:
@@ -238,17 +309,74 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
                 step += 1
-                advance(1, f"loss {step_loss:.3f}, {tokens / (time.time() - t0):.0f} tok/s")
+                status = f"loss {step_loss:.3f}, {tokens / max(time.time() - t0, 1e-9):.0f} tok/s"
+                if val and step % every == 0:
+                    evaluate_dev()
+                    last = dev_log[-1]
+                    status += f", dev {last['dev_accuracy']:.0%} / loss {last['dev_loss']:.3f}"
+                    if pos["stale"] >= val.patience:
+                        best = pos["best"]
+                        stop_reason = (
+                            f"dev {val.metric} did not improve for {val.patience} evaluations "
+                            f"(best {best['dev_accuracy']:.1%}, loss {best['dev_loss']:.3f} at step {best['step']})"
+                        )
+                if val and val.max_minutes and time.time() - t0 >= 60 * val.max_minutes and not stop_reason:
+                    stop_reason = f"time budget of {val.max_minutes:g} minutes reached"
+                if val and val.max_tokens and tokens >= val.max_tokens and not stop_reason:
+                    stop_reason = f"token budget of {val.max_tokens} tokens reached"
+                advance(1, status)
                 if checkpoint_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    position = {"step": step, "epoch": epoch, "batch": bi + 1, "tokens": tokens, "log": log}
+                    position = {
+                        "step": step,
+                        "epoch": epoch,
+                        "batch": bi + 1,
+                        "tokens": tokens,
+                        "log": log,
+                        "dev": dev_log,
+                        "best": pos["best"],
+                        "stale": pos["stale"],
+                        "seconds": time.time() - t0,
+                    }
                     save_checkpoint(checkpoint_dir, model, opt, sched, position)
                 if stop_after is not None and step >= stop_after:
                     raise TrainingInterrupted(f"stopped after step {step}")
-            epoch += 1
-            skip = 0
+                if stop_reason:
+                    break
+            else:
+                epoch += 1
+                skip = 0
+    if not stop_reason:
+        epochs = f"{total / steps_per_epoch:g} epochs"
+        stop_reason = f"{epochs} done (validation.max_epochs)" if cfg.epochs == "auto" else f"{epochs} done"
+    best_step = None
+    if val:
+        if dev_log[-1]["step"] != step:
+            evaluate_dev()  # the final weights get their evaluation too
+        best_step = pos["best"]["step"]
+        if best_step != step:
+            model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
     model.eval()
     model.config.use_cache = True
-    return TrainResult(steps=step, tokens=tokens, seconds=time.time() - t0, losses=log)
+    return TrainResult(
+        steps=step,
+        tokens=tokens,
+        seconds=time.time() - t0,
+        losses=log,
+        dev=dev_log,
+        best_step=best_step,
+        stop_reason=stop_reason,
+    )
+
+
+def _untied(state: dict) -> dict:
+    """A state dict safetensors can store: tensors that share memory (tied embeddings) are copied."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def save_student(model, tokenizer, folder: Path) -> None:

@@ -30,20 +30,59 @@ def accuracy_rows(scores: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _plot_loss(losses: list[dict], path: Path) -> None:
+def _plot_loss(losses: list[dict], path: Path, dev: list[dict] = (), best_step: int | None = None) -> None:
+    """Training loss per step; with a dev split also the dev loss, and dev accuracy on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([x["step"] for x in losses], [x["loss"] for x in losses], lw=1.5)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot([x["step"] + 1 for x in losses], [x["loss"] for x in losses], lw=1.2, label="train loss")  # after update k
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("completion loss")
-    ax.set_title("student training loss")
+    ax.set_title("student training" + (" (dev split)" if dev else ""))
     ax.grid(alpha=0.3)
+    if dev:
+        steps = [d["step"] for d in dev]
+        ax.plot(steps, [d["dev_loss"] for d in dev], "o-", lw=1.2, ms=3, color="#cc6677", label="dev loss")
+        acc = ax.twinx()
+        acc.plot(
+            steps, [100 * d["dev_accuracy"] for d in dev], "s-", lw=1.2, ms=3, color="#117733", label="dev accuracy"
+        )
+        acc.set_ylabel("dev accuracy (%)")
+        acc.set_ylim(0, 100)
+        if best_step is not None:
+            ax.axvline(best_step, color="#999933", ls="--", lw=1, label=f"kept: step {best_step}")
+        handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def training_lines(train: dict, dev: list[dict]) -> list[str]:
+    """How the student trained and why it stopped; the dev curve as a table when there is one."""
+    if not train:
+        return []
+    lines = [
+        "",
+        f"Student training: {train.get('steps')} optimizer steps on {train.get('examples')} examples, "
+        f"stopped: {train.get('stop_reason') or 'the planned epochs were done'}."
+        + (
+            f" Kept step {train['best_step']} (dev accuracy {train['best_dev_accuracy']:.1%}, dev loss "
+            f"{train['best_dev_loss']:.3f} on {train['dev_questions']} held-out training questions)."
+            if "best_step" in train
+            else ""
+        ),
+    ]
+    if dev:
+        lines += ["", "| step | epoch | dev loss | dev accuracy | kept |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {d['step']} | {d['epoch']:g} | {d['dev_loss']:.3f} | {d['dev_accuracy']:.1%} "
+            f"({d['dev_correct']}/{d['dev_n']}) | {'✓' if d['step'] == train.get('best_step') else ''} |"
+            for d in dev
+        ]
+    return lines
 
 
 def _plot_models(scores: dict, path: Path) -> None:
@@ -85,6 +124,8 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
     """Write report.md, metrics.json and plots; returns the markdown."""
     plots = run_dir / "plots"
     loss_file = run_dir / "train" / "loss.json"
+    dev_file = run_dir / "train" / "dev.json"
+    dev = json.loads(dev_file.read_text()) if dev_file.exists() else []
     lines = [f"# distill run `{recipe['name']}`", ""]
     lines += ["| model | accuracy | 95% CI | size |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in accuracy_rows(scores)]
@@ -98,8 +139,11 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             f"train rationales (correct answers only), {gen.get('tokens_out')} tokens generated, "
             f"{gen.get('cached_rows')} rows served from the cache.",
         ]
+    lines += training_lines(stage_metrics.get("train", {}), dev)
     exp = stage_metrics.get("export", {})
     if exp:
+        from distill.export.table import variant_markdown
+
         v = exp.get("fp32_verify", {})
         lines += [
             "",
@@ -107,27 +151,16 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             f"{v.get('greedy_identical')}/{v.get('prompts')}. Kept variant: **{exp['chosen']}** "
             f"(size ratio to fp32 {exp['chosen_fp32_size_ratio']:.2f}, tolerance {exp['tolerance']:.0%}).",
             "",
-            "| variant | size | top-1 vs torch | accuracy | vs fp32 (problems lost / gained) | tokens/s (1 thread) | kept |",
-            "|---|---|---|---|---|---|---|",
+            variant_markdown(exp["variants"]).rstrip(),
         ]
-        from distill.export.gate import changes_cell
-
-        for r in exp["variants"]:
-            acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else (r["error"] or "—")
-            tps = f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "—"
-            agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "—"
-            changes = changes_cell(r["preset"], r.get("lost"), r.get("gained"))  # absent in older runs
-            lines.append(
-                f"| {r['preset']} | {r['bytes'] / 1e6:.1f} MB | {agree} | {acc} | {changes} | {tps} "
-                f"| {'✓' if r['chosen'] else ''} |"
-            )
         if exp.get("sensitivity"):
             from distill.export.sensitivity import markdown_table
 
             lines += ["", markdown_table(exp["sensitivity"], "int8_static").rstrip()]
     if loss_file.exists():
-        _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png")
-        lines += ["", "![training loss](plots/loss.png)"]
+        best = stage_metrics.get("train", {}).get("best_step")
+        _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png", dev, best)
+        lines += ["", "![training loss" + (" and dev curve" if dev else "") + "](plots/loss.png)"]
     if scores:
         _plot_models(scores, plots / "models.png")
         lines += ["", "![accuracy and size per model](plots/models.png)"]

@@ -43,6 +43,27 @@ def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
         )
 
 
+def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
+    """The dev split's scorer: its rows tokenized like training examples, one problem per question."""
+    from distill.students.data import build_examples, prompt_template
+    from distill.students.validation import DevSet, dev_problems
+
+    if not dev_rows:
+        raise DistillError(
+            "too few training rows to hold out a dev split", "generate more data or set student.validation=null"
+        )
+    return DevSet(
+        examples=build_examples(tokenizer, dev_rows, cfg.format, task, cfg.max_length, trigger),
+        problems=dev_problems(dev_rows),
+        tokenizer=tokenizer,
+        template=prompt_template(tokenizer, cfg.format),
+        task=task,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
 def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = None) -> TrainStageResult:
     """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``.
 
@@ -51,7 +72,8 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     """
     from distill.students.data import build_examples
     from distill.students.models import build_student
-    from distill.students.trainer import save_student, train
+    from distill.students.trainer import planned_steps, save_student, train
+    from distill.students.validation import split_dev
     from distill.teachers.rows import read_rows
 
     cfg = recipe.student
@@ -60,13 +82,24 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     task = Task(recipe.task.answer_type)
     if cfg.format == "kd":
         _check_kd(recipe, tokenizer, rows)
+    dev = None
+    if cfg.validation is not None:
+        rows, dev_rows = split_dev(rows, cfg.validation.dev_size, cfg.seed)
+        dev = _dev_set(dev_rows, tokenizer, cfg, task, recipe.teacher.trigger)
     examples = build_examples(tokenizer, rows, cfg.format, task, cfg.max_length, recipe.teacher.trigger)
-    console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}), {cfg.epochs} epochs")
+    total, _ = planned_steps(len(examples), cfg)
+    sized = (
+        f"until the dev {cfg.validation.metric} stops improving (at most {total} steps)"
+        if cfg.epochs == "auto"
+        else f"{cfg.epochs:g} epochs ({total} steps)"
+    )
+    held = f", {len(dev.problems)} dev questions held out" if dev else ""
+    console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}){held}, {sized}")
     t0 = time.time()
     if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():
         console.print(f"train: resuming from the checkpoint in {checkpoint_dir}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = train(model, examples, cfg, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir)
+    result = train(model, examples, cfg, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir, dev=dev)
     if cfg.lora is not None:
         from distill.students.lora import merge_lora
 
@@ -82,12 +115,28 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": trainable,
+        "stop_reason": result.stop_reason,
     }
+    if dev is not None:
+        best = next(d for d in result.dev if d["step"] == result.best_step)
+        metrics.update(
+            dev_questions=len(dev.problems),
+            best_step=result.best_step,
+            best_dev_accuracy=best["dev_accuracy"],
+            best_dev_loss=best["dev_loss"],
+        )
+        write_json(out / "dev.json", result.dev)
     write_json(out / "loss.json", result.losses)
     write_json(out / "metrics.json", metrics)
     write_config(out, "train", cfg.model_dump(), recipe.dump())
     write_config(model_dir, "train", cfg.model_dump(), recipe.dump())
     console.print(
-        f"train: {result.steps} steps, {result.tokens_per_second:.0f} tok/s, final loss {metrics['final_loss']:.3f}"
+        f"train: {result.steps} steps, {result.tokens_per_second:.0f} tok/s, final loss {metrics['final_loss']:.3f}; "
+        f"stopped: {result.stop_reason}"
+        + (
+            f"; kept step {result.best_step} (dev {metrics['best_dev_accuracy']:.1%}, loss {metrics['best_dev_loss']:.3f})"
+            if dev
+            else ""
+        )
     )
     return TrainStageResult(out, model_dir, metrics)
