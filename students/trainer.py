@@ -114,6 +114,11 @@ def planned_steps(n_examples: int, cfg) -> tuple[int, int]:
     return max(1, math.ceil(steps_per_epoch * epochs)), steps_per_epoch
 
 
+def evaluation_interval(every: int, steps_per_epoch: int) -> int:
+    """Optimizer steps between dev evaluations: ``every``, or twice per epoch and at least every 50 steps."""
+    return every or max(1, min(50, math.ceil(steps_per_epoch / 2)))
+
+
 def improves(entry: dict, best: dict | None, metric: str) -> bool:
     """Whether a dev evaluation beats the best so far: higher accuracy (lower loss breaks a tie), or lower loss."""
     if best is None:
@@ -210,8 +215,6 @@ def train(
     epoch, time or token cap), and the model ends holding the best evaluation's weights.
     """
     import torch
-
-    from distill.students.validation import evaluation_interval
 
     seed_everything(cfg.seed)
     device = next(model.parameters()).device

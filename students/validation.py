@@ -8,7 +8,6 @@ whatever their order. The eval split is never touched.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 from distill.core.answers import Task
@@ -26,11 +25,6 @@ def split_dev(rows: list[dict], dev_size: int, seed: int = 0) -> tuple[list[dict
 
     dev_questions = set(sorted(questions, key=rank)[:n])
     return [r for r in rows if r["question"] not in dev_questions], [r for r in rows if r["question"] in dev_questions]
-
-
-def evaluation_interval(every: int, steps_per_epoch: int) -> int:
-    """Optimizer steps between dev evaluations: ``every``, or twice per epoch and at least every 50 steps."""
-    return every or max(1, min(50, math.ceil(steps_per_epoch / 2)))
 
 
 @dataclass

@@ -48,7 +48,6 @@ class ReplayTeacher:
     def __init__(self, path: str | Path):
         self.records = {normalize_question(r["question"]): r for r in load_records(path)}
         self.model_id = f"replay:{Path(path).name}"
-        self.calls = 0
 
     def rows(self, problems: list[dict], task: Task) -> list[dict]:
         """One output row per problem, in the schema the generate stage writes."""

@@ -51,3 +51,11 @@ def ray_cluster():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def four_layer(tmp_path_factory) -> Path:
+    """A tiny random four-layer llama: room to keep a subset of its layers."""
+    from tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("four"), "llama", seed=5, layers=4)

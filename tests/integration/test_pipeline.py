@@ -119,6 +119,10 @@ def test_bundle_runs_with_its_own_runtime_copy(first_run):
     code = "import runpy, sys; sys.argv = ['distill_runtime.py', '.', '1 + 2 =', '--max-new-tokens', '4']; runpy.run_path('distill_runtime.py', run_name='__main__')"
     res = subprocess.run([sys.executable, "-I", "-c", code], cwd=bundle, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    from distill.export.runtime import OnnxGenerator
+
+    # The copy answers exactly as the package's runtime does on the bundle's chosen model (greedy).
+    assert res.stdout == OnnxGenerator(bundle).generate(["1 + 2 ="], 4)[0] + "\n"
 
 
 def test_report_has_numbers_for_every_model(first_run):

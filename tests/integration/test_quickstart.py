@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -3,28 +3,14 @@ unchanged recipes equal the values recorded on main at e892d24 (tests/data/compa
 written by the code of that commit before the namespace refactor). The recipes are that commit's
 copies (tests/data/recipes_e892d24/): the shipped ones may change, these must not."""
 
-import hashlib
-import json
-from pathlib import Path
-
 import pytest
+from compat import RECORDED, ROOT, frozen  # noqa: E402
 
 from distill.config import load_recipe
 from distill.core.answers import Task
 from distill.pipeline import STAGES, stage_hash
 from distill.teachers.backends.base import Completion, render_chat
 from distill.teachers.methods import METHODS
-
-ROOT = Path(__file__).resolve().parents[2]
-RECORDED = json.loads((ROOT / "tests" / "data" / "compat_e892d24.json").read_text())
-
-
-def frozen(recipe: str | None) -> str | None:
-    """The e892d24 copy of a recipe path recorded as ``recipes/x.yaml`` or ``bench/recipes/x.yaml``."""
-    if recipe is None:
-        return None
-    return "tests/data/recipes_e892d24/" + recipe.removeprefix("recipes/").replace("bench/recipes/", "bench/")
-
 
 PROBLEMS = [
     {"id": "train-000000", "split": "train", "question": "What is 2 + 2?", "gold": "4"},
@@ -66,21 +52,3 @@ def test_cache_keys_of_every_method_are_the_recorded_ones(entry):
     teacher = RecordingTeacher()
     METHODS[recipe.teacher.method](teacher, PROBLEMS, recipe.teacher, Task("number"))
     assert teacher.keys == entry["keys"]
-
-
-def test_the_same_recipe_gives_the_same_dataset_bytes(tmp_path, monkeypatch):
-    """The replay recipe's generate stage writes byte-identical Parquet files to e892d24's."""
-    from distill.pipeline import run_stage
-
-    recipe_file = "bench/recipes/coin_flip_replay.yaml"
-    if not (ROOT.parent / "shared" / "data" / "zero_shot_cot").is_dir():
-        pytest.skip("needs ../shared/data (the recorded InstructGPT rationales)")
-    monkeypatch.chdir(ROOT)
-    overrides = [f"output_dir={tmp_path}", f"cache={tmp_path / 'cache.sqlite'}"]
-    recipe = load_recipe(frozen(recipe_file), overrides)
-    run_stage(recipe, "generate")
-    done = json.loads((recipe.run_dir / "generate" / "DONE.json").read_text())
-    assert done["hash"] == next(h["stages"]["generate"] for h in RECORDED["hashes"] if h["recipe"] == recipe_file)
-    for name, digest in RECORDED["datasets"][recipe_file].items():
-        data = (recipe.run_dir / "generate" / "dataset" / name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == digest, name

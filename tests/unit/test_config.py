@@ -99,18 +99,21 @@ def test_any_override_value_is_accepted_or_one_clear_error(key, value):
         assert isinstance(recipe, Recipe)
 
 
+MALFORMED_VALUE = st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2))
+
+
 @given(
-    st.dictionaries(
-        st.sampled_from(["task", "teacher", "student", "export", "name", "bogus"]),
-        st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)),
-    )
+    st.dictionaries(st.sampled_from(["task", "teacher", "student", "export", "bogus"]), MALFORMED_VALUE, min_size=1),
+    st.one_of(st.none(), MALFORMED_VALUE),
 )
-def test_malformed_recipe_structure_is_one_clear_error(tmp_path_factory, data):
+def test_malformed_recipe_structure_is_one_clear_error(tmp_path_factory, data, name):
+    """A section that is not a mapping, or an unknown key, is refused with one line naming the key."""
     import yaml
 
+    if name is not None:
+        data = {**data, "name": name}
     path = tmp_path_factory.mktemp("r") / "r.yaml"
     path.write_text(yaml.safe_dump(data))
-    try:
+    with pytest.raises(DistillError, match=r"^(unknown )?recipe key '(task|teacher|student|export|bogus|name)'") as e:
         load_recipe(path)
-    except DistillError as e:
-        assert "\n" not in str(e)
+    assert "\n" not in str(e.value)

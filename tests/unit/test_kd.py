@@ -1,15 +1,12 @@
 """Logit KD: the teacher's top-k log-probabilities recorded at generation, stored in the rows, and
-trained on with the pure top-k losses when teacher and student share a tokenizer."""
+trained on with the pure top-k losses when teacher and student share a tokenizer. Training a KD
+student through the CLI is in tests/integration/test_kd_training.py."""
 
 import hashlib
 import json
 
-import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
-from distill.cli import app
 from distill.students.kd import selected_kd_loss
 from distill.students.losses import selected_cross_entropy, topk_forward_kl, topk_generalized_jsd
 from distill.teachers.backends.base import Decoding, GenerationRequest
@@ -68,76 +65,3 @@ def test_backend_top_k_equals_teacher_forced_log_probs(tiny_teacher):
         assert torch.allclose(values, torch.tensor(c.topk_logprobs), atol=1e-4)
     plain = backend.generate([GenerationRequest(prompts[0], Decoding(max_new_tokens=10))])[0]
     assert plain.token_ids is None and plain.text == out[0].text
-
-
-@pytest.fixture(scope="module")
-def kd_recipe(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
-    root = tmp_path_factory.mktemp("kd")
-    recipe = {
-        "name": "kd",
-        "output_dir": str(root / "runs"),
-        "cache": str(root / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {
-            "model": f"hf:{tiny_teacher}",
-            "max_new_tokens": 16,
-            "batch_size": 6,
-            "executor": "local",
-            "dtype": "float32",
-            "topk_logprobs": 5,
-            "keep": "all",
-        },
-        "student": {
-            "model": f"hf:{tiny_student}",
-            "epochs": 4,
-            "lr": 3e-3,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "max_length": 128,
-            "eval_max_new_tokens": 8,
-            "kd": {"loss": "forward_kl", "temperature": 1.0, "weight": 0.5},
-        },
-    }
-    f = root / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
-    return f
-
-
-def test_ablate_trains_a_kd_student_on_stored_top_k(kd_recipe):
-    import pyarrow.parquet as pq
-
-    res = CliRunner().invoke(app, ["ablate", str(kd_recipe), "--formats", "rationale,kd"])
-    assert res.exit_code == 0, res.output
-    run = f"{yaml.safe_load(kd_recipe.read_text())['output_dir']}/kd"
-    rows = pq.read_table(f"{run}/generate/dataset/train.parquet").to_pylist()
-    assert len(rows) == 12
-    for r in rows:
-        assert len(r["teacher_topk_ids"]) == len(r["teacher_token_ids"]) == len(r["teacher_topk_logprobs"]) > 0
-        assert (
-            all(len(x) == 5 for x in r["teacher_topk_ids"]) and r["teacher_topk_ids"][0][0] == r["teacher_token_ids"][0]
-        )
-        lp = r["teacher_topk_logprobs"][0]
-        assert lp == sorted(lp, reverse=True) and lp[0] <= 0
-    table = json.loads(open(f"{run}/ablate/ablation.json").read())
-    kd = next(r for r in table["rows"] if r["model"] == "kd")
-    assert "skipped" not in kd and kd["n"] == 6 and kd["train_examples"] == 12
-    losses = json.loads(open(f"{run}/ablate/train-kd/loss.json").read())
-    assert losses[-1]["loss"] < losses[0]["loss"]
-    cfg = json.loads(open(f"{run}/ablate/train-kd/distill_config.json").read())
-    assert cfg["stage_config"]["format"] == "kd"
-
-
-def test_kd_with_a_different_tokenizer_is_one_clear_error(kd_recipe, tiny_student, tmp_path):
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    other = tmp_path / "other"
-    shutil.copytree(tiny_student, other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<extra_token>"])
-    tok.save_pretrained(other)
-    assert CliRunner().invoke(app, ["generate", str(kd_recipe)]).exit_code == 0  # reused when already there
-    res = CliRunner().invoke(app, ["train", str(kd_recipe), f"student.model=hf:{other}", "student.format=kd"])
-    assert res.exit_code == 2
-    assert "needs a shared tokenizer" in res.output and "differ" in res.output

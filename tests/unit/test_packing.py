@@ -1,13 +1,14 @@
-"""Packing: several examples per row with no attention across them gives the unpacked logits and loss."""
+"""Packing: several examples per row with no attention across them gives the unpacked logits and loss.
+Training with packing is in tests/integration/test_packing_training.py."""
 
 import random
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.config import KDSettings, StudentConfig
+from distill.config import KDSettings
 from distill.students.data import collate, pack_examples, tokenize_example
-from distill.students.trainer import forward_loss, train
+from distill.students.trainer import forward_loss
 
 
 def _examples(tok, with_kd=False):
@@ -58,13 +59,3 @@ def test_packed_logits_and_losses_equal_unpacked(tiny_student):
             loss_u, n_u = forward_loss(model, plain, kd)
             assert int(n_p) == int(n_u) and torch.allclose(loss_p, loss_u, atol=1e-6)
     assert packed["n_tokens"] == int(plain["attention_mask"].sum())
-
-
-def test_training_with_packing_lowers_loss_and_counts_real_tokens(tiny_student):
-    tok = AutoTokenizer.from_pretrained(tiny_student)
-    model = AutoModelForCausalLM.from_pretrained(tiny_student)
-    examples = _examples(tok)
-    cfg = StudentConfig(model="x", epochs=4, lr=3e-3, batch_size=6, micro_batch_size=6, max_length=64, packing=True)
-    result = train(model, examples, cfg, tok.pad_token_id)
-    assert result.losses[-1]["loss"] < result.losses[0]["loss"]
-    assert result.tokens == 4 * sum(len(e["input_ids"]) for e in examples)

@@ -8,7 +8,7 @@ from conftest import SHARED_DATA
 from distill.config import TaskConfig
 from distill.core.answers import Task
 from distill.core.errors import DistillError
-from distill.core.problems import load_problems, parse_kojima_log
+from distill.core.problems import load_problems, normalize_question, parse_kojima_log
 from distill.teachers.replay import ReplayTeacher, load_records
 
 LOGS = SHARED_DATA / "zero_shot_cot" / "teacher_logs"
@@ -46,7 +46,16 @@ def test_replay_teacher_rows_on_the_coin_flip_split():
     # BASELINES.md: the teacher got 363 of the first 400 right and 94 of the last 100.
     assert sum(r["correct"] for r in rows[:400]) == 363
     assert sum(r["correct"] for r in rows[400:]) == 94
-    assert teacher.calls == 0
+    # Every row is a recording: the logged rationale itself, no token generated, none missing.
+    logged = {
+        normalize_question(r["question"]): r["rationale"]
+        for r in parse_kojima_log(LOGS / "coin_flip_zero_shot_cot.log")
+    }
+    assert [r["rationale"] for r in rows] == [logged[normalize_question(p["question"])] for p in train + evals]
+    assert {(r["finish_reason"], r["tokens_in"], r["tokens_out"], r["cached"]) for r in rows} == {
+        ("recorded", 0, 0, True)
+    }
+    assert teacher.model_id == "replay:coin_flip_zero_shot_cot.log"
 
 
 def test_missing_question_is_kept_with_a_reason(tmp_path):

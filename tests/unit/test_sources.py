@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 
 import pytest
@@ -11,8 +12,13 @@ def test_file_digest_is_remembered_and_invalidated_by_changes(tmp_path, monkeypa
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"weights v1")
-    assert file_digest(f) == hashlib.sha256(b"weights v1").hexdigest()
-    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 1
+    v1 = hashlib.sha256(b"weights v1").hexdigest()
+    assert file_digest(f) == v1
+    (memo,) = (tmp_path / "cache" / "digests").iterdir()
+    assert json.loads(memo.read_text()) == {"size": 10, "mtime_ns": f.stat().st_mtime_ns, "sha256": v1}
+    # Remembered: while size and mtime are unchanged the memo answers and the file is not read again.
+    memo.write_text(json.dumps({"size": 10, "mtime_ns": f.stat().st_mtime_ns, "sha256": "0" * 64}))
+    assert file_digest(f) == "0" * 64
     f.write_bytes(b"weights v2 longer")
     assert file_digest(f) == hashlib.sha256(b"weights v2 longer").hexdigest()
     st = f.stat()

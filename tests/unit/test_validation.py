@@ -4,8 +4,8 @@ import pytest
 
 from distill.config import load_recipe
 from distill.core.errors import DistillError
-from distill.students.trainer import improves, planned_steps
-from distill.students.validation import dev_problems, evaluation_interval, split_dev
+from distill.students.trainer import evaluation_interval, improves, planned_steps
+from distill.students.validation import dev_problems, split_dev
 
 
 def _rows(n: int, per_question: int = 1) -> list[dict]:

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 
+pytestmark = pytest.mark.integration
+
 
 def _problems(n):
     return [{"question": f"What is {i} plus {i % 3}?", "answer": str(i + i % 3)} for i in range(n)]
@@ -56,6 +58,10 @@ def test_ablate_writes_one_table_and_reuses_finished_students(recipe_file):
     assert list(rows) == ["teacher", "student_base", "label", "rationale", "multitask", "kd"]
     assert rows["teacher"]["correct"] == 2 and rows["teacher"]["n"] == 4  # eval = last 4; 2 recorded wrong
     assert "replay teacher" in rows["kd"]["skipped"]
+    # The replay teacher generated nothing: every row is a recording, no token paid for.
+    gen = json.loads(open(f"{root}/abl/generate/metrics.json").read())
+    assert gen["tokens_in"] == gen["tokens_out"] == gen["estimated_cost"] == 0
+    assert gen["cached_rows"] == gen["problems"] == 14 and gen["teacher_model"].startswith("replay:")
     # Same questions, epochs and optimizer steps for every trained student; multitask doubles the examples.
     assert rows["label"]["train_steps"] == rows["rationale"]["train_steps"] == rows["multitask"]["train_steps"] == 6
     assert rows["multitask"]["train_examples"] == 2 * rows["rationale"]["train_examples"] == 20
@@ -78,7 +84,10 @@ def test_ablate_writes_one_table_and_reuses_finished_students(recipe_file):
 
 def test_unknown_format_is_one_line_error(recipe_file):
     res = CliRunner().invoke(app, ["ablate", str(recipe_file), "--formats", "label,cot"])
-    assert res.exit_code == 2 and "unknown ablation format" in res.output
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        "error: unknown ablation format(s) ['cot'] — choose from label, rationale, multitask, kd"
+    ]
 
 
 def test_killed_ablation_resumes_to_the_uninterrupted_weights(recipe_file, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def run_recipe(tmp_path_factory, tiny_student):
@@ -69,6 +71,10 @@ def test_eval_on_a_file_of_new_problems_skips_the_teacher(run_recipe):
 
 
 def test_unknown_split_is_one_line_error(run_recipe):
-    f, _ = run_recipe
+    f, root = run_recipe
     res = CliRunner().invoke(app, ["eval", str(f), "--split", "validation"])
-    assert res.exit_code == 2 and "neither eval, train nor a file" in res.output
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        "error: split 'validation' is neither eval, train nor a file — pass eval, train or a .jsonl path"
+    ]
+    assert not list((root / "runs" / "ev").glob("evaluate-validation*"))
