@@ -309,7 +309,10 @@ class ExportConfig(Strict):
         0.0, ge=0, le=1, description="SmoothQuant migration strength folded into weights before export (0 = off)"
     )
     block_size: int = Field(32, ge=16, description="quantization block size for int8/int4 (power of two)")
-    keep_fp32_nodes: list[str] = Field(default_factory=list, description="MatMul node names to keep in fp32")
+    keep_fp32_nodes: list[str] = Field(
+        default_factory=list,
+        description="MatMul nodes to keep in fp32, named by module (e.g. model.layers.0.mlp.down_proj/MatMul)",
+    )
     group_block_sizes: dict[Literal["q", "k", "v", "o", "gate", "up", "down"], int] = Field(
         default_factory=lambda: {"gate": 64, "up": 64, "down": 64},
         description="int8/int4 block size per projection group across all layers; others use block_size "

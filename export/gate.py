@@ -56,6 +56,32 @@ def choose(results: list[VariantResult], tolerance: float) -> VariantResult:
     return ok[0] if ok else base
 
 
+def score_variants(
+    results: list[VariantResult],
+    folder: Path,
+    problems: list[dict],
+    task,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, list[dict]]:
+    """Score every working variant in ``folder`` on ``problems`` and fill its row of ``results``
+    (accuracy, tokens/s, problems lost / gained against fp32, which must be among them); returns the
+    per-example rows by preset."""
+    outcomes: dict[str, list[dict]] = {}
+    for r in results:
+        if r.error:
+            continue
+        summary, rows = score_variant(folder, r.file, problems, task, max_new_tokens, batch_size, r.preset)
+        r.accuracy, r.correct, r.n = summary["accuracy"], summary["correct"], summary["n"]
+        r.tokens_per_second = summary["tokens_per_second"]
+        outcomes[r.preset] = rows
+    reference = [bool(x["correct"]) for x in outcomes["fp32"]]
+    for r in results:
+        if r.preset in outcomes:
+            r.lost, r.gained = paired_changes(reference, [bool(x["correct"]) for x in outcomes[r.preset]])
+    return outcomes
+
+
 def score_variant(
     bundle: Path, file: str, problems: list[dict], task, max_new_tokens: int, batch_size: int, label: str
 ):

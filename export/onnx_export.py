@@ -3,6 +3,8 @@
 Inputs: ``input_ids``, ``attention_mask`` (over past + new tokens), ``position_ids`` and
 ``past_key_values.{i}.key|value`` ``[batch, kv_heads, past_len, head_dim]``; outputs ``logits`` and
 ``present.{i}.key|value``. Batch, sequence and past lengths are dynamic. Uses the dynamo exporter.
+Each constant-weight MatMul is named after its torch module (``model.layers.0.mlp.down_proj/MatMul``
+reading ``model.layers.0.mlp.down_proj.weight``), so quantization finds projection groups by name.
 """
 
 from __future__ import annotations
@@ -114,8 +116,56 @@ def export_decoder(model, out_path: Path, opset: int = 18, attention: str = "aut
             custom_translation_table=translation,
         )
     program.save(str(out_path), external_data=model.num_parameters() * 4 > 1.8e9)
-    _strip_saved(out_path)
+    _finish_saved(out_path)
     return layout
+
+
+# The export wrappers (``DecoderWithPast``, ``gqa.FusedDecoder``) hold the HF model as ``.model``.
+_WRAPPER_PREFIX = "model."
+
+
+def _module_path(node) -> str | None:
+    """The torch module a node was traced in (HF ``state_dict`` spelling), from the exporter's metadata."""
+    import ast
+
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:  # e.g. ['', 'model.model.layers.0.self_attn.q_proj', 'linear']: scopes, innermost module, then the op
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(scopes, list) or len(scopes) < 2 or not scopes[-2]:
+        return None
+    return str(scopes[-2]).removeprefix(_WRAPPER_PREFIX)
+
+
+def name_linear_weights(model) -> int:
+    """Name every constant-weight MatMul after the torch module it computes: node
+    ``model.layers.0.self_attn.q_proj/MatMul`` reading initializer ``model.layers.0.self_attn.q_proj.weight``
+    (stored ``[in, out]``, as MatMul reads it). The dynamo exporter calls them ``node_linear_3`` and
+    ``val_63``; quantization presets find projection groups by these names (``quantize.linear_groups``).
+    Reads the per-node metadata, so it runs before ``strip_node_metadata``. Edits in place; returns how
+    many MatMuls were named."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    taken = set(inits) | {n.name for n in g.node} | {x for n in g.node for x in n.output} | {i.name for i in g.input}
+    named = 0
+    for node in g.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits or uses[node.input[1]] != 1:
+            continue
+        module = _module_path(node)
+        weight, name = f"{module}.weight", f"{module}/MatMul"
+        if not module or weight in taken or name in taken:
+            continue
+        inits[node.input[1]].name = weight
+        node.input[1] = weight
+        node.name = name
+        taken |= {weight, name}
+        named += 1
+    return named
 
 
 def strip_node_metadata(model) -> int:
@@ -128,11 +178,13 @@ def strip_node_metadata(model) -> int:
     return before - sum(n.ByteSize() for n in model.graph.node)
 
 
-def _strip_saved(path: Path) -> None:
+def _finish_saved(path: Path) -> None:
+    """Name the linear weights after their modules, then drop the exporter's metadata, in the saved file."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    if strip_node_metadata(m):
+    named = name_linear_weights(m)
+    if strip_node_metadata(m) or named:
         onnx.save(m, str(path))  # external data (if any) is referenced by location and left as is
 
 

@@ -8,21 +8,36 @@
   activation tensor), with the sensitive MatMuls kept fp32.
 - ``int4``: weight-only ``MatMulNBits`` bits=4.
 - ``fp16``: every float tensor in half precision (inputs/outputs stay fp32), for GPU/NPU targets.
+
+A preset is a ``QuantPreset`` built by its named constructor (``QuantPreset.int8(block_size=32)``);
+``make_variant`` writes the variant and, beside it, the config that produced it
+(``model.int8.onnx`` → ``model.int8.quant.json``, readable back with ``QuantPreset.from_dict``).
+Projection groups (``q k v o gate up down``) are found by the weights' names, never by position.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from distill.core.artifacts import write_json
 
-def matmul_nodes(model_path: Path) -> list[str]:
-    """Names of MatMul nodes with a constant weight, in graph order."""
+
+def matmul_weights(model_path: Path) -> dict[str, str]:
+    """Weight initializer name of every MatMul node with a constant weight, by node name, in graph order."""
     import onnx
 
     m = onnx.load(str(model_path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
-    return [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    return {n.name: n.input[1] for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+def matmul_nodes(model_path: Path) -> list[str]:
+    """Names of MatMul nodes with a constant weight, in graph order."""
+    return list(matmul_weights(model_path))
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, exclude: list[str] = ()) -> dict:
@@ -51,17 +66,34 @@ def quantize_dynamic_int8(src: Path, dst: Path, exclude: list[str] = ()) -> dict
 
 
 LINEAR_GROUPS = ("q", "k", "v", "o", "gate", "up", "down")
+# Weight names ``onnx_export.name_linear_weights`` gives: ``model.layers.3.self_attn.q_proj.weight``,
+# ``model.layers.3.mlp.down_proj.weight``, ``lm_head.weight`` (an untied LM head).
+_PROJECTION_WEIGHT = re.compile(r"(?:^|\.)layers\.(\d+)\.\w+\.(q|k|v|o|gate|up|down)_proj\.weight$")
+_LM_HEAD_WEIGHT = re.compile(r"(?:^|\.)lm_head\.weight$")
 
 
-def linear_groups(model_path: Path, n_layers: int) -> dict[str, list[str]]:
-    """Constant-weight MatMul node names by projection type (``q k v o gate up down`` across all
-    layers, plus ``lm_head`` when it is an untied MatMul); empty when the layout is not 7 per layer."""
-    nodes = matmul_nodes(model_path)
-    if not n_layers or len(nodes) - 7 * n_layers not in (0, 1):
+def linear_groups(model_path: Path, n_layers: int | None = None) -> dict[str, list[str]]:
+    """Constant-weight MatMul node names by projection (``q k v o gate up down``, layer 0 first, plus
+    ``lm_head`` when it is an untied MatMul), told apart by their weight initializer's name
+    (``model.layers.3.mlp.down_proj.weight``), never by their place in the graph. Empty when the names
+    do not show each of the seven projections exactly once in every layer (``n_layers`` of them, when
+    given): an unknown layout."""
+    found: dict[str, dict[int, str]] = {g: {} for g in LINEAR_GROUPS}
+    heads = []
+    for node, weight in matmul_weights(model_path).items():
+        if m := _PROJECTION_WEIGHT.search(weight):
+            layer, group = int(m.group(1)), m.group(2)
+            if layer in found[group]:
+                return {}  # two weights claim one projection: not a layout we know
+            found[group][layer] = node
+        elif _LM_HEAD_WEIGHT.search(weight):
+            heads.append(node)
+    layers = set(range(n_layers if n_layers is not None else len(found["q"])))
+    if not layers or any(set(by_layer) != layers for by_layer in found.values()):
         return {}
-    groups = {g: [nodes[7 * i + j] for i in range(n_layers)] for j, g in enumerate(LINEAR_GROUPS)}
-    if len(nodes) > 7 * n_layers:
-        groups["lm_head"] = [nodes[-1]]
+    groups = {g: [found[g][i] for i in sorted(layers)] for g in LINEAR_GROUPS}
+    if len(heads) == 1:
+        groups["lm_head"] = heads
     return groups
 
 
@@ -208,37 +240,170 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     return {"preset": "fp16", "keep_io_types": True}
 
 
-def make_variant(
-    preset: str,
-    src: Path,
-    dst: Path,
-    block_size: int = 32,
-    keep_fp32: list[str] = (),
-    dynamic_keep: list[str] = (),
-    node_block_sizes: dict[str, int] | None = None,
-    embed_block_size: int | None = None,
-    static_keep: list[str] = (),
-    feeds: list[dict] | None = None,
-    calibrate_method: str = "MinMax",
-) -> dict:
-    """Write the ``preset`` variant of ``src`` to ``dst``; returns the config used.
+PRESETS = ("int8", "int4", "int8_dynamic", "int8_static", "fp16")
+CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
+# The settings each preset reads: what ``to_dict`` saves and its named constructor takes.
+_SETTINGS = {
+    "int8": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32"),
+    "int4": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32"),
+    "int8_dynamic": ("keep_fp32", "keep_groups"),
+    "int8_static": ("keep_groups", "calibrate_method", "embed_block_size", "keep_fp32"),
+    "fp16": (),
+}
+# MLP projections at block 64: SmolLM2-135M int8 size ratio 0.269 at 97.8% top-1 (BENCHMARKS.md).
+MLP_BLOCKS = (("gate", 64), ("up", 64), ("down", 64))
 
-    ``node_block_sizes``/``embed_block_size`` apply to int8/int4, ``dynamic_keep`` to int8_dynamic,
-    ``static_keep`` and the calibration ``feeds`` to int8_static."""
-    if preset in ("int8", "int4"):
-        bits = 8 if preset == "int8" else 4
-        return quantize_weight_only(src, dst, bits, block_size, 4, list(keep_fp32), node_block_sizes, embed_block_size)
-    if preset == "int8_dynamic":
-        return quantize_dynamic_int8(src, dst, list(keep_fp32) + list(dynamic_keep))
-    if preset == "int8_static":
+
+def _block_pairs(sizes: Mapping[str, int] | Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """``{group: block}`` as pairs in ``LINEAR_GROUPS`` order (a frozen, comparable field)."""
+    sizes = dict(sizes)
+    unknown = set(sizes) - set(LINEAR_GROUPS)
+    if unknown:
+        raise ValueError(f"group_block_sizes: unknown groups {sorted(unknown)} (one of {', '.join(LINEAR_GROUPS)})")
+    return tuple((g, int(sizes[g])) for g in LINEAR_GROUPS if g in sizes)
+
+
+@dataclass(frozen=True)
+class QuantPreset:
+    """One quantization preset and its settings. Build it with a named constructor
+    (``QuantPreset.int8()``, ``.int4()``, ``.int8_dynamic()``, ``.int8_static()``, ``.fp16()``); ``make_variant``
+    applies it. Groups are projection names (``LINEAR_GROUPS``), resolved to nodes per model."""
+
+    preset: str
+    block_size: int = 32  # int8/int4: block of the weight-only quantization
+    group_block_sizes: tuple[tuple[str, int], ...] = ()  # int8/int4: (group, block) pairs overriding it
+    embed_block_size: int | None = None  # shared tied embedding / LM head; None: block_size (int8/int4), fp32 (static)
+    keep_fp32: tuple[str, ...] = ()  # MatMul node names left fp32
+    keep_groups: tuple[str, ...] = ()  # int8_dynamic/int8_static: projection groups left fp32
+    calibrate_method: str = "MinMax"  # int8_static: activation range calibration
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown quantization preset {self.preset!r} (one of {', '.join(PRESETS)})")
+        if self.calibrate_method not in CALIBRATE_METHODS:
+            raise ValueError(f"calibrate_method {self.calibrate_method!r}: one of {', '.join(CALIBRATE_METHODS)}")
+        unknown = set(self.keep_groups) - set(LINEAR_GROUPS)
+        if unknown:
+            raise ValueError(f"keep_groups: unknown groups {sorted(unknown)} (one of {', '.join(LINEAR_GROUPS)})")
+
+    @property
+    def bits(self) -> int:
+        """Weight bits: 4 for int4, 8 for the int8 presets, 16 for fp16."""
+        return {"int4": 4, "fp16": 16}.get(self.preset, 8)
+
+    @classmethod
+    def int8(
+        cls,
+        block_size: int = 32,
+        group_block_sizes: Mapping[str, int] | Iterable[tuple[str, int]] = MLP_BLOCKS,
+        embed_block_size: int | None = 64,
+        keep_fp32: Iterable[str] = (),
+    ) -> QuantPreset:
+        """Weight-only blockwise int8 (``MatMulNBits``, int8 compute), the tied embedding shared as int8."""
+        return cls(
+            "int8",
+            block_size=block_size,
+            group_block_sizes=_block_pairs(group_block_sizes),
+            embed_block_size=embed_block_size,
+            keep_fp32=tuple(keep_fp32),
+        )
+
+    @classmethod
+    def int4(
+        cls,
+        block_size: int = 32,
+        group_block_sizes: Mapping[str, int] | Iterable[tuple[str, int]] = MLP_BLOCKS,
+        embed_block_size: int | None = 64,
+        keep_fp32: Iterable[str] = (),
+    ) -> QuantPreset:
+        """Weight-only blockwise int4 (``MatMulNBits`` bits=4), the tied embedding shared as int8."""
+        return cls(
+            "int4",
+            block_size=block_size,
+            group_block_sizes=_block_pairs(group_block_sizes),
+            embed_block_size=embed_block_size,
+            keep_fp32=tuple(keep_fp32),
+        )
+
+    @classmethod
+    def int8_dynamic(cls, keep_fp32: Iterable[str] = (), keep_groups: Iterable[str] = ("down",)) -> QuantPreset:
+        """``quantize_dynamic`` int8; by default the MLP down-projections stay fp32 (their inputs carry
+        the activation outliers one per-tensor scale cannot represent, found by a per-group sweep)."""
+        return cls("int8_dynamic", keep_fp32=tuple(keep_fp32), keep_groups=tuple(keep_groups))
+
+    @classmethod
+    def int8_static(
+        cls,
+        keep_groups: Iterable[str] = ("down",),
+        calibrate_method: str = "MinMax",
+        embed_block_size: int | None = 64,
+        keep_fp32: Iterable[str] = (),
+    ) -> QuantPreset:
+        """Static QDQ int8 calibrated on feeds; ``keep_groups`` stay fp32 (the most sensitive per the
+        sweep), the tied embedding becomes blockwise int8 of ``embed_block_size`` (None: left fp32)."""
+        return cls(
+            "int8_static",
+            embed_block_size=embed_block_size,
+            keep_fp32=tuple(keep_fp32),
+            keep_groups=tuple(keep_groups),
+            calibrate_method=calibrate_method,
+        )
+
+    @classmethod
+    def fp16(cls) -> QuantPreset:
+        """Every float tensor in half precision; graph inputs and outputs stay fp32."""
+        return cls("fp16")
+
+    def to_dict(self) -> dict:
+        """``{"preset": ..., <the settings this preset reads>}``, JSON-ready (weight-only presets add ``bits``)."""
+        d: dict = {"preset": self.preset}
+        if self.preset in ("int8", "int4"):
+            d["bits"] = self.bits
+        for name in _SETTINGS[self.preset]:
+            value = getattr(self, name)
+            d[name] = dict(value) if name == "group_block_sizes" else list(value) if isinstance(value, tuple) else value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> QuantPreset:
+        """The preset ``to_dict`` wrote, through its named constructor (a missing setting takes the
+        constructor's default). Also reads a saved variant config (``model.int8.quant.json``), whose
+        other keys record what the quantizer did."""
+        preset = d.get("preset")
+        if preset not in _SETTINGS:
+            raise ValueError(f"unknown quantization preset {preset!r} (one of {', '.join(PRESETS)})")
+        return getattr(cls, preset)(**{k: d[k] for k in _SETTINGS[preset] if k in d})
+
+
+def quant_config_file(model_file: str) -> str:
+    """Name of the config saved beside a variant: ``model.int8.onnx`` → ``model.int8.quant.json``."""
+    return f"{model_file.removesuffix('.onnx')}.quant.json"
+
+
+def make_variant(preset: QuantPreset, src: Path, dst: Path, feeds: list[dict] | None = None) -> dict:
+    """Write ``preset``'s variant of ``src`` to ``dst`` and the config that produced it beside it
+    (``quant_config_file``); returns that config: the quantizer's record (nodes kept fp32, block size
+    per node, tied embedding, ...) and ``preset.to_dict()``. Projection groups resolve to node names by
+    ``linear_groups`` (none on an unknown layout). ``feeds``: calibration inputs, int8_static only."""
+    groups = linear_groups(src)
+    kept = [*preset.keep_fp32, *(n for g in preset.keep_groups for n in groups.get(g, []))]
+    if preset.preset in ("int8", "int4"):
+        blocks = {n: b for g, b in preset.group_block_sizes for n in groups.get(g, [])}
+        record = quantize_weight_only(
+            src, dst, preset.bits, preset.block_size, 4, kept, blocks, preset.embed_block_size
+        )
+    elif preset.preset == "int8_dynamic":
+        record = quantize_dynamic_int8(src, dst, kept)
+    elif preset.preset == "int8_static":
         if not feeds:
             raise ValueError("int8_static needs calibration feeds")
-        return quantize_static_int8(
-            src, dst, feeds, list(keep_fp32) + list(static_keep), None, calibrate_method, embed_block_size or block_size
-        )
-    if preset == "fp16":
-        return convert_fp16(src, dst)
-    raise ValueError(f"unknown quantization preset {preset!r}")
+        record = quantize_static_int8(src, dst, feeds, kept, None, preset.calibrate_method, preset.embed_block_size)
+        record["static_keep_groups"] = list(preset.keep_groups)  # the key runs before QuantPreset wrote
+    else:
+        record = convert_fp16(src, dst)
+    config = {**record, **preset.to_dict()}
+    write_json(dst.with_name(quant_config_file(dst.name)), config)
+    return config
 
 
 def share_quantized_embedding(model, block_size: int = 32, accuracy_level: int = 4) -> int:

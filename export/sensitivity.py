@@ -53,6 +53,37 @@ def group_sensitivity(
     return solo + [r for r in rows if r["group"] == "all"]
 
 
+def static_int8_sweep(
+    fp32: Path,
+    calib: list[dict],
+    held_out: list[dict],
+    calibrate_method: str = "MinMax",
+    embed_block_size: int = 64,
+) -> list[dict]:
+    """The per-group sweep of int8_static: each projection group of ``quantize.linear_groups`` alone
+    (ranges calibrated on ``calib``), the tied embedding / LM head alone (blockwise int8 of
+    ``embed_block_size``), then everything; top-1 agreement with fp32 on ``held_out``. Returns the
+    rows of ``group_sensitivity``."""
+    from functools import partial
+
+    from distill.export.quantize import linear_groups, quantize_static_int8, quantize_weight_only
+
+    groups = linear_groups(fp32)
+    builders: dict[str, Callable[[Path, Path], object]] = {
+        g: partial(
+            quantize_static_int8, feeds=calib, only=nodes, calibrate_method=calibrate_method, embed_block_size=None
+        )
+        for g, nodes in groups.items()
+    }
+    # weight-only pass with every MatMul excluded: only the tied embedding / LM head gets quantized
+    every = [n for nodes in groups.values() for n in nodes]
+    builders["embedding+lm_head"] = partial(quantize_weight_only, bits=8, block_size=embed_block_size, exclude=every)
+    builders["all"] = partial(
+        quantize_static_int8, feeds=calib, calibrate_method=calibrate_method, embed_block_size=embed_block_size
+    )
+    return group_sensitivity(fp32, builders, held_out)
+
+
 def sensitive_groups(rows: list[dict], threshold: float) -> list[str]:
     """Groups whose solo agreement is below ``threshold`` (candidates to keep in higher precision)."""
     return [r["group"] for r in rows if r["group"] != "all" and r["top1_agreement"] < threshold]

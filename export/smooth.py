@@ -101,3 +101,19 @@ def smooth(model, stats: dict, alpha: float = 0.5, parts: tuple[str, ...] = ("qk
                     c.weight.mul_(s.to(c.weight.dtype)[None, :])
                 done += 1
     return done
+
+
+def calibration_texts(tokenizer, rows: list[dict]) -> list[str]:
+    """Each row's prompt (through the student's chat template) followed by its target rationale: the
+    text SmoothQuant calibrates on (rows of the distilled training set: ``question``, ``rationale``)."""
+    from distill.students.data import prompt_template, render_prompt
+
+    template = prompt_template(tokenizer)
+    return [render_prompt(template, r["question"]) + r["rationale"] for r in rows]
+
+
+def smooth_on_texts(model, tokenizer, texts: list[str], alpha: float) -> int:
+    """Calibrate on ``texts`` (one batch each) and fold the scales into ``model`` in place; returns how
+    many linear groups were smoothed."""
+    batches = [dict(tokenizer(t, return_tensors="pt", add_special_tokens=False)) for t in texts]
+    return smooth(model, calibrate(model, batches), alpha)

@@ -13,8 +13,8 @@ def test_bundle_runs_without_torch(tmp_path, tiny_student):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import distill.export.runtime
+    from distill.export.bundle import FP32_FILE, write_bundle_files
     from distill.export.onnx_export import PADDING_SIDE, export_decoder
-    from distill.stages.export import FP32_FILE, write_bundle_files
 
     bundle = tmp_path / "bundle"
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()

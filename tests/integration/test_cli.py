@@ -77,6 +77,24 @@ def test_infer_on_missing_bundle(tmp_path):
     )
 
 
+def test_infer_refuses_a_bundle_of_another_major_format(tmp_path, tiny_student):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.export.bundle import FP32_FILE, write_bundle_files
+    from distill.export.onnx_export import PADDING_SIDE, export_decoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    layout = export_decoder(model, tmp_path / FP32_FILE)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    meta = write_bundle_files(tok, model.config, tmp_path, 8, FP32_FILE, padding_side=PADDING_SIDE[layout])
+    (tmp_path / "distill_generation.json").write_text(json.dumps({**meta, "format_version": "99.0"}))
+    line = _one_error_line(_cli("infer", str(tmp_path), "1 + 1 ="))
+    assert line.startswith(f"error: {tmp_path} has bundle format 99.0 but this runtime reads formats ")
+    assert line.endswith("or re-export the student with this distill version")
+
+
 def test_model_needing_its_own_code_is_refused_without_running_it(tmp_path):
     model = tmp_path / "custom"
     model.mkdir()

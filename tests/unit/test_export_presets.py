@@ -1,0 +1,158 @@
+"""Quantization presets as typed objects: named constructors, a saved config beside every variant,
+and the same files the recipe settings produced before presets existed."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM
+
+from distill.export.onnx_export import export_decoder
+from distill.export.quantize import (
+    QuantPreset,
+    linear_groups,
+    make_variant,
+    quant_config_file,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+    quantize_weight_only,
+)
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_student, tmp_path_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    path = tmp_path_factory.mktemp("presets") / "model.onnx"
+    export_decoder(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def feeds(fp32):
+    from distill.export.calibration import feeds_for
+
+    rng = np.random.default_rng(0)
+    return feeds_for(fp32, [rng.integers(3, 300, 12).tolist() for _ in range(4)], 2, 16)
+
+
+def test_named_constructors_and_their_dicts():
+    assert QuantPreset.int8().to_dict() == {
+        "preset": "int8",
+        "bits": 8,
+        "block_size": 32,
+        "group_block_sizes": {"gate": 64, "up": 64, "down": 64},
+        "embed_block_size": 64,
+        "keep_fp32": [],
+    }
+    assert QuantPreset.int4(block_size=16, group_block_sizes={}, embed_block_size=None).to_dict() == {
+        "preset": "int4",
+        "bits": 4,
+        "block_size": 16,
+        "group_block_sizes": {},
+        "embed_block_size": None,
+        "keep_fp32": [],
+    }
+    assert QuantPreset.int8_dynamic().to_dict() == {"preset": "int8_dynamic", "keep_fp32": [], "keep_groups": ["down"]}
+    assert QuantPreset.int8_static(keep_groups=["down", "gate"], calibrate_method="Percentile").to_dict() == {
+        "preset": "int8_static",
+        "keep_groups": ["down", "gate"],
+        "calibrate_method": "Percentile",
+        "embed_block_size": 64,
+        "keep_fp32": [],
+    }
+    assert QuantPreset.fp16().to_dict() == {"preset": "fp16"}
+    presets = [
+        QuantPreset.int8(keep_fp32=["x/MatMul"], group_block_sizes={"up": 128, "q": 16}),
+        QuantPreset.int4(),
+        QuantPreset.int8_dynamic(keep_groups=[]),
+        QuantPreset.int8_static(embed_block_size=None),
+        QuantPreset.fp16(),
+    ]
+    for p in presets:  # a JSON round trip gives the same (frozen, comparable) preset back
+        assert QuantPreset.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert presets[0].group_block_sizes == (("q", 16), ("up", 128))  # group order, whatever the input order
+    assert QuantPreset.from_dict({"preset": "int8"}) == QuantPreset.int8()  # missing settings: the defaults
+    with pytest.raises(ValueError, match="unknown quantization preset 'int3'"):
+        QuantPreset.from_dict({"preset": "int3"})
+    with pytest.raises(ValueError, match="keep_groups: unknown groups \\['qkv'\\]"):
+        QuantPreset.int8_static(keep_groups=["qkv"])
+    with pytest.raises(ValueError, match="group_block_sizes: unknown groups \\['lm_head'\\]"):
+        QuantPreset.int8(group_block_sizes={"lm_head": 64})
+    with pytest.raises(ValueError, match="calibrate_method 'Max'"):
+        QuantPreset.int8_static(calibrate_method="Max")
+
+
+def test_recipe_settings_become_presets():
+    from distill.config import ExportConfig
+    from distill.stages.export import quant_presets
+
+    cfg = ExportConfig(block_size=16, embed_block_size=None, keep_fp32_nodes=["a/MatMul"], static_keep_groups=["up"])
+    presets = quant_presets(cfg)
+    assert presets["int8"] == QuantPreset.int8(
+        block_size=16,
+        group_block_sizes={"gate": 64, "up": 64, "down": 64},
+        embed_block_size=None,
+        keep_fp32=["a/MatMul"],
+    )
+    assert presets["int4"].bits == 4 and presets["int4"].block_size == 16
+    assert presets["int8_dynamic"] == QuantPreset.int8_dynamic(keep_fp32=["a/MatMul"], keep_groups=["down"])
+    # int8_static's tied embedding falls back to block_size, as before presets
+    assert presets["int8_static"] == QuantPreset.int8_static(
+        keep_groups=["up"], calibrate_method="MinMax", embed_block_size=16, keep_fp32=["a/MatMul"]
+    )
+
+
+def _same_file(a, b) -> bool:
+    return a.read_bytes() == b.read_bytes()
+
+
+def test_weight_only_preset_writes_the_same_file_and_saves_its_config(fp32):
+    """The int8 preset of the default recipe gives the bytes the positional call gave, and the config
+    beside the file has every key the run folders had (plus the preset's settings)."""
+    out = fp32.parent
+    groups = linear_groups(fp32)
+    preset = QuantPreset.int8()
+    config = make_variant(preset, fp32, out / "model.int8.onnx")
+    mlp = {n: 64 for g in ("gate", "up", "down") for n in groups[g]}
+    old = quantize_weight_only(fp32, out / "old.int8.onnx", 8, 32, 4, [], mlp, 64)
+    assert _same_file(out / "model.int8.onnx", out / "old.int8.onnx")
+    assert quant_config_file("model.int8.onnx") == "model.int8.quant.json"
+    saved = json.loads((out / "model.int8.quant.json").read_text())
+    assert saved == config and {k: config[k] for k in old} == old  # a superset, same values
+    assert config["node_block_sizes"] == mlp and config["group_block_sizes"] == {"gate": 64, "up": 64, "down": 64}
+    assert QuantPreset.from_dict(saved) == preset
+
+
+def test_dynamic_preset_keeps_the_down_projections(fp32):
+    out = fp32.parent
+    groups = linear_groups(fp32)
+    config = make_variant(QuantPreset.int8_dynamic(keep_fp32=groups["q"][:1]), fp32, out / "model.int8_dynamic.onnx")
+    old = quantize_dynamic_int8(fp32, out / "old.int8_dynamic.onnx", groups["q"][:1] + groups["down"])
+    assert _same_file(out / "model.int8_dynamic.onnx", out / "old.int8_dynamic.onnx")
+    assert config["nodes_kept_fp32"] == sorted(groups["q"][:1] + groups["down"]) == old["nodes_kept_fp32"]
+    assert json.loads((out / "model.int8_dynamic.quant.json").read_text()) == config
+
+
+def test_static_preset_is_calibrated_and_records_its_groups(fp32, feeds):
+    out = fp32.parent
+    groups = linear_groups(fp32)
+    preset = QuantPreset.int8_static(embed_block_size=32)
+    config = make_variant(preset, fp32, out / "model.int8_static.onnx", feeds)
+    old = quantize_static_int8(fp32, out / "old.int8_static.onnx", feeds, groups["down"], None, "MinMax", 32)
+    assert _same_file(out / "model.int8_static.onnx", out / "old.int8_static.onnx")
+    assert {k: config[k] for k in old} == old and config["calibration_examples"] == len(feeds) == 4
+    assert config["static_keep_groups"] == ["down"] == config["keep_groups"]  # the older key kept
+    assert config["nodes_kept_fp32"] == sorted(groups["down"])
+    assert QuantPreset.from_dict(json.loads((out / "model.int8_static.quant.json").read_text())) == preset
+    with pytest.raises(ValueError, match="int8_static needs calibration feeds"):
+        make_variant(preset, fp32, out / "x.onnx")
+
+
+def test_fp16_preset(fp32):
+    import onnx
+
+    out = fp32.parent
+    config = make_variant(QuantPreset.fp16(), fp32, out / "model.fp16.onnx")
+    assert config == {"preset": "fp16", "keep_io_types": True}
+    weights = [i for i in onnx.load(str(out / "model.fp16.onnx")).graph.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
