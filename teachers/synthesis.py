@@ -130,3 +130,17 @@ def synthesize(
                 break
     stats["accepted"] = len(accepted)
     return accepted, stats
+
+
+def synthesize_problems(teacher, seeds: list[str], n: int, avoid: list[str], **settings) -> tuple[list[dict], dict]:
+    """``synthesize`` as train problems (ids ``syn-000000``…, no gold: the teacher's vote labels them)
+    and its counts; one clear error when the teacher wrote no usable problem at all."""
+    from distill.core.errors import DistillError
+
+    questions, stats = synthesize(teacher, seeds, n, avoid, **settings)
+    if not questions:
+        raise DistillError(
+            f"the teacher wrote no usable new problem ({stats})", "check the seed file and the teacher model"
+        )
+    problems = [{"id": f"syn-{i:06d}", "split": "train", "question": q, "gold": None} for i, q in enumerate(questions)]
+    return problems, stats

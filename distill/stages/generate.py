@@ -33,36 +33,30 @@ def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], d
     """The teacher writes ``task.train_size`` new problems from the seed rows (in this process,
     through the completion cache: a re-run or resume gets the very same problems for free)."""
     from distill.core.problems import load_seeds
-    from distill.teachers.synthesis import synthesize
+    from distill.teachers.synthesis import synthesize_problems
     from distill.teachers.workers import TeacherWorker
 
-    seeds = [r["question"] for r in load_seeds(recipe.task)]
     if recipe.teacher.model.startswith("replay:"):
         raise DistillError(
             "a replay teacher cannot write new problems", "use a model teacher for task.source=synthetic"
         )
-    worker = TeacherWorker(**worker_kwargs)
+    seeds = [r["question"] for r in load_seeds(recipe.task)]
     console.print(f"[bold]synthesize[/] {recipe.task.train_size} new problems from {len(seeds)} seed examples")
-    questions, stats = synthesize(
-        worker.teacher,
+    train, stats = synthesize_problems(
+        TeacherWorker(**worker_kwargs).teacher,
         seeds,
         recipe.task.train_size,
-        avoid=[r["question"] for r in evals],
+        [r["question"] for r in evals],
         seed=recipe.task.seed,
         shots=recipe.task.seed_shots,
         temperature=recipe.teacher.temperature,
         threshold=recipe.task.dedup_threshold,
     )
-    if not questions:
-        raise DistillError(
-            f"the teacher wrote no usable new problem ({stats})", "check the seed file and the teacher model"
-        )
     console.print(
-        f"synthesize: {len(questions)} new problems ({stats['exact_duplicates']} exact and "
+        f"synthesize: {len(train)} new problems ({stats['exact_duplicates']} exact and "
         f"{stats['near_duplicates']} near duplicates, {stats['eval_overlap']} too close to the eval split, "
         f"{stats['unparsable']} unparsable dropped)"
     )
-    train = [{"id": f"syn-{i:06d}", "split": "train", "question": q, "gold": None} for i, q in enumerate(questions)]
     return train, stats
 
 

@@ -1,4 +1,4 @@
-"""The dev split and the validation settings (no training here: see tests/integration/test_validation.py)."""
+"""The dev split and the validation settings (no training here: see tests/integration/test_training_validation.py)."""
 
 import pytest
 
