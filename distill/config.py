@@ -103,6 +103,12 @@ class TeacherConfig(Strict):
         description="keep up to K distinct rationales reaching the kept answer (diverse reasoning; "
         "needs self_consistency samples >= K)",
     )
+    rationale_choice: Literal["first", "shortest", "mixed"] = Field(
+        "first",
+        description="which of a question's correct sampled paths train the student: first (sample order), "
+        "shortest (small students learn better from short chains), or mixed (shortest, longest, next shortest, "
+        "...: with rationales_per_question >= 2 the student sees short and long chains)",
+    )
     shard_rows: int = Field(64, ge=1, description="rows per committed Parquet shard (a kill loses at most this many)")
     price_per_1k_input: float = Field(0.0, ge=0, description="cost estimate per 1k prompt tokens")
     price_per_1k_output: float = Field(0.0, ge=0, description="cost estimate per 1k generated tokens")
@@ -459,6 +465,7 @@ OPTIONAL_DEFAULTS = {
     "student.packing": False,
     "student.validation": None,
     "teacher.topk_logprobs": 0,
+    "teacher.rationale_choice": "first",
 }
 
 # The recipe path of each section model, so a section hashes alone as it does inside the recipe.

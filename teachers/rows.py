@@ -41,12 +41,36 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+# The teacher's own tokens and top-k belong to the path the worker kept first; a row holding another
+# path's text carries none (logit KD skips it rather than pairing text with the wrong tokens).
+NO_TEACHER_TOKENS = {"teacher_token_ids": None, "teacher_topk_ids": None, "teacher_topk_logprobs": None}
+
+
+def order_rationales(row: dict, choice: str) -> dict:
+    """``row`` with its distinct correct rationales (``rationale`` + ``alternatives``) reordered:
+    ``shortest`` by word count, ``mixed`` alternating shortest and longest; ties keep sample order."""
+    paths = [row["rationale"], *(row.get("alternatives") or [])]
+    by_length = sorted(range(len(paths)), key=lambda i: (len(paths[i].split()), i))
+    if choice == "mixed":
+        order, lo, hi = [], 0, len(by_length) - 1
+        while lo <= hi:
+            order.append(by_length[lo])
+            if lo != hi:
+                order.append(by_length[hi])
+            lo, hi = lo + 1, hi - 1
+    else:
+        order = by_length
+    out = {**row, "rationale": paths[order[0]], "alternatives": [paths[i] for i in order[1:]]}
+    return out if order[0] == 0 else {**out, **NO_TEACHER_TOKENS}
+
+
 def select_training_rows(rows, cfg):
     """Apply the recipe's filters to the train rows; returns (kept rows, counts dropped per filter).
 
     In order: failed calls, keep-correct (gold, or the vote when there is none), minimum agreement,
-    rationale length bounds; then up to ``rationales_per_question`` distinct rationales per
-    question become separate training rows (ids ``<id>#k``).
+    the rationale choice (``order_rationales``), rationale length bounds; then up to
+    ``rationales_per_question`` distinct rationales per question become separate training rows
+    (ids ``<id>#k``).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -64,6 +88,9 @@ def select_training_rows(rows, cfg):
         apply("incorrect", pc.fill_null(rows["correct"], False))
     if cfg.min_confidence > 0:
         apply("low_agreement", pc.greater_equal(pc.fill_null(rows["confidence"], 0.0), cfg.min_confidence))
+    choice = getattr(cfg, "rationale_choice", "first")
+    if choice != "first":
+        rows = pa.Table.from_pylist([order_rationales(r, choice) for r in rows.to_pylist()], schema=ROW_SCHEMA)
     if cfg.min_rationale_words or cfg.max_rationale_words:
         words = [len((r or "").split()) for r in rows["rationale"].to_pylist()]
         upper = cfg.max_rationale_words or float("inf")
@@ -73,7 +100,7 @@ def select_training_rows(rows, cfg):
         for r in rows.to_pylist():
             out.append(r)
             for k, alt in enumerate((r.get("alternatives") or [])[: cfg.rationales_per_question - 1], start=1):
-                out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": []})
+                out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": [], **NO_TEACHER_TOKENS})
         rows = pa.Table.from_pylist(out, schema=ROW_SCHEMA)
     return rows, dropped
 
