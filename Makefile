@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch pinned in the same command as everything else, so pip takes the local CPU wheel.
-	$(PIP) install -q "torch==2.13.0" -e ".[dev,trl]"
+	$(PIP) install -q "torch==2.13.0" -e ".[dev,trl,trackers]"
 	touch $@
 
 install: $(VENV)/.installed

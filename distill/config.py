@@ -245,6 +245,11 @@ class StudentConfig(Strict):
     validation: ValidationSettings | None = Field(
         None, description="dev split, periodic dev loss/accuracy, early stopping and best checkpoint (null = off)"
     )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="stream train and dev metrics to these trackers (extra `trackers`): tensorboard event files "
+        "in <run>/tensorboard, an MLflow run in $MLFLOW_TRACKING_URI or <run>/mlruns",
+    )
     lr: float = Field(1e-4, gt=0, lt=1, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -451,6 +456,7 @@ NON_SEMANTIC = frozenset(
         "student.micro_batch_size",
         "student.eval_batch_size",
         "student.save_every",
+        "student.report_to",  # where metrics are watched, not what is trained
     }
 )
 

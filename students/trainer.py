@@ -203,6 +203,7 @@ def train(
     checkpoint_dir: Path | None = None,
     stop_after: int | None = None,
     dev=None,
+    on_log=None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log.
 
@@ -213,6 +214,9 @@ def train(
     and ``cfg.validation``: the dev split is scored before training and every ``validation.every`` steps;
     training stops when ``validation.metric`` has not improved for ``patience`` evaluations (or at the
     epoch, time or token cap), and the model ends holding the best evaluation's weights.
+
+    ``on_log(step, metrics)`` (e.g. ``students.trackers.Trackers.log``) gets ``train/loss`` and
+    ``train/lr`` after every optimizer step and ``dev/loss``, ``dev/accuracy`` after every dev evaluation.
     """
     import torch
 
@@ -263,6 +267,8 @@ def train(
         nonlocal best_state
         entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), **dev(model), "seconds": time.time() - t0}
         dev_log.append(entry)
+        if on_log:
+            on_log(step, {"dev/loss": entry["dev_loss"], "dev/accuracy": entry["dev_accuracy"]})
         if improves(entry, pos["best"], val.metric):
             pos["best"], pos["stale"] = entry, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -312,6 +318,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
                 step += 1
+                if on_log:
+                    on_log(step, {"train/loss": step_loss, "train/lr": sched.get_last_lr()[0]})
                 status = f"loss {step_loss:.3f}, {tokens / max(time.time() - t0, 1e-9):.0f} tok/s"
                 if val and step % every == 0:
                     evaluate_dev()

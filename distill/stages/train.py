@@ -99,7 +99,25 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():
         console.print(f"train: resuming from the checkpoint in {checkpoint_dir}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = train(model, examples, cfg, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir, dev=dev)
+    trackers = None
+    if cfg.report_to:
+        from distill.students.trackers import Trackers
+
+        params = {f"student.{k}": v for k, v in cfg.model_dump(mode="json").items()}
+        trackers = Trackers(cfg.report_to, recipe.run_dir, recipe.name, params)
+    try:
+        result = train(
+            model,
+            examples,
+            cfg,
+            tokenizer.pad_token_id,
+            checkpoint_dir=checkpoint_dir,
+            dev=dev,
+            on_log=trackers.log if trackers else None,
+        )
+    finally:
+        if trackers:
+            trackers.close()
     if cfg.lora is not None:
         from distill.students.lora import merge_lora
 
