@@ -214,6 +214,23 @@ class ValidationSettings(Strict):
     max_tokens: int = Field(0, ge=0, description="stop after this many training tokens; 0 = no cap")
 
 
+class LRSweepSettings(Strict):
+    """lr: auto — each candidate trains a fresh copy of the student for a few steps; the one with the
+    lowest dev loss is the peak learning rate of the real run."""
+
+    candidates: list[float] = Field(
+        default_factory=lambda: [5e-5, 1e-4, 2e-4, 4e-4], min_length=2, description="peak learning rates tried"
+    )
+    steps: int = Field(0, ge=0, description="optimizer steps per candidate (0 = one epoch, at most 40)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError("every learning-rate candidate must be between 0 and 1")
+        return sorted(set(v))
+
+
 class StudentConfig(Strict):
     """The small model being trained."""
 
@@ -250,7 +267,14 @@ class StudentConfig(Strict):
         description="stream train and dev metrics to these trackers (extra `trackers`): tensorboard event files "
         "in <run>/tensorboard, an MLflow run in $MLFLOW_TRACKING_URI or <run>/mlruns",
     )
-    lr: float = Field(1e-4, gt=0, lt=1, description="peak learning rate (AdamW)")
+    lr: float | Literal["auto"] = Field(
+        1e-4,
+        description="peak learning rate (AdamW), or auto: the candidate of student.lr_sweep with the lowest dev loss "
+        "after a short run each (uses student.validation's dev split)",
+    )
+    lr_sweep: LRSweepSettings = Field(
+        default_factory=lambda: LRSweepSettings(), description="the candidates and budget of lr: auto"
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine")
@@ -278,9 +302,22 @@ class StudentConfig(Strict):
             raise ValueError("epochs must be a positive number or auto")
         return v
 
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_range(cls, v):
+        if v == "auto":
+            return v
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError("lr must be a number between 0 and 1, or auto") from None
+        if not 0 < v < 1:
+            raise ValueError("lr must be a number between 0 and 1, or auto")
+        return v
+
     @model_validator(mode="after")
     def _auto_needs_validation(self):
-        if self.epochs == "auto" and self.validation is None:
+        if (self.epochs == "auto" or self.lr == "auto") and self.validation is None:
             self.validation = ValidationSettings()  # auto is sized by the dev split: its defaults
         return self
 
@@ -470,6 +507,7 @@ OPTIONAL_DEFAULTS = {
     "student.kd": KDSettings().model_dump(mode="json"),
     "student.packing": False,
     "student.validation": None,
+    "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",
 }

@@ -390,6 +390,31 @@ def _untied(state: dict) -> dict:
     return out
 
 
+def sweep_learning_rates(build_model, examples: list[dict], cfg, pad_id: int, dev) -> list[dict]:
+    """``lr: auto``: a fresh ``build_model()`` trained for ``cfg.lr_sweep.steps`` steps (0 = one epoch,
+    at most 40) at each candidate peak learning rate, same schedule shape and seed; returns one
+    ``{"lr", "steps", "dev_loss", "train_loss"}`` per candidate, in candidate order (lowest dev loss wins)."""
+    _, steps_per_epoch = planned_steps(len(examples), cfg)
+    steps = cfg.lr_sweep.steps or min(steps_per_epoch, 40)
+    out = []
+    for lr in cfg.lr_sweep.candidates:
+        model = build_model()
+        short = cfg.model_copy(
+            update={"lr": lr, "epochs": steps / steps_per_epoch, "validation": None, "save_every": 0}
+        )
+        result = train(model, examples, short, pad_id)
+        out.append(
+            {"lr": lr, "steps": result.steps, "dev_loss": dev.loss(model), "train_loss": result.losses[-1]["loss"]}
+        )
+        del model
+    return out
+
+
+def best_learning_rate(sweep: list[dict]) -> float:
+    """The swept learning rate with the lowest dev loss (the smaller one on a tie)."""
+    return min(sweep, key=lambda r: (r["dev_loss"], r["lr"]))["lr"]
+
+
 def save_student(model, tokenizer, folder: Path) -> None:
     """``save_pretrained`` model and tokenizer (safetensors) into ``folder``."""
     model.save_pretrained(folder, safe_serialization=True)

@@ -41,12 +41,11 @@ class DevSet:
     batch_size: int
     pad_id: int
 
-    def __call__(self, model) -> dict:
-        """``{"dev_loss", "dev_accuracy", "dev_correct", "dev_n"}`` of ``model`` now; leaves it in the mode it had."""
+    def loss(self, model) -> float:
+        """Token-weighted completion loss of ``model`` on the dev examples (no generation)."""
         import torch
 
         from distill.students.data import collate
-        from distill.students.evaluate import generate_torch, score
         from distill.students.trainer import forward_loss
 
         was_training = model.training
@@ -60,6 +59,16 @@ class DevSet:
                 loss, n = forward_loss(model, batch)
                 total += float(loss) * int(n)
                 count += int(n)
+        if was_training:
+            model.train()
+        return total / max(count, 1)
+
+    def __call__(self, model) -> dict:
+        """``{"dev_loss", "dev_accuracy", "dev_correct", "dev_n"}`` of ``model`` now; leaves it in the mode it had."""
+        from distill.students.evaluate import generate_torch, score
+
+        was_training = model.training
+        dev_loss = self.loss(model)
         use_cache = model.config.use_cache
         model.config.use_cache = True  # generation with a KV cache; training runs without one
         try:
@@ -79,7 +88,7 @@ class DevSet:
         if was_training:
             model.train()
         return {
-            "dev_loss": total / max(count, 1),
+            "dev_loss": dev_loss,
             "dev_accuracy": summary["accuracy"],
             "dev_correct": summary["correct"],
             "dev_n": summary["n"],

@@ -75,6 +75,10 @@ def training_lines(train: dict, dev: list[dict]) -> list[str]:
             else ""
         ),
     ]
+    if train.get("lr_sweep"):
+        tried = ", ".join(f"{r['lr']:g} → {r['dev_loss']:.3f}" for r in train["lr_sweep"])
+        steps = train["lr_sweep"][0]["steps"]
+        lines += ["", f"Learning rate {train['lr']:g}, chosen by dev loss after {steps} steps per candidate ({tried})."]
     if dev:
         lines += ["", "| step | epoch | dev loss | dev accuracy | kept |", "|---|---|---|---|---|"]
         lines += [

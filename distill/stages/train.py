@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,27 @@ def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
     )
 
 
+def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None):
+    """(the sweep, ``cfg`` with the chosen lr): kept beside the checkpoints, so a resumed run does not sweep again."""
+    from distill.core.artifacts import write_json
+    from distill.students.models import build_student
+    from distill.students.trainer import best_learning_rate, sweep_learning_rates
+
+    saved = checkpoint_dir / "lr_sweep.json" if checkpoint_dir is not None else None
+    if saved is not None and saved.exists():
+        sweep = json.loads(saved.read_text())
+    else:
+        console.print(f"train: learning-rate sweep over {cfg.lr_sweep.candidates} on the dev split")
+        sweep = sweep_learning_rates(lambda: build_student(cfg)[0], examples, cfg, tokenizer.pad_token_id, dev)
+        if saved is not None:
+            write_json(saved, sweep)
+    lr = best_learning_rate(sweep)
+    console.print(
+        "train: lr " + ", ".join(f"{r['lr']:g} → dev loss {r['dev_loss']:.3f}" for r in sweep) + f"; using {lr:g}"
+    )
+    return sweep, cfg.model_copy(update={"lr": lr})
+
+
 def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = None) -> TrainStageResult:
     """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``.
 
@@ -99,6 +121,10 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():
         console.print(f"train: resuming from the checkpoint in {checkpoint_dir}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sweep = None
+    if cfg.lr == "auto":
+        sweep, cfg = _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir)
+        model, _ = build_student(cfg)  # the real run starts from the same fresh weights as every candidate
     trackers = None
     if cfg.report_to:
         from distill.students.trackers import Trackers
@@ -134,7 +160,10 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": trainable,
         "stop_reason": result.stop_reason,
+        "lr": cfg.lr,
     }
+    if sweep is not None:
+        metrics["lr_sweep"] = sweep
     if dev is not None:
         best = next(d for d in result.dev if d["step"] == result.best_step)
         metrics.update(

@@ -75,3 +75,17 @@ def test_epochs_auto_brings_validation_and_bad_settings_are_one_line_errors():
         load_recipe(None, ["student.validation={dev_sz: 3}"])
     with pytest.raises(DistillError, match=r"'student.validation.patience'.*greater than or equal to 1"):
         load_recipe(None, ["student.validation={patience: 0}"])
+
+
+def test_lr_auto_brings_validation_and_its_candidates_are_checked():
+    from distill.students.trainer import best_learning_rate
+
+    r = load_recipe(None, ["student.lr=auto"])
+    assert r.student.validation is not None and r.student.lr_sweep.candidates == [5e-5, 1e-4, 2e-4, 4e-4]
+    assert load_recipe(None, ["student.lr=3e-4"]).student.lr == 3e-4
+    with pytest.raises(DistillError, match=r"^recipe key 'student.lr': lr must be a number between 0 and 1, or auto"):
+        load_recipe(None, ["student.lr=2"])
+    with pytest.raises(DistillError, match=r"'student.lr_sweep.candidates'.*between 0 and 1"):
+        load_recipe(None, ["student.lr_sweep={candidates: [0.1, 3]}"])
+    sweep = [{"lr": 1e-4, "dev_loss": 0.9}, {"lr": 2e-4, "dev_loss": 0.8}, {"lr": 4e-4, "dev_loss": 0.8}]
+    assert best_learning_rate(sweep) == 2e-4  # lowest loss; the smaller rate on a tie
