@@ -61,6 +61,8 @@ def kd_unavailable(recipe: Recipe, gen_dir: Path) -> str | None:
     from distill.students.kd import tokenizer_mismatch
 
     cfg = recipe.student
+    if cfg.kd.loss == "uld" or cfg.from_teacher is not None:
+        return None  # ULD needs no shared vocabulary; a copy of the teacher has the teacher's
     if cfg.model.startswith("config:") and not cfg.tokenizer:
         return None  # a config student's tokenizer sits beside its config; the train stage checks it
     student = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer or cfg.model))

@@ -187,7 +187,11 @@ class LoraSettings(Strict):
 class KDSettings(Strict):
     """Logit distillation from the teacher's stored top-k log-probabilities (student.format=kd)."""
 
-    loss: Literal["forward_kl", "jsd"] = Field("forward_kl", description="KL(teacher||student) or generalized JSD")
+    loss: Literal["forward_kl", "jsd", "uld"] = Field(
+        "forward_kl",
+        description="KL(teacher||student), generalized JSD (both need a shared tokenizer), or uld (Universal Logit "
+        "Distillation: sorted top-k probabilities on the student's own tokens, any tokenizer)",
+    )
     temperature: float = Field(1.0, gt=0, le=10, description="softmax temperature of both distributions")
     beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL")
     weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) * cross-entropy + weight * KD")
@@ -231,6 +235,30 @@ class LRSweepSettings(Strict):
         return sorted(set(v))
 
 
+class FromTeacherSettings(Strict):
+    """The student as a smaller copy of teacher.model (its weights and tokenizer, so student.format=kd
+    applies directly): a subset of its decoder layers (DistilBERT init), optionally fewer attention heads
+    and MLP neurons per layer, keeping those with the largest weight L2 norms (see students/shrink.py)."""
+
+    layers: list[int] | None = Field(
+        None, description="teacher decoder layers kept, in order (e.g. every other one: [0, 2, 4]); null = all"
+    )
+    num_heads: int | None = Field(
+        None,
+        ge=1,
+        description="query heads kept per layer (GQA: whole KV groups, so a multiple of the teacher's query heads "
+        "per KV head); null = all",
+    )
+    intermediate_size: int | None = Field(None, ge=1, description="MLP neurons kept per layer; null = all")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ordered(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0 or sorted(set(v)) != v):
+            raise ValueError("layers must be a non-empty increasing list of layer indices, e.g. [0, 2, 4]")
+        return v
+
+
 class StudentConfig(Strict):
     """The small model being trained."""
 
@@ -243,11 +271,17 @@ class StudentConfig(Strict):
     layers: list[int] | None = Field(
         None, description="keep only these decoder layers of the model (DistilBERT-style init, e.g. [0, 2, 4])"
     )
+    from_teacher: FromTeacherSettings | None = Field(
+        None,
+        description="build the student as a smaller copy of teacher.model (its weights and tokenizer; student.model "
+        "and student.tokenizer are then not used): kept layers, heads and MLP neurons (null = off)",
+    )
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (merged before saving) instead")
     format: Literal["rationale", "label", "multitask", "kd"] = Field(
         "rationale",
         description="target: rationale + answer, answer only, [label]/[explain] multitask, or kd (the teacher's "
-        "own tokens with its top-k log-probabilities; needs teacher.topk_logprobs and a shared tokenizer)",
+        "own tokens with its top-k log-probabilities; needs teacher.topk_logprobs and a shared tokenizer, except "
+        "kd.loss=uld, which trains on the student's own tokens and works across tokenizers)",
     )
     kd: KDSettings = Field(default_factory=KDSettings, description="logit distillation settings (format=kd)")
     packing: bool = Field(
@@ -333,6 +367,14 @@ class StudentConfig(Strict):
         if v is not None and (not v or min(v) < 0 or sorted(set(v)) != v):
             raise ValueError("layers must be a non-empty increasing list of layer indices, e.g. [0, 2, 4]")
         return v
+
+    @model_validator(mode="after")
+    def _one_way_to_cut_the_teacher(self):
+        if self.from_teacher is not None and self.layers is not None:
+            raise ValueError("with student.from_teacher, choose the kept layers in student.from_teacher.layers")
+        if self.from_teacher is not None and self.tokenizer is not None:
+            raise ValueError("a student.from_teacher student uses the teacher's tokenizer: set student.tokenizer=null")
+        return self
 
 
 class ExportConfig(Strict):
@@ -450,6 +492,15 @@ class Recipe(Strict):
             raise ValueError("student.format=kd needs the teacher's log-probabilities: set teacher.topk_logprobs=20")
         return self
 
+    @model_validator(mode="after")
+    def _from_teacher_needs_weights(self):
+        if self.student.from_teacher is not None and self.teacher.model.startswith(("replay:", "openai:")):
+            raise ValueError(
+                f"student.from_teacher copies the teacher's weights, and teacher {self.teacher.model} has none: "
+                "use a local model teacher (hf:/gguf:/embedded:) or set student.from_teacher=null"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -503,6 +554,7 @@ NON_SEMANTIC = frozenset(
 OPTIONAL_DEFAULTS = {
     "student.tokenizer": None,
     "student.layers": None,
+    "student.from_teacher": None,
     "student.lora": None,
     "student.kd": KDSettings().model_dump(mode="json"),
     "student.packing": False,

@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 
 
-def calibration_ids(tokenizer, train_parquet: Path, fmt: str, task, n: int = 32, max_length: int = 256) -> list:
-    """Token ids of the first ``n`` training examples (prompt + target through the chat template)."""
+def calibration_ids(
+    tokenizer, train_parquet: Path, fmt: str, task, n: int = 32, max_length: int = 256, kd_loss: str = "forward_kl"
+) -> list:
+    """Token ids of the first ``n`` training examples (prompt + target through the chat template), in the
+    student's own tokens (``kd_loss="uld"``: its tokenization of the rationale, not the teacher's ids)."""
     import pyarrow.parquet as pq
 
     from distill.students.data import build_examples
 
     rows = pq.read_table(train_parquet).to_pylist()[:n]
-    return [ex["input_ids"] for ex in build_examples(tokenizer, rows, fmt, task, max_length)][:n]
+    return [ex["input_ids"] for ex in build_examples(tokenizer, rows, fmt, task, max_length, kd_loss=kd_loss)][:n]
 
 
 def prefill_feed(ids: list[int], past_names: list[str], kv_heads: int, head_dim: int, kv_dtype=np.float32) -> dict:

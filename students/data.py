@@ -3,7 +3,9 @@
 Formats: ``rationale`` (Fine-tune-CoT: reasoning, then "Therefore, the answer is X."), ``label``
 (answer only — the baseline) and ``multitask`` (Distilling step-by-step: each question twice, with a
 ``[label]`` prefix → the answer and an ``[explain]`` prefix → the rationale; the student answers with
-the ``[label]`` prefix). Loss is on the target tokens only.
+the ``[label]`` prefix). Loss is on the target tokens only. Format ``kd`` adds the teacher's top-k
+log-probabilities: on the teacher's own tokens (``kd_example``) or, across tokenizers, on the
+student's tokens of the same text aligned by index (``uld_example``).
 """
 
 from __future__ import annotations
@@ -44,15 +46,26 @@ def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think ste
 
 
 def build_examples(
-    tokenizer, rows: list[dict], fmt: str, task: Task, max_length: int, trigger: str = "Let's think step by step."
+    tokenizer,
+    rows: list[dict],
+    fmt: str,
+    task: Task,
+    max_length: int,
+    trigger: str = "Let's think step by step.",
+    kd_loss: str = "forward_kl",
 ) -> list[dict]:
-    """Tokenized training examples for ``rows`` in format ``fmt``; each carries its loss ``task``."""
+    """Tokenized training examples for ``rows`` in format ``fmt``; each carries its loss ``task``.
+
+    Format ``kd`` keeps the rows with teacher tokens: with ``kd_loss="uld"`` as ``uld_example`` (the
+    student's own tokens), else as ``kd_example`` (the teacher's tokens).
+    """
     template = prompt_template(tokenizer)  # the bare question; multitask adds its own prefixes
     out = []
     for r in rows:
         if fmt == "kd":
             if r.get("teacher_token_ids"):
-                ex = kd_example(tokenizer, render_prompt(template, r["question"]), r, task, max_length, trigger)
+                make = uld_example if kd_loss == "uld" else kd_example
+                ex = make(tokenizer, render_prompt(template, r["question"]), r, task, max_length, trigger)
                 out.append({**ex, "task": "kd"})
             continue
         if fmt == "multitask":
@@ -100,6 +113,25 @@ def kd_example(tokenizer, prompt: str, row: dict, task: Task, max_length: int, t
     }
 
 
+def uld_example(tokenizer, prompt: str, row: dict, task: Task, max_length: int, trigger: str) -> dict:
+    """A cross-tokenizer KD example: the ``rationale`` format's example (the student's own tokens),
+    with the teacher's top-k log-probabilities of its j-th rationale token on the student's j-th
+    rationale token, for j below the shorter of the two (ULD aligns response tokens by index).
+
+    The student's rationale tokens are those after the trigger and before the answer sentence; their
+    span is counted by tokenizing the target up to each boundary. No ``kd_ids``: ULD compares sorted
+    probabilities, never token ids.
+    """
+    rationale = row["rationale"].strip()
+    ex = tokenize_example(tokenizer, prompt, target_text(row, "rationale", task, trigger), max_length)
+    p = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    start = p + len(tokenizer(trigger, add_special_tokens=False).input_ids)
+    end = p + len(tokenizer(f"{trigger} {rationale}", add_special_tokens=False).input_ids)
+    n = min(end - start, len(row["teacher_topk_logprobs"]))
+    pos = [start + j for j in range(n) if start + j < len(ex["input_ids"])]
+    return {**ex, "kd_pos": pos, "kd_logprobs": [list(x) for x in row["teacher_topk_logprobs"][: len(pos)]]}
+
+
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, grouped: bool = True) -> list[list[int]]:
     """Shuffled batches of indices with similar lengths (less padding), deterministic for a seed.
 
@@ -141,9 +173,9 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     packed = []
     for row in rows:
         out: dict = {"input_ids": [], "labels": [], "position_ids": []}
-        kd = any(e.get("kd_pos") for e in row)
+        kd = [key for key in ("kd_ids", "kd_logprobs") if any(e.get("kd_pos") and key in e for e in row)]
         if kd:
-            out.update(kd_pos=[], kd_ids=[], kd_logprobs=[])
+            out.update({key: [] for key in ("kd_pos", *kd)})
         for e in row:
             start = len(out["input_ids"])
             out["input_ids"] += e["input_ids"]
@@ -151,8 +183,8 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
             out["position_ids"] += list(range(len(e["input_ids"])))
             if kd and e.get("kd_pos"):
                 out["kd_pos"] += [start + p for p in e["kd_pos"]]
-                out["kd_ids"] += e["kd_ids"]
-                out["kd_logprobs"] += e["kd_logprobs"]
+                for key in kd:  # ULD examples carry no kd_ids
+                    out[key] += e[key]
         packed.append(out)
     return packed
 
@@ -182,15 +214,19 @@ def collate(examples: list[dict], pad_id: int):
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if packed:
         batch = {"input_ids": ids, "position_ids": positions, "labels": labels, "n_tokens": int(mask.sum())}
-    if any(e.get("kd_pos") for e in examples):  # logit KD: teacher top-k at the teacher-token positions
-        k = len(next(e for e in examples if e.get("kd_pos"))["kd_ids"][0])
-        batch["kd_ids"] = torch.zeros((len(examples), width, k), dtype=torch.long)
+    if any(e.get("kd_pos") for e in examples):  # logit KD: teacher top-k at the aligned positions
+        first = next(e for e in examples if e.get("kd_pos"))
+        k = len(first["kd_logprobs"][0])
+        with_ids = "kd_ids" in first  # ULD examples carry log-probabilities only
+        if with_ids:
+            batch["kd_ids"] = torch.zeros((len(examples), width, k), dtype=torch.long)
         batch["kd_logprobs"] = torch.zeros((len(examples), width, k), dtype=torch.float32)
         batch["kd_mask"] = torch.zeros((len(examples), width), dtype=torch.bool)
         for i, e in enumerate(examples):
             if e.get("kd_pos"):
                 pos = torch.tensor(e["kd_pos"])
-                batch["kd_ids"][i, pos] = torch.tensor(e["kd_ids"])
+                if with_ids:
+                    batch["kd_ids"][i, pos] = torch.tensor(e["kd_ids"])
                 batch["kd_logprobs"][i, pos] = torch.tensor(e["kd_logprobs"], dtype=torch.float32)
                 batch["kd_mask"][i, pos] = True
     return batch

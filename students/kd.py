@@ -1,11 +1,15 @@
-"""Logit distillation from the teacher's stored top-k log-probabilities (shared tokenizer only)."""
+"""Logit distillation from the teacher's stored top-k log-probabilities.
+
+``forward_kl`` and ``jsd`` read the teacher's token ids as the student's (shared tokenizer only);
+``uld`` compares sorted probabilities only, so teacher and student may tokenize differently.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from distill.students.losses import completion_positions, topk_forward_kl, topk_generalized_jsd
+from distill.students.losses import completion_positions, topk_forward_kl, topk_generalized_jsd, uld_loss
 
 
 def tokenizer_mismatch(teacher_source: str, student_tokenizer) -> str | None:
@@ -24,18 +28,22 @@ def selected_kd_loss(
     hidden: torch.Tensor,
     lm_head,
     labels: torch.Tensor,
-    kd_ids: torch.Tensor,
+    kd_ids: torch.Tensor | None,
     kd_logprobs: torch.Tensor,
     kd_mask: torch.Tensor,
     loss: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
     weight: float = 0.5,
+    parts: dict | None = None,
 ):
     """``(1 - weight) * CE + weight * KD`` at target positions only; returns (loss, n target tokens).
 
     ``kd_ids``/``kd_logprobs`` [B, T, K] hold the teacher's top-k for the token at each position
     where ``kd_mask`` [B, T] is set; position t's logits predict token t + 1, as for the labels.
+    ``loss="uld"`` reads only the log-probabilities (``kd_ids`` may be None): the teacher's
+    distribution for the student's token at a position, aligned by index (``data.uld_example``).
+    With ``parts`` (a dict), the KD term alone is stored there under ``"kd"`` (detached, for logging).
     """
     b, t, y = completion_positions(labels)
     logits = lm_head(hidden[b, t]).float()
@@ -44,9 +52,13 @@ def selected_kd_loss(
     m = kd_mask[:, 1:][b, t]
     if not bool(m.any()) or weight == 0:
         return ce, torch.tensor(n)
-    ids, lps = kd_ids[:, 1:][b, t][m], kd_logprobs[:, 1:][b, t][m]
-    if loss == "forward_kl":
-        kd = topk_forward_kl(logits[m], ids, lps, temperature)
+    lps = kd_logprobs[:, 1:][b, t][m]
+    if loss == "uld":
+        kd = uld_loss(logits[m], lps, temperature)
+    elif loss == "forward_kl":
+        kd = topk_forward_kl(logits[m], kd_ids[:, 1:][b, t][m], lps, temperature)
     else:
-        kd = topk_generalized_jsd(logits[m], ids, lps, beta=beta, temperature=temperature)
+        kd = topk_generalized_jsd(logits[m], kd_ids[:, 1:][b, t][m], lps, beta=beta, temperature=temperature)
+    if parts is not None:
+        parts["kd"] = kd.detach()
     return (1.0 - weight) * ce + weight * kd, torch.tensor(n)

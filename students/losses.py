@@ -87,3 +87,22 @@ def topk_generalized_jsd(
     kl_t = (t.exp() * (t - m)).sum(-1)
     kl_s = (s.exp() * (s - m)).sum(-1)
     return (beta * kl_t + (1 - beta) * kl_s).mean()
+
+
+def uld_loss(student_logits, teacher_logprobs, temperature: float = 1.0) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024) on the teacher's top-k: the mean over positions
+    of the L1 distance between the student's and the teacher's probabilities, each sorted descending.
+
+    ``student_logits`` [N, V] over the student's vocabulary; ``teacher_logprobs`` [N, K] the teacher's
+    stored top-k over its own. Sorting forgets which token holds which probability: the loss compares
+    only the multisets of probability values (the sorted L1 is ``K`` times the 1-D Wasserstein-1 between
+    them, ULD's closed form), so it is unchanged by any permutation of either vocabulary and needs no
+    token correspondence at all. Both sides are their top-k renormalised at ``temperature`` (the
+    teacher's tail beyond k was not stored), as in ``topk_forward_kl``; a student vocabulary smaller
+    than k is padded with zero probabilities, as ULD pads the smaller vocabulary.
+    """
+    k = teacher_logprobs.size(-1)
+    top = (student_logits.float() / temperature).topk(min(k, student_logits.size(-1)), dim=-1).values
+    s = F.pad(torch.softmax(top, dim=-1), (0, k - top.size(-1)))
+    t = torch.softmax(teacher_logprobs.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    return (s - t).abs().sum(-1).mean()

@@ -1,4 +1,5 @@
-"""Student models: loaded from a model source or built from a config, cut to a layer subset, LoRA-wrapped."""
+"""Student models: loaded from a model source, built from a config or copied smaller from the teacher,
+cut to a layer subset, LoRA-wrapped."""
 
 from __future__ import annotations
 
@@ -43,10 +44,29 @@ def load_student(source: str, tokenizer_source: str | None = None, seed: int = 0
     return model, tokenizer
 
 
-def build_student(cfg):
-    """(model, tokenizer) ready to train for a ``StudentConfig``: loaded or built from a config,
-    cut to ``cfg.layers``, wrapped with LoRA adapters when ``cfg.lora`` is set."""
-    model, tokenizer = load_student(cfg.model, cfg.tokenizer, cfg.seed)
+def teacher_copy(teacher_source: str | None, shape, seed: int = 0):
+    """(model, tokenizer): a smaller copy of the teacher ``teacher_source`` with its tokenizer, cut to
+    ``shape.layers`` and pruned to ``shape.num_heads`` / ``shape.intermediate_size`` (None: keep all)."""
+    if not teacher_source or teacher_source.startswith(("replay:", "openai:")):
+        raise DistillError(
+            f"student.from_teacher copies the teacher's weights, and teacher {teacher_source or '(none)'} has none",
+            "use a local model teacher (hf:/gguf:/embedded:) or set student.from_teacher=null",
+        )
+    from distill.students.shrink import shrink
+
+    model, tokenizer = load_student(teacher_source, None, seed)
+    return shrink(model, shape.layers, shape.num_heads, shape.intermediate_size), tokenizer
+
+
+def build_student(cfg, teacher_source: str | None = None):
+    """(model, tokenizer) ready to train for a ``StudentConfig``: loaded or built from a config (or,
+    with ``cfg.from_teacher``, a smaller copy of ``teacher_source``), cut to ``cfg.layers``, wrapped
+    with LoRA adapters when ``cfg.lora`` is set."""
+    shape = getattr(cfg, "from_teacher", None)
+    if shape is not None:
+        model, tokenizer = teacher_copy(teacher_source, shape, cfg.seed)
+    else:
+        model, tokenizer = load_student(cfg.model, cfg.tokenizer, cfg.seed)
     if cfg.layers is not None:
         from distill.students.architecture import keep_layers
 

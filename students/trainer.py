@@ -56,10 +56,11 @@ def use_bf16(precision: str, device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def forward_loss(model, batch, kd=None):
+def forward_loss(model, batch, kd=None, parts: dict | None = None):
     """Completion-only loss; projects through the LM head only where a target token is predicted.
 
-    With ``kd`` (a ``KDSettings``) and teacher top-k in the batch: ``(1 - w) * CE + w * KD``.
+    With ``kd`` (a ``KDSettings``) and teacher top-k in the batch: ``(1 - w) * CE + w * KD`` (the KD
+    term alone goes to ``parts["kd"]`` when ``parts`` is given).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     # Packed rows carry position_ids and no attention mask (one causal block per example).
@@ -75,13 +76,14 @@ def forward_loss(model, batch, kd=None):
             hidden,
             head,
             batch["labels"],
-            batch["kd_ids"],
+            batch.get("kd_ids"),  # none for ULD
             batch["kd_logprobs"],
             batch["kd_mask"],
             kd.loss,
             kd.temperature,
             kd.beta,
             kd.weight,
+            parts,
         )
     return selected_cross_entropy(hidden, head, batch["labels"])
 
@@ -299,24 +301,29 @@ def train(
                 for i in batch_idx:
                     t = examples[i].get("task", "rationale")
                     n_target[t] = n_target.get(t, 0) + sum(1 for x in examples[i]["labels"][1:] if x != -100)
-                step_loss = 0.0
+                step_loss, step_kd = 0.0, None
                 for mb in micro:
                     for t in sorted({examples[i].get("task", "rationale") for i in mb}):
                         group = [examples[i] for i in mb if examples[i].get("task", "rationale") == t]
                         if cfg.packing:
                             group = pack_examples(group, cfg.max_length)
                         batch = {k: _to(v, device) for k, v in collate(group, pad_id).items()}
+                        parts: dict = {}
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            loss, n = forward_loss(model, batch, kd)
+                            loss, n = forward_loss(model, batch, kd, parts)
                         w = task_weight(cfg, t) * n / max(n_target[t], 1)
                         (loss * w).backward()
                         step_loss += loss.item() * float(w)
+                        if "kd" in parts:  # the KD term alone, weighted as the loss is
+                            step_kd = (step_kd or 0.0) + parts["kd"].item() * float(w)
                         tokens += batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
+                if step_kd is not None:
+                    log[-1]["kd"] = step_kd
                 step += 1
                 if on_log:
                     on_log(step, {"train/loss": step_loss, "train/lr": sched.get_last_lr()[0]})

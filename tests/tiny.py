@@ -17,8 +17,9 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(folder: Path):
-    """A byte-level BPE tokenizer (~400 tokens) with ChatML specials, saved to ``folder``."""
+def build_tokenizer(folder: Path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer (``vocab_size`` tokens, at most) with ChatML specials, saved to
+    ``folder``; another size gives other merges, hence another tokenizer of the same text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -27,7 +28,7 @@ def build_tokenizer(folder: Path):
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -42,14 +43,21 @@ def build_tokenizer(folder: Path):
 
 
 def build_model(
-    folder: Path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, **config_kwargs
+    folder: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    vocab_size: int = 400,
+    **config_kwargs,
 ) -> Path:
     """A tiny random causal LM (llama, qwen2, qwen3 or mistral shaped) with the test tokenizer, saved
-    to ``folder``; ``config_kwargs`` override config fields (e.g. ``rope_scaling``)."""
+    to ``folder``; ``config_kwargs`` override config fields (e.g. ``rope_scaling``); ``vocab_size``
+    sizes the tokenizer (another one than the default gives a student that tokenizes differently)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, vocab_size)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
     config = cls(
         vocab_size=len(tok),

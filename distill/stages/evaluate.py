@@ -93,13 +93,16 @@ def teacher_rows(problems: list[dict]) -> list[dict]:
     ]
 
 
-def evaluate_student(source: str, fmt: str, problems: list[dict], task: Task, cfg, label: str) -> tuple[dict, list]:
-    """Greedy accuracy of a torch student (asked in format ``fmt``); returns (summary, per-example rows)."""
+def evaluate_student(
+    source: str, fmt: str, problems: list[dict], task: Task, cfg, label: str, built=None
+) -> tuple[dict, list]:
+    """Greedy accuracy of a torch student (asked in format ``fmt``; ``built``: an already built
+    (model, tokenizer) instead of ``source``); returns (summary, per-example rows)."""
     from distill.students.data import prompt_template
     from distill.students.evaluate import generate_torch
     from distill.students.models import load_student
 
-    model, tokenizer = load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
+    model, tokenizer = built or load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
     questions = [p["question"] for p in problems]
     template = prompt_template(tokenizer, fmt)
     outs = generate_torch(model, tokenizer, template, questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, label)
@@ -133,7 +136,12 @@ def evaluate_stage(
                 continue
             source = cfg.model if name == "student_base" else str(train_dir / "model")
             fmt = "rationale" if name == "student_base" else cfg.format
-            summary, rows = evaluate_student(source, fmt, problems, task, cfg, name)
+            built = None
+            if name == "student_base" and cfg.from_teacher is not None:  # the shrunk teacher copy, untrained
+                from distill.students.models import build_student
+
+                built = build_student(cfg.model_copy(update={"lora": None}), recipe.teacher.model)
+            summary, rows = evaluate_student(source, fmt, problems, task, cfg, name, built)
         elif name == "student_onnx":
             if export_dir is None or not (export_dir / "metrics.json").exists():
                 continue

@@ -130,7 +130,9 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     calib, held_out = [], []
     if "int8_static" in cfg.variants or cfg.sensitivity:
         n = cfg.calibration_examples
-        ids = calibration_ids(tokenizer, train_parquet, student.format, task, n + HELD_OUT_FEEDS, student.max_length)
+        ids = calibration_ids(
+            tokenizer, train_parquet, student.format, task, n + HELD_OUT_FEEDS, student.max_length, student.kd.loss
+        )
         _, kv_heads, head_dim = kv_shape(model.config)
         feeds = feeds_for(fp32, ids, kv_heads, head_dim)
         calib, held_out = feeds[:n], feeds[n:] or feeds[:HELD_OUT_FEEDS]
@@ -184,7 +186,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     gen_metrics = json.loads((gen_dir / "metrics.json").read_text()) if (gen_dir / "metrics.json").exists() else {}
     provenance = Provenance(
         name=recipe.name,
-        student=student.model,
+        student=student.model if student.from_teacher is None else f"a smaller copy of {recipe.teacher.model}",
         student_format=student.format,
         teacher=recipe.teacher.model,
         teacher_method=recipe.teacher.method,

@@ -75,6 +75,15 @@ def training_lines(train: dict, dev: list[dict]) -> list[str]:
             else ""
         ),
     ]
+    if train.get("from_teacher"):
+        ft = train["from_teacher"]
+        lines += [
+            "",
+            f"Student built from the teacher (same tokenizer): {ft['student_parameters']:,} parameters vs "
+            f"{ft['teacher_parameters']:,} ({ft['parameter_ratio']:.0%}); greedy decoding on one thread "
+            f"{ft['student_tokens_per_second']:.1f} vs {ft['teacher_tokens_per_second']:.1f} tokens/s "
+            f"({ft['speedup']:.1f}× the teacher's speed).",
+        ]
     if train.get("lr_sweep"):
         tried = ", ".join(f"{r['lr']:g} → {r['dev_loss']:.3f}" for r in train["lr_sweep"])
         steps = train["lr_sweep"][0]["steps"]

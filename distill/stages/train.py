@@ -23,7 +23,7 @@ class TrainStageResult:
 
 
 def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
-    """Logit KD needs the teacher's top-k in the data and the teacher's tokenizer in the student."""
+    """Logit KD needs the teacher's top-k in the data and, except ULD, the teacher's tokenizer in the student."""
     from distill.students.kd import tokenizer_mismatch
 
     if recipe.teacher.model.startswith("replay:"):
@@ -36,12 +36,23 @@ def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
             "the training data has no teacher top-k log-probabilities",
             "set teacher.topk_logprobs (e.g. 20) and run `distill generate` again",
         )
+    if recipe.student.kd.loss == "uld":
+        return  # ULD compares sorted probabilities, never token ids: any student tokenizer works
     mismatch = tokenizer_mismatch(recipe.teacher.model, tokenizer)
     if mismatch:
         raise DistillError(
             f"logit KD needs a shared tokenizer: {mismatch}",
             "pick a student from the teacher's model family, or student.format=rationale",
         )
+
+
+def _size_and_speed(teacher_source: str, model, prompt_ids: list[int]) -> dict:
+    """The shrunk student's parameters and one-thread decoding speed next to the teacher's."""
+    from distill.students.models import load_student
+    from distill.students.shrink import size_and_speed
+
+    teacher, _ = load_student(teacher_source)
+    return size_and_speed(model, teacher, prompt_ids)
 
 
 def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
@@ -54,7 +65,7 @@ def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
             "too few training rows to hold out a dev split", "generate more data or set student.validation=null"
         )
     return DevSet(
-        examples=build_examples(tokenizer, dev_rows, cfg.format, task, cfg.max_length, trigger),
+        examples=build_examples(tokenizer, dev_rows, cfg.format, task, cfg.max_length, trigger, cfg.kd.loss),
         problems=dev_problems(dev_rows),
         tokenizer=tokenizer,
         template=prompt_template(tokenizer, cfg.format),
@@ -65,7 +76,7 @@ def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
     )
 
 
-def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None):
+def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None, teacher_source: str | None = None):
     """(the sweep, ``cfg`` with the chosen lr): kept beside the checkpoints, so a resumed run does not sweep again."""
     from distill.core.artifacts import write_json
     from distill.students.models import build_student
@@ -76,7 +87,9 @@ def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None):
         sweep = json.loads(saved.read_text())
     else:
         console.print(f"train: learning-rate sweep over {cfg.lr_sweep.candidates} on the dev split")
-        sweep = sweep_learning_rates(lambda: build_student(cfg)[0], examples, cfg, tokenizer.pad_token_id, dev)
+        sweep = sweep_learning_rates(
+            lambda: build_student(cfg, teacher_source)[0], examples, cfg, tokenizer.pad_token_id, dev
+        )
         if saved is not None:
             write_json(saved, sweep)
     lr = best_learning_rate(sweep)
@@ -100,7 +113,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
 
     cfg = recipe.student
     rows = read_rows(gen_dir / "dataset" / "train.parquet", TRAIN_COLUMNS, "generate more data or relax teacher.keep")
-    model, tokenizer = build_student(cfg)
+    model, tokenizer = build_student(cfg, recipe.teacher.model)
     task = Task(recipe.task.answer_type)
     if cfg.format == "kd":
         _check_kd(recipe, tokenizer, rows)
@@ -108,7 +121,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     if cfg.validation is not None:
         rows, dev_rows = split_dev(rows, cfg.validation.dev_size, cfg.seed)
         dev = _dev_set(dev_rows, tokenizer, cfg, task, recipe.teacher.trigger)
-    examples = build_examples(tokenizer, rows, cfg.format, task, cfg.max_length, recipe.teacher.trigger)
+    examples = build_examples(tokenizer, rows, cfg.format, task, cfg.max_length, recipe.teacher.trigger, cfg.kd.loss)
     total, _ = planned_steps(len(examples), cfg)
     sized = (
         f"until the dev {cfg.validation.metric} stops improving (at most {total} steps)"
@@ -116,15 +129,18 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         else f"{cfg.epochs:g} epochs ({total} steps)"
     )
     held = f", {len(dev.problems)} dev questions held out" if dev else ""
-    console.print(f"[bold]train[/] {cfg.model} on {len(examples)} examples ({cfg.format}){held}, {sized}")
+    name = f"a smaller copy of {recipe.teacher.model}" if cfg.from_teacher is not None else cfg.model
+    console.print(f"[bold]train[/] {name} on {len(examples)} examples ({cfg.format}){held}, {sized}")
     t0 = time.time()
     if checkpoint_dir is not None and (checkpoint_dir / "rng.json").exists():
         console.print(f"train: resuming from the checkpoint in {checkpoint_dir}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sweep = None
     if cfg.lr == "auto":
-        sweep, cfg = _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir)
-        model, _ = build_student(cfg)  # the real run starts from the same fresh weights as every candidate
+        sweep, cfg = _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir, recipe.teacher.model)
+        model, _ = build_student(
+            cfg, recipe.teacher.model
+        )  # the real run starts from the same fresh weights as every candidate
     trackers = None
     if cfg.report_to:
         from distill.students.trackers import Trackers
@@ -164,6 +180,8 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     }
     if sweep is not None:
         metrics["lr_sweep"] = sweep
+    if cfg.from_teacher is not None:
+        metrics["from_teacher"] = _size_and_speed(recipe.teacher.model, model, examples[0]["input_ids"][:32])
     if dev is not None:
         best = next(d for d in result.dev if d["step"] == result.best_step)
         metrics.update(
