@@ -19,6 +19,8 @@ COLUMNS = (
     "tokens/s (1 thread)",
     "kept",
 )
+# The same columns under short labels: the console is often 80 columns wide (job logs, CI).
+SHORT_COLUMNS = ("variant", "size", "/ fp32", "top-1", "accuracy", "vs fp32", "tok/s", "kept")
 CAPTION = (
     "top-1 vs torch: next-token agreement with the torch student on the verify prompts; "
     "vs fp32: eval problems lost / gained against fp32; tokens/s: greedy decoding, batch 1, 1 thread"
@@ -74,13 +76,17 @@ def variant_markdown(variants: Iterable[VariantResult | Mapping]) -> str:
 
 def variant_rich_table(variants: Iterable[VariantResult | Mapping], title: str = "export variants"):
     """The variant table as a ``rich.table.Table`` (for ``console.print``)."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    headers, rows = variant_table(variants)
-    table = Table(title=title, caption=CAPTION)
-    for h in headers:
-        table.add_column(h, no_wrap=True)
+    _, rows = variant_table(variants)
+    table = Table(title=title, caption=CAPTION, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for h in SHORT_COLUMNS:
+        if h == "accuracy":  # holds a failed variant's error: folded onto more lines, never squeezing the rest
+            table.add_column(h, max_width=24, overflow="fold")
+        else:
+            table.add_column(h, no_wrap=True, min_width=len(h))
     for r in rows:
         table.add_row(*(Text(c) for c in r))  # plain text: an error message may hold "[...]"
     return table
