@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.core.env import set_env_defaults  # noqa: E402
+
+set_env_defaults()  # offline, no telemetry, one thread (before torch or onnxruntime load)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -13,11 +13,13 @@ small to resolve its tolerance (40 problems: one problem is 2.5 points).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.core.env import set_env_defaults  # noqa: E402
+
+set_env_defaults()  # offline, no telemetry, one thread (before torch or onnxruntime load)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
