@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.core.env import set_env_defaults  # noqa: E402
 
 set_env_defaults()  # offline, no telemetry, one thread (before torch or onnxruntime load)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
