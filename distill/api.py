@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from distill.config import Recipe, load_recipe
+from distill.config import Recipe, load_recipe, recipe_from_dict
 from distill.pipeline import STAGES, RunResult, StageResult, evaluate_split, run_stage
 from distill.pipeline import run as run_pipeline
 
@@ -26,16 +26,7 @@ RecipeLike = str | Path | Recipe | None
 def recipe_of(recipe: RecipeLike, overrides: Sequence[str] = ()) -> Recipe:
     """The validated ``Recipe`` for a path, a ``Recipe`` (overrides applied to a copy) or None (defaults)."""
     if isinstance(recipe, Recipe):
-        if not overrides:
-            return recipe
-        import tempfile
-
-        import yaml
-
-        with tempfile.TemporaryDirectory() as tmp:  # overrides go through the same parser as the CLI's
-            f = Path(tmp) / "recipe.yaml"
-            f.write_text(yaml.safe_dump(recipe.dump()), encoding="utf-8")
-            return load_recipe(f, list(overrides))
+        return recipe_from_dict(recipe.dump(), list(overrides)) if overrides else recipe
     return load_recipe(recipe, list(overrides))
 
 

@@ -6,6 +6,7 @@ the closest valid key suggested; every field documents itself.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -197,6 +198,19 @@ class KDSettings(Strict):
     weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) * cross-entropy + weight * KD")
 
 
+def _number_or_auto(v, ok, message: str):
+    """``auto`` as is, else ``v`` as a float that satisfies ``ok``; ``message`` names the key's rule."""
+    if v == "auto":
+        return v
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not ok(v):
+        raise ValueError(message)
+    return v
+
+
 class ValidationSettings(Strict):
     """Training sized by validation: a dev split carved from the training rows (never the eval split),
     dev loss and dev task accuracy every few steps, early stopping, the best checkpoint kept."""
@@ -326,28 +340,12 @@ class StudentConfig(Strict):
     @field_validator("epochs", mode="before")
     @classmethod
     def _positive_epochs(cls, v):
-        if v == "auto":
-            return v
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise ValueError("epochs must be a positive number or auto") from None
-        if not v > 0:
-            raise ValueError("epochs must be a positive number or auto")
-        return v
+        return _number_or_auto(v, lambda x: x > 0, "epochs must be a positive number or auto")
 
     @field_validator("lr", mode="before")
     @classmethod
     def _lr_range(cls, v):
-        if v == "auto":
-            return v
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise ValueError("lr must be a number between 0 and 1, or auto") from None
-        if not 0 < v < 1:
-            raise ValueError("lr must be a number between 0 and 1, or auto")
-        return v
+        return _number_or_auto(v, lambda x: 0 < x < 1, "lr must be a number between 0 and 1, or auto")
 
     @model_validator(mode="after")
     def _auto_needs_validation(self):
@@ -657,6 +655,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise DistillError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
         if not isinstance(data, dict):
             raise DistillError(f"recipe {path} must be a mapping of keys", "see recipes/quickstart.yaml")
+    return recipe_from_dict(data, overrides)
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
+    """A recipe mapping (e.g. ``Recipe.dump()``) with ``key=value`` overrides applied, validated."""
+    data = copy.deepcopy(data)  # overrides edit a copy, never the caller's mapping
     for o in overrides:
         _set_override(data, o)
     try:

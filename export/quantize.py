@@ -300,13 +300,7 @@ class QuantPreset:
         keep_fp32: Iterable[str] = (),
     ) -> QuantPreset:
         """Weight-only blockwise int8 (``MatMulNBits``, int8 compute), the tied embedding shared as int8."""
-        return cls(
-            "int8",
-            block_size=block_size,
-            group_block_sizes=_block_pairs(group_block_sizes),
-            embed_block_size=embed_block_size,
-            keep_fp32=tuple(keep_fp32),
-        )
+        return cls._weight_only("int8", block_size, group_block_sizes, embed_block_size, keep_fp32)
 
     @classmethod
     def int4(
@@ -317,8 +311,12 @@ class QuantPreset:
         keep_fp32: Iterable[str] = (),
     ) -> QuantPreset:
         """Weight-only blockwise int4 (``MatMulNBits`` bits=4), the tied embedding shared as int8."""
+        return cls._weight_only("int4", block_size, group_block_sizes, embed_block_size, keep_fp32)
+
+    @classmethod
+    def _weight_only(cls, preset, block_size, group_block_sizes, embed_block_size, keep_fp32) -> QuantPreset:
         return cls(
-            "int4",
+            preset,
             block_size=block_size,
             group_block_sizes=_block_pairs(group_block_sizes),
             embed_block_size=embed_block_size,
