@@ -117,3 +117,22 @@ def train_tiny_teacher(folder: Path, problems: list[dict], epochs: float = 30, s
     train(model, examples, cfg, tok.pad_token_id)
     model.save_pretrained(folder)
     return folder
+
+
+def write_recipe(root: Path, name: str, task_cfg, teacher: dict, student: dict, **sections) -> Path:
+    """``root/recipe.yaml`` for a tiny run: outputs and completion cache under ``root``, the tiny task,
+    and the teacher/student (and any other) sections as given; returns its path."""
+    import yaml
+
+    recipe = {
+        "name": name,
+        "output_dir": str(root / "runs"),
+        "cache": str(root / "cache.sqlite"),
+        "task": task_cfg.model_dump(),
+        "teacher": teacher,
+        "student": student,
+        **sections,
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

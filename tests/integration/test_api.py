@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny import write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -23,13 +23,12 @@ def readme_example() -> str:
 
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_teacher, tiny_student, tiny_task_cfg) -> Path:
-    recipe = {
-        "name": "api",
-        "output_dir": str(tmp_path / "runs"),
-        "cache": str(tmp_path / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "executor": "local", "dtype": "float32"},
-        "student": {
+    f = write_recipe(
+        tmp_path,
+        "api",
+        tiny_task_cfg,
+        teacher={"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "executor": "local", "dtype": "float32"},
+        student={
             "model": f"hf:{tiny_student}",
             "lr": 3e-3,
             "batch_size": 4,
@@ -37,10 +36,8 @@ def tiny_recipe(tmp_path, tiny_teacher, tiny_student, tiny_task_cfg) -> Path:
             "max_length": 128,
             "eval_max_new_tokens": 16,
         },
-        "export": {"variants": ["int8"]},
-    }
-    f = tmp_path / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+        export={"variants": ["int8"]},
+    )
     return f
 
 

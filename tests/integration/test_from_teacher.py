@@ -4,7 +4,7 @@ the Python API; its size and speed next to the teacher's are in the metrics and 
 import json
 
 import pytest
-import yaml
+from tiny import write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -12,12 +12,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory, tiny_teacher, tiny_task_cfg):
     root = tmp_path_factory.mktemp("from_teacher")
-    recipe = {
-        "name": "shrunk",
-        "output_dir": str(root / "runs"),
-        "cache": str(root / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {
+    f = write_recipe(
+        root,
+        "shrunk",
+        tiny_task_cfg,
+        teacher={
             "model": f"hf:{tiny_teacher}",
             "max_new_tokens": 16,
             "batch_size": 6,
@@ -26,7 +25,7 @@ def recipe_file(tmp_path_factory, tiny_teacher, tiny_task_cfg):
             "topk_logprobs": 5,
             "keep": "all",
         },
-        "student": {
+        student={
             "from_teacher": {"layers": [0], "num_heads": 2, "intermediate_size": 96},
             "format": "kd",
             "epochs": 2,
@@ -36,11 +35,9 @@ def recipe_file(tmp_path_factory, tiny_teacher, tiny_task_cfg):
             "max_length": 128,
             "eval_max_new_tokens": 8,
         },
-        "export": {"enabled": False},
-        "eval": {"models": ["student_base", "student"]},
-    }
-    f = root / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+        export={"enabled": False},
+        eval={"models": ["student_base", "student"]},
+    )
     return f
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import yaml
+from tiny import write_recipe
 from typer.testing import CliRunner
 
 from distill.cli import app
@@ -15,12 +16,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def kd_recipe(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
     root = tmp_path_factory.mktemp("kd")
-    recipe = {
-        "name": "kd",
-        "output_dir": str(root / "runs"),
-        "cache": str(root / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {
+    f = write_recipe(
+        root,
+        "kd",
+        tiny_task_cfg,
+        teacher={
             "model": f"hf:{tiny_teacher}",
             "max_new_tokens": 16,
             "batch_size": 6,
@@ -29,7 +29,7 @@ def kd_recipe(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
             "topk_logprobs": 5,
             "keep": "all",
         },
-        "student": {
+        student={
             "model": f"hf:{tiny_student}",
             "epochs": 4,
             "lr": 3e-3,
@@ -39,9 +39,7 @@ def kd_recipe(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
             "eval_max_new_tokens": 8,
             "kd": {"loss": "forward_kl", "temperature": 1.0, "weight": 0.5},
         },
-    }
-    f = root / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+    )
     return f
 
 

@@ -4,7 +4,7 @@ those projects' own readers."""
 import json
 
 import pytest
-import yaml
+from tiny import write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -13,13 +13,12 @@ def test_metrics_stream_to_tensorboard_and_mlflow(tmp_path, tiny_teacher, tiny_s
     import distill
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    recipe = {
-        "name": "tracked",
-        "output_dir": str(tmp_path / "runs"),
-        "cache": str(tmp_path / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "executor": "local", "dtype": "float32"},
-        "student": {
+    f = write_recipe(
+        tmp_path,
+        "tracked",
+        tiny_task_cfg,
+        teacher={"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "executor": "local", "dtype": "float32"},
+        student={
             "model": f"hf:{tiny_student}",
             "epochs": 2,
             "lr": 3e-3,
@@ -30,9 +29,7 @@ def test_metrics_stream_to_tensorboard_and_mlflow(tmp_path, tiny_teacher, tiny_s
             "validation": {"dev_size": 2, "every": 2},
             "report_to": ["tensorboard", "mlflow"],
         },
-    }
-    f = tmp_path / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+    )
     distill.generate(f)
     distill.train(f)
     run = tmp_path / "runs" / "tracked"

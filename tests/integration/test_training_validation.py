@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-import yaml
+from tiny import write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import StudentConfig
@@ -100,19 +100,18 @@ def test_train_stage_writes_the_dev_curve_and_keeps_the_best_checkpoint(
     import distill
     from distill.students.validation import DevSet
 
-    recipe = {
-        "name": "val",
-        "output_dir": str(tmp_path / "runs"),
-        "cache": str(tmp_path / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {
+    f = write_recipe(
+        tmp_path,
+        "val",
+        tiny_task_cfg,
+        teacher={
             "model": f"hf:{tiny_teacher}",
             "max_new_tokens": 24,
             "executor": "local",
             "dtype": "float32",
             "keep": "all",
         },
-        "student": {
+        student={
             "model": f"hf:{tiny_student}",
             "epochs": "auto",
             "lr": 3e-3,
@@ -122,9 +121,7 @@ def test_train_stage_writes_the_dev_curve_and_keeps_the_best_checkpoint(
             "eval_max_new_tokens": 16,
             "validation": {"dev_size": 3, "every": 2, "patience": 2, "max_epochs": 3},
         },
-    }
-    f = tmp_path / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+    )
     distill.generate(f)
     result = distill.train(f)
     folder = tmp_path / "runs" / "val" / "train"
@@ -173,13 +170,12 @@ def test_lr_auto_sweeps_on_the_dev_split_and_trains_with_the_best(tmp_path, tiny
     import distill
     from distill.stages.report import write_report
 
-    recipe = {
-        "name": "lr",
-        "output_dir": str(tmp_path / "runs"),
-        "cache": str(tmp_path / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "executor": "local", "dtype": "float32"},
-        "student": {
+    f = write_recipe(
+        tmp_path,
+        "lr",
+        tiny_task_cfg,
+        teacher={"model": f"hf:{tiny_teacher}", "max_new_tokens": 24, "executor": "local", "dtype": "float32"},
+        student={
             "model": f"hf:{tiny_student}",
             "epochs": 1,
             "lr": "auto",
@@ -190,9 +186,7 @@ def test_lr_auto_sweeps_on_the_dev_split_and_trains_with_the_best(tmp_path, tiny
             "eval_max_new_tokens": 8,
             "validation": {"dev_size": 2},
         },
-    }
-    f = tmp_path / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+    )
     distill.generate(f)
     metrics = distill.train(f).metrics
     sweep = metrics["lr_sweep"]

@@ -5,7 +5,7 @@ tokenizer losses still refuse that pair with one clear error."""
 import json
 
 import pytest
-import yaml
+from tiny import write_recipe
 from typer.testing import CliRunner
 
 from distill.cli import app
@@ -24,12 +24,11 @@ def other_tokenizer_student(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uld_recipe(tmp_path_factory, tiny_teacher, other_tokenizer_student, tiny_task_cfg):
     root = tmp_path_factory.mktemp("uld")
-    recipe = {
-        "name": "uld",
-        "output_dir": str(root / "runs"),
-        "cache": str(root / "cache.sqlite"),
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {
+    f = write_recipe(
+        root,
+        "uld",
+        tiny_task_cfg,
+        teacher={
             "model": f"hf:{tiny_teacher}",
             "max_new_tokens": 16,
             "batch_size": 6,
@@ -38,7 +37,7 @@ def uld_recipe(tmp_path_factory, tiny_teacher, other_tokenizer_student, tiny_tas
             "topk_logprobs": 5,
             "keep": "all",
         },
-        "student": {
+        student={
             "model": f"hf:{other_tokenizer_student}",
             "format": "kd",
             "kd": {"loss": "uld", "weight": 0.5},
@@ -49,9 +48,7 @@ def uld_recipe(tmp_path_factory, tiny_teacher, other_tokenizer_student, tiny_tas
             "max_length": 128,
             "eval_max_new_tokens": 8,
         },
-    }
-    f = root / "recipe.yaml"
-    f.write_text(yaml.safe_dump(recipe))
+    )
     return f
 
 
