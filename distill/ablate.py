@@ -105,6 +105,12 @@ def _train_and_eval(v: Recipe, fmt: str, gen_dir: Path, base: Path, problems, ta
         "train_tokens": metrics["tokens"],
         "train_seconds": metrics["seconds"],
         "train_examples": metrics["examples"],
+        "stop_reason": metrics.get("stop_reason") or "the planned epochs were done",
+        **(
+            {"best_step": metrics["best_step"], "best_dev_accuracy": metrics["best_dev_accuracy"]}
+            if "best_step" in metrics
+            else {}
+        ),
         "outputs": str(eval_dir / "outputs.jsonl"),
     }
 
@@ -195,26 +201,37 @@ def markdown(table: dict) -> str:
     lines = [
         f"Task `{table['task']}`: {table['train_rows']} teacher rationales kept of {table['train_problems']} "
         f"train problems; {table['eval_problems']} held-out problems; student `{table['student']}`, "
-        f"{table['epochs']:g} epochs.",
+        f"{_epochs(table['epochs'])}.",
         "",
-        "| model | accuracy | 95% CI | train steps | train tokens | train s |",
-        "|---|---|---|---|---|---|",
+        "| model | accuracy | 95% CI | train steps | kept step (dev accuracy) | stopped | train tokens | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table["rows"]:
         if r.get("skipped"):
-            lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | | |")
             continue
         lo, hi = r["ci95"]
         steps = r.get("train_steps", "—")
+        kept = f"{r['best_step']} ({r['best_dev_accuracy']:.1%})" if "best_step" in r else "—"
+        stopped = r.get("stop_reason", "—")
         tokens = f"{r['train_tokens']:,}" if "train_tokens" in r else "—"
         secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "—"
         lines.append(
             f"| {r['label']} | {r['accuracy']:.1%} ({r['correct']}/{r['n']}) | {lo:.1%}–{hi:.1%} "
-            f"| {steps} | {tokens} | {secs} |"
+            f"| {steps} | {kept} | {stopped} | {tokens} | {secs} |"
         )
     if table.get("command"):
         lines += ["", f"Command: `{table['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _epochs(epochs) -> str:
+    """``2 epochs`` for a fixed budget, ``epochs sized by the dev split`` for ``student.epochs: auto``."""
+    return (
+        "epochs sized by the dev split (each student stops on its own plateau)"
+        if epochs == "auto"
+        else f"{epochs:g} epochs"
+    )
 
 
 def plot(table: dict, path: Path) -> None:

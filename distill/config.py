@@ -211,6 +211,41 @@ def _number_or_auto(v, ok, message: str):
     return v
 
 
+class OnPolicySettings(Strict):
+    """On-policy distillation (generalized JSD / GKD, Agarwal et al. 2024): on a share ``lmbda`` of the
+    optimizer steps the student samples completions for that batch's training questions, the teacher
+    scores every sampled token (top-k log-probabilities, cached and budgeted like generation calls)
+    and the student minimises the divergence on its own samples; the other steps train on the
+    teacher-written rows as ``student.format`` says."""
+
+    lmbda: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of optimizer steps on the student's own samples (λ; the rest teacher-written)",
+    )
+    beta: float = Field(
+        0.5, ge=0, le=1, description="generalized JSD: 0 = forward KL(teacher||student), 1 = reverse KL"
+    )
+    loss: Literal["auto", "jsd", "uld"] = Field(
+        "auto",
+        description="jsd needs a shared tokenizer; uld (sorted probabilities) any pair; auto = jsd when the "
+        "tokenizers agree, else uld",
+    )
+    temperature: float = Field(1.0, gt=0, le=2, description="the student's sampling temperature")
+    max_new_tokens: int = Field(0, ge=0, description="tokens per sample (0 = student.eval_max_new_tokens)")
+    topk: int = Field(20, ge=1, le=20, description="teacher log-probabilities kept per token (endpoints allow 20)")
+    teacher: str | None = Field(
+        None,
+        description="the scoring teacher's model source (default: teacher.model; an openai: model uses the "
+        "teacher section's endpoint settings)",
+    )
+    max_cost: float = Field(
+        0.0, ge=0, description="stop (resumable) when the scoring calls reach this estimated cost (teacher prices)"
+    )
+    max_tokens: int = Field(0, ge=0, description="stop (resumable) after the teacher has read this many tokens")
+
+
 class ValidationSettings(Strict):
     """Training sized by validation: a dev split carved from the training rows (never the eval split),
     dev loss and dev task accuracy every few steps, early stopping, the best checkpoint kept."""
@@ -309,6 +344,9 @@ class StudentConfig(Strict):
     )
     validation: ValidationSettings | None = Field(
         None, description="dev split, periodic dev loss/accuracy, early stopping and best checkpoint (null = off)"
+    )
+    on_policy: OnPolicySettings | None = Field(
+        None, description="on-policy distillation: the student's own samples scored by the teacher (null = off)"
     )
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list,
@@ -524,6 +562,8 @@ NON_SEMANTIC = frozenset(
         "teacher.workers",
         "teacher.executor",
         "teacher.shard_rows",
+        "student.on_policy.max_cost",  # budgets: raising one continues the same run
+        "student.on_policy.max_tokens",
         "teacher.price_per_1k_input",
         "teacher.price_per_1k_output",
         "teacher.max_tokens",
@@ -557,6 +597,7 @@ OPTIONAL_DEFAULTS = {
     "student.kd": KDSettings().model_dump(mode="json"),
     "student.packing": False,
     "student.validation": None,
+    "student.on_policy": None,
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",

@@ -66,19 +66,19 @@ def build_examples(
             if r.get("teacher_token_ids"):
                 make = uld_example if kd_loss == "uld" else kd_example
                 ex = make(tokenizer, render_prompt(template, r["question"]), r, task, max_length, trigger)
-                out.append({**ex, "task": "kd"})
+                out.append({**ex, "task": "kd", "question": r["question"]})
             continue
         if fmt == "multitask":
             for prefix, part, sub in ((LABEL_PREFIX, "label", "label"), (EXPLAIN_PREFIX, "rationale", "rationale")):
                 ex = tokenize_example(
                     tokenizer, render_prompt(template, prefix + r["question"]), target_text(r, part, task), max_length
                 )
-                out.append({**ex, "task": sub})
+                out.append({**ex, "task": sub, "question": r["question"]})
         else:
             ex = tokenize_example(
                 tokenizer, render_prompt(template, r["question"]), target_text(r, fmt, task), max_length
             )
-            out.append({**ex, "task": fmt})
+            out.append({**ex, "task": fmt, "question": r["question"]})
     return out
 
 

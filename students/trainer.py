@@ -90,7 +90,7 @@ def forward_loss(model, batch, kd=None, parts: dict | None = None):
 
 def task_weight(cfg, task: str) -> float:
     """Loss weight of a task: multitask uses alpha for [label] and 1 - alpha for [explain]."""
-    if getattr(cfg, "format", None) == "multitask":
+    if getattr(cfg, "format", None) == "multitask" and task != "on_policy":
         return cfg.alpha if task == "label" else 1.0 - cfg.alpha
     return 1.0
 
@@ -206,6 +206,7 @@ def train(
     stop_after: int | None = None,
     dev=None,
     on_log=None,
+    on_policy=None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log.
 
@@ -219,6 +220,10 @@ def train(
 
     ``on_log(step, metrics)`` (e.g. ``students.trackers.Trackers.log``) gets ``train/loss`` and
     ``train/lr`` after every optimizer step and ``dev/loss``, ``dev/accuracy`` after every dev evaluation.
+
+    With ``on_policy`` (a ``students.on_policy.OnPolicy``), the steps it picks train on the student's
+    own samples of that batch's questions, scored by the teacher (its divergence loss); its spend
+    counters travel with the checkpoint and its budget stops training with ``BudgetExceeded``.
     """
     import torch
 
@@ -252,6 +257,7 @@ def train(
         "best": None,
         "stale": 0,
         "seconds": 0.0,
+        "on_policy": None,
     }
     best_state = None
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_RNG).exists():
@@ -260,6 +266,8 @@ def train(
             from safetensors.torch import load_file
 
             best_state = load_file(str(checkpoint_dir / CHECKPOINT_BEST))
+    if on_policy is not None and pos["on_policy"]:
+        on_policy.state.update(pos["on_policy"])
     log, tokens, step, epoch = pos["log"], pos["tokens"], pos["step"], pos["epoch"]
     dev_log, skip = pos["dev"], pos["batch"]
     t0 = time.time() - pos["seconds"]  # wall time of earlier attempts counts against max_minutes
@@ -293,24 +301,36 @@ def train(
                     continue
                 if step >= total:
                     break
-                micro = [
-                    batch_idx[i : i + cfg.micro_batch_size] for i in range(0, len(batch_idx), cfg.micro_batch_size)
-                ]
+                chosen, step_kd_cfg = [examples[i] for i in batch_idx], kd
+                if on_policy is not None and on_policy.use(step):
+                    spent = on_policy.over_budget()
+                    if spent:
+                        from distill.teachers.budget import BudgetExceeded
+
+                        raise BudgetExceeded(
+                            f"on-policy scoring stopped at step {step}: {spent}",
+                            "raise student.on_policy.max_tokens / max_cost and run again: training resumes from "
+                            "its last checkpoint and scores already paid for come from the cache",
+                        )
+                    sampled = on_policy.examples(model, [e["question"] for e in chosen], step)
+                    if sampled:  # no usable sample (all empty or unscorable): the teacher-written batch
+                        chosen, step_kd_cfg = sampled, on_policy.kd
+                micro = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
                 # Token-weighted mean per loss task, combined with the task weights (multitask: alpha).
                 n_target: dict[str, int] = {}
-                for i in batch_idx:
-                    t = examples[i].get("task", "rationale")
-                    n_target[t] = n_target.get(t, 0) + sum(1 for x in examples[i]["labels"][1:] if x != -100)
+                for e in chosen:
+                    t = e.get("task", "rationale")
+                    n_target[t] = n_target.get(t, 0) + sum(1 for x in e["labels"][1:] if x != -100)
                 step_loss, step_kd = 0.0, None
                 for mb in micro:
-                    for t in sorted({examples[i].get("task", "rationale") for i in mb}):
-                        group = [examples[i] for i in mb if examples[i].get("task", "rationale") == t]
+                    for t in sorted({e.get("task", "rationale") for e in mb}):
+                        group = [e for e in mb if e.get("task", "rationale") == t]
                         if cfg.packing:
                             group = pack_examples(group, cfg.max_length)
                         batch = {k: _to(v, device) for k, v in collate(group, pad_id).items()}
                         parts: dict = {}
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            loss, n = forward_loss(model, batch, kd, parts)
+                            loss, n = forward_loss(model, batch, step_kd_cfg, parts)
                         w = task_weight(cfg, t) * n / max(n_target[t], 1)
                         (loss * w).backward()
                         step_loss += loss.item() * float(w)
@@ -324,6 +344,8 @@ def train(
                 log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
                 if step_kd is not None:
                     log[-1]["kd"] = step_kd
+                if step_kd_cfg is not kd:
+                    log[-1]["on_policy"] = True
                 step += 1
                 if on_log:
                     on_log(step, {"train/loss": step_loss, "train/lr": sched.get_last_lr()[0]})
@@ -354,6 +376,7 @@ def train(
                         "best": pos["best"],
                         "stale": pos["stale"],
                         "seconds": time.time() - t0,
+                        "on_policy": on_policy.state if on_policy is not None else None,
                     }
                     save_checkpoint(checkpoint_dir, model, opt, sched, position)
                 if stop_after is not None and step >= stop_after:

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from distill.teachers.backends.base import Completion, GenerationRequest, TeacherBackend
+from distill.teachers.backends.base import Completion, GenerationRequest, ScoreRequest, TeacherBackend
 
 log = logging.getLogger("distill.cache")
 
@@ -111,13 +111,27 @@ class CachedTeacher:
         return self.backend.chat_prompt(messages, assistant_prefix)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        return self._answer(requests, self.backend.generate)
+
+    def score(self, requests: list[ScoreRequest]) -> list[Completion]:
+        """Teacher scores of given completions (on-policy distillation), cached like completions."""
+        if not hasattr(self.backend, "score"):
+            from distill.core.errors import DistillError
+
+            raise DistillError(
+                f"the teacher {self.model_id} cannot score given text",
+                "use a local model teacher or an OpenAI-compatible endpoint with echo + logprobs (vLLM, distill serve)",
+            )
+        return self._answer(requests, self.backend.score)
+
+    def _answer(self, requests: list, call) -> list[Completion]:
         keys = [r.key(self.model_id) for r in requests]
         hits = self.cache.get_many(list(set(keys)))
         missing = {k: r for k, r in zip(keys, requests) if k not in hits}
         if missing and self.cache_only:
             raise CacheMiss(f"{len(missing)} of {len(keys)} completions are not cached")
         if missing:
-            fresh = self.backend.generate(list(missing.values()))
+            fresh = call(list(missing.values()))
             self.calls += len(fresh)
             new = list(zip(missing.keys(), fresh))
             # A failed call is not a result: it is returned (the row records why) but never cached,

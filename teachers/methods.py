@@ -32,6 +32,12 @@ def _messages(question: str, cfg, task: Task) -> list[dict]:
     return m + [{"role": "user", "content": render(cfg.prompt_template, question=question)}]
 
 
+def scoring_prompt(teacher, question: str, cfg, task: Task) -> str:
+    """The teacher's own prompt for ``question`` (system prompt, demonstrations, template), with no
+    assistant prefix: on-policy distillation scores a student's whole answer after it."""
+    return teacher.chat_prompt(_messages(question, cfg, task))
+
+
 def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding: Decoding) -> list[list[dict]]:
     """``samples`` reasoning paths per prompt (stage 1), answers read or asked for (stage 2)."""
     reqs = [GenerationRequest(p, decoding, sample=s) for p in prompts for s in range(samples)]

@@ -8,6 +8,11 @@ variable, never the command line), which clients send as their API key
 
 Chat requests whose last message is from the assistant with ``continue_final_message: true``
 continue that message (the prefix of a zero-shot CoT turn), as vLLM does.
+
+Completions with ``echo: true`` and ``logprobs: k`` score the prompt instead of continuing it (the
+OpenAI/vLLM contract lm-eval and on-policy distillation use): ``tokens``, ``token_logprobs``,
+``top_logprobs`` (``null`` for the first token) and ``text_offset`` of every prompt token;
+``return_tokens_as_token_ids: true`` names tokens ``token_id:<id>``, as vLLM does.
 """
 
 from __future__ import annotations
@@ -155,6 +160,8 @@ class Server:
             return self._error(400, f"bad request: {e}")
         if int(body.get("n", 1)) != 1:
             return self._error(400, "n must be 1 (send one request per sample, with its own seed)")
+        if not chat and body.get("echo"):
+            return await self._echo(prompt, body)
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(_Pending(GenerationRequest(prompt, decoding, sample=seed), future))
         try:
@@ -181,6 +188,51 @@ class Server:
                     "completion_tokens": c.tokens_out,
                     "total_tokens": c.tokens_in + c.tokens_out,
                 },
+            }
+        )
+
+    async def _echo(self, prompt: str, body: dict):
+        """Score ``prompt``: the top-k log-probabilities of every token given the ones before it."""
+        from aiohttp import web
+
+        try:
+            k = int(body.get("logprobs") or 0)
+        except (TypeError, ValueError):
+            k = -1
+        if not 1 <= k <= 20 or int(body.get("max_tokens") or 0) > 1:
+            return self._error(400, "echo scores the prompt: set logprobs to 1..20 and max_tokens to 0 or 1")
+        tok = self.backend.tokenizer
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc.input_ids, [a for a, _ in enc.offset_mapping]
+        if len(ids) > self.backend.context:
+            return self._error(400, f"the prompt has {len(ids)} tokens, over the context of {self.backend.context}")
+        loop = asyncio.get_running_loop()
+        ((top_ids, top_lps),) = await loop.run_in_executor(None, self.backend.score_tokens, [([], ids)], k)
+        as_ids = bool(body.get("return_tokens_as_token_ids"))
+
+        def name(i: int) -> str:
+            return f"token_id:{i}" if as_ids else tok.decode([i])
+
+        tops = [None] + [{name(i): v for i, v in zip(row_i, row_v)} for row_i, row_v in zip(top_ids[1:], top_lps[1:])]
+        chosen = [None] + [
+            next((v for i, v in zip(row_i, row_v) if i == t), None)
+            for t, row_i, row_v in zip(ids[1:], top_ids[1:], top_lps[1:])
+        ]
+        self.served += 1
+        logprobs = {
+            "tokens": [name(i) for i in ids],
+            "token_logprobs": chosen,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+        return web.json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "choices": [{"index": 0, "text": prompt, "finish_reason": "length", "logprobs": logprobs}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)},
             }
         )
 

@@ -76,6 +76,63 @@ def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
     )
 
 
+def _on_policy(recipe, tokenizer, cfg, task: Task, steps: int):
+    """The scorer of on-policy steps: the (cached) teacher, its prompt, the loss the tokenizers allow."""
+    from distill.core.sources import resolve_model
+    from distill.students.data import prompt_template
+    from distill.students.kd import tokenizer_mismatch
+    from distill.students.on_policy import OnPolicy
+    from distill.teachers.budget import cost_of
+    from distill.teachers.cache import CachedTeacher, CompletionCache
+    from distill.teachers.methods import scoring_prompt
+    from distill.teachers.workers import make_backend
+
+    op = cfg.on_policy
+    source = op.teacher or recipe.teacher.model
+    if source.startswith("replay:"):
+        raise DistillError(
+            "student.on_policy needs a teacher that scores text; the replay teacher recorded text only",
+            "set student.on_policy.teacher to a model source (e.g. embedded:qwen2.5-coder-0.5b-instruct)",
+        )
+    tcfg = recipe.teacher.model_copy(update={"model": source})
+    remote = source.startswith("openai:")
+    path = "" if remote else str(resolve_model(source, tcfg.trust_remote_code, "student.on_policy.teacher"))
+    teacher = CachedTeacher(make_backend(tcfg, path), CompletionCache(recipe.cache))
+    loss = op.loss
+    if loss != "uld" and not remote:
+        mismatch = tokenizer_mismatch(source, tokenizer)
+        if mismatch and loss == "jsd":
+            raise DistillError(
+                f"student.on_policy.loss=jsd needs a shared tokenizer: {mismatch}",
+                "set student.on_policy.loss=uld (or auto), or a student from the teacher's family",
+            )
+        loss = "uld" if mismatch else "jsd"
+    elif loss == "auto":
+        loss = "jsd"  # an endpoint returns token ids only when it can; examples without them are skipped
+    max_new = op.max_new_tokens or cfg.eval_max_new_tokens
+    on_steps = round(steps * op.lmbda)
+    est_tokens = on_steps * cfg.batch_size * (max_new + 256)
+    est_cost = cost_of(est_tokens, 0, recipe.teacher)
+    console.print(
+        f"train: on-policy ({loss}, λ {op.lmbda:g}, β {op.beta:g}) on ~{on_steps} of {steps} steps: "
+        f"~{on_steps * cfg.batch_size} student samples of ≤ {max_new} tokens scored by {source}"
+        + (f", ≤ ~{est_tokens:,} teacher tokens ≈ {est_cost:.2f} at the teacher's prices" if est_cost else "")
+        + " (cached scores are free)"
+    )
+    return OnPolicy(
+        scorer=teacher,
+        teacher_prompt=lambda q: scoring_prompt(teacher, q, recipe.teacher, task),
+        tokenizer=tokenizer,
+        template=prompt_template(tokenizer, cfg.format),
+        settings=op,
+        loss=loss,
+        max_new_tokens=max_new,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        cost=lambda tokens_in: cost_of(tokens_in, 0, recipe.teacher),
+    )
+
+
 def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None, teacher_source: str | None = None):
     """(the sweep, ``cfg`` with the chosen lr): kept beside the checkpoints, so a resumed run does not sweep again."""
     from distill.core.artifacts import write_json
@@ -141,6 +198,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         model, _ = build_student(
             cfg, recipe.teacher.model
         )  # the real run starts from the same fresh weights as every candidate
+    on_policy = _on_policy(recipe, tokenizer, cfg, task, total) if cfg.on_policy is not None else None
     trackers = None
     if cfg.report_to:
         from distill.students.trackers import Trackers
@@ -156,6 +214,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
             checkpoint_dir=checkpoint_dir,
             dev=dev,
             on_log=trackers.log if trackers else None,
+            on_policy=on_policy,
         )
     finally:
         if trackers:
@@ -180,6 +239,8 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     }
     if sweep is not None:
         metrics["lr_sweep"] = sweep
+    if on_policy is not None:
+        metrics["on_policy"] = {**on_policy.state, "loss": on_policy.loss}
     if cfg.from_teacher is not None:
         metrics["from_teacher"] = _size_and_speed(recipe.teacher.model, model, examples[0]["input_ids"][:32])
     if dev is not None:

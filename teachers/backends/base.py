@@ -36,6 +36,21 @@ class GenerationRequest:
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score a given ``completion`` after ``prompt``: the teacher's top-``logprobs`` next-token
+    log-probabilities at every completion token (on-policy distillation scores the student's samples)."""
+
+    prompt: str
+    completion: str
+    logprobs: int = 20
+
+    def key(self, model_id: str) -> str:
+        """Cache key: model identity, prompt, completion and k; tagged apart from generation keys."""
+        payload = json.dumps(["score", model_id, self.prompt, self.completion, self.logprobs], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
 @dataclass
 class Completion:
     """What the teacher wrote for one request."""
@@ -72,3 +87,13 @@ class TeacherBackend(Protocol):
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]: ...
 
     def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str: ...
+
+
+class ScoringBackend(TeacherBackend, Protocol):
+    """A teacher that also scores given text: ``score(requests)`` returns one ``Completion`` per
+    request whose ``text`` is the completion, ``token_ids`` its tokens in the teacher's vocabulary and
+    ``topk_ids``/``topk_logprobs`` the teacher's distribution before each of them (``topk_ids`` is None
+    where an endpoint returns log-probabilities without token ids); ``tokens_in`` counts all the
+    tokens the teacher read, ``tokens_out`` is 0."""
+
+    def score(self, requests: list[ScoreRequest]) -> list[Completion]: ...

@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from distill.core.errors import DistillError
-from distill.teachers.backends.base import Completion, GenerationRequest, render_chat
+from distill.teachers.backends.base import Completion, GenerationRequest, ScoreRequest, render_chat
 
 CHAT_MARK = "\x02chat:"
 PREFIX_MARK = "\x1e"
@@ -165,11 +165,10 @@ class OpenAIBackend:
         finish = choice.get("finish_reason") or "stop"
         return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), finish)
 
-    async def _one(self, session, limiter: RateLimiter, sem: asyncio.Semaphore, r: GenerationRequest) -> Completion:
+    async def _one(self, session, limiter, sem, path: str, body: dict, estimate: int, parse) -> Completion:
+        """POST ``body`` to ``path`` with retries; ``parse(payload)`` turns the reply into a Completion."""
         import aiohttp
 
-        path, body = self._body(r)
-        estimate = len(r.prompt) // 4 + r.decoding.max_new_tokens
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             wait = None
@@ -193,7 +192,7 @@ class OpenAIBackend:
                             return Completion("", 0, 0, "error", error=f"HTTP {resp.status}: {detail}")
                         else:
                             try:
-                                return self._parse(json.loads(raw), r.decoding.stop)
+                                return parse(json.loads(raw))
                             except (ValueError, KeyError, IndexError, TypeError) as e:
                                 last = f"unreadable response body ({type(e).__name__}: {str(e)[:80]})"
                 except AuthError:
@@ -212,7 +211,8 @@ class OpenAIBackend:
         self.stats["failed"] += 1
         return Completion("", 0, 0, "error", error=f"{last} (after {self.max_retries + 1} attempts)")
 
-    async def _generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+    async def _run(self, calls: list[tuple]) -> list[Completion]:
+        """Every ``(path, body, estimated tokens, parse)`` call, at most ``concurrency`` in flight."""
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -220,7 +220,7 @@ class OpenAIBackend:
         sem = asyncio.Semaphore(self.concurrency)
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            tasks = [asyncio.ensure_future(self._one(session, limiter, sem, r)) for r in requests]
+            tasks = [asyncio.ensure_future(self._one(session, limiter, sem, *call)) for call in calls]
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:
@@ -232,4 +232,73 @@ class OpenAIBackend:
         """Complete every request concurrently (at most ``concurrency`` in flight)."""
         if not requests:
             return []
-        return asyncio.run(self._generate(requests))
+        calls = []
+        for r in requests:
+            path, body = self._body(r)
+            estimate = len(r.prompt) // 4 + r.decoding.max_new_tokens
+            calls.append((path, body, estimate, lambda payload, stop=r.decoding.stop: self._parse(payload, stop)))
+        return asyncio.run(self._run(calls))
+
+    def score(self, requests: list[ScoreRequest]) -> list[Completion]:
+        """The teacher's top-k log-probabilities on each given completion, through ``/v1/completions``
+        with ``echo`` (prompt + completion sent as one text, ``max_tokens: 1``, as lm-eval scores text
+        on vLLM). A chat prompt is sent as plain text there: a completions endpoint applies no chat
+        template. Token ids come back where the server honours vLLM's ``return_tokens_as_token_ids``
+        (``distill serve`` does); elsewhere ``topk_ids`` is None and only the ULD loss can use them."""
+        if not requests:
+            return []
+        calls = []
+        for r in requests:
+            chat = decode_chat(r.prompt)
+            prompt = render_chat(None, *chat) if chat is not None else r.prompt
+            body = {
+                "model": self.model,
+                "prompt": prompt + r.completion,
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": r.logprobs,
+                "return_tokens_as_token_ids": True,
+            }
+            span = (len(prompt), len(prompt) + len(r.completion))
+            estimate = (len(prompt) + len(r.completion)) // 4 + 1
+            calls.append(
+                ("/completions", body, estimate, lambda payload, r=r, span=span: parse_scores(payload, r, span))
+            )
+        return asyncio.run(self._run(calls))
+
+
+def _token_id(token: str) -> int | None:
+    """``token_id:123`` (vLLM's ``return_tokens_as_token_ids``) is 123; any other token string None."""
+    if token.startswith("token_id:") and token[9:].isdigit():
+        return int(token[9:])
+    return None
+
+
+def parse_scores(payload: dict, r: ScoreRequest, span: tuple[int, int]) -> Completion:
+    """The echoed completion's tokens and top-k from an OpenAI completions ``logprobs`` object: the
+    tokens whose ``text_offset`` falls in ``span`` (the completion's characters), top-k by value."""
+    lp = payload["choices"][0].get("logprobs")
+    if not isinstance(lp, dict) or "text_offset" not in lp or "top_logprobs" not in lp:
+        raise ValueError("no echoed log-probabilities in the reply (the endpoint needs echo + logprobs)")
+    ids, top_ids, top_lps = [], [], []
+    for offset, token, top in zip(lp["text_offset"], lp["tokens"], lp["top_logprobs"]):
+        if not span[0] <= offset < span[1]:
+            continue
+        if not isinstance(top, dict) or not top:
+            raise ValueError("a completion token came back without top log-probabilities")
+        best = sorted(top.items(), key=lambda kv: -float(kv[1]))[: r.logprobs]
+        ids.append(_token_id(str(token)))
+        top_ids.append([_token_id(str(t)) for t, _ in best])
+        top_lps.append([float(v) for _, v in best])
+    known = all(i is not None for i in ids) and all(i is not None for row in top_ids for i in row)
+    usage = payload.get("usage") or {}
+    return Completion(
+        r.completion,
+        int(usage.get("prompt_tokens", 0)),
+        0,
+        "stop",
+        token_ids=ids if known else None,
+        topk_ids=top_ids if known else None,
+        topk_logprobs=top_lps,
+    )

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from distill.teachers.backends.base import Completion, Decoding, GenerationRequest, render_chat
+from distill.teachers.backends.base import Completion, Decoding, GenerationRequest, ScoreRequest, render_chat
 
 log = logging.getLogger("distill.teacher")
 
@@ -241,6 +241,63 @@ class TransformersBackend:
                     results[k].topk_ids = topk[row][0][:n]
                     results[k].topk_logprobs = topk[row][1][:n]
         return results  # type: ignore[return-value]
+
+    def score(self, requests: list[ScoreRequest]) -> list[Completion]:
+        """The teacher's top-k log-probabilities before every completion token of each request.
+
+        Prompt and completion are tokenized apart, so the completion's tokens are exactly the ones a
+        student with this tokenizer trains on."""
+        results: list[Completion | None] = [None] * len(requests)
+        pairs = {}
+        for i, r in enumerate(requests):
+            p = self.tokenizer(r.prompt, add_special_tokens=False).input_ids
+            c = self.tokenizer(r.completion, add_special_tokens=False).input_ids
+            if len(p) + len(c) > self.context:
+                error = (
+                    f"prompt and completion have {len(p) + len(c)} tokens, over the teacher's context of {self.context}"
+                )
+                results[i] = Completion(r.completion, len(p) + len(c), 0, "error", error=error)
+            else:
+                pairs[i] = (p, c)
+        by_k: dict[int, list[int]] = {}
+        for i in pairs:
+            by_k.setdefault(requests[i].logprobs, []).append(i)
+        for k, idx in by_k.items():
+            for i, (ids, lps) in zip(idx, self.score_tokens([pairs[i] for i in idx], k)):
+                p, c = pairs[i]
+                results[i] = Completion(
+                    requests[i].completion, len(p) + len(c), 0, "stop", token_ids=c, topk_ids=ids, topk_logprobs=lps
+                )
+        return results  # type: ignore[return-value]
+
+    def score_tokens(self, pairs: list[tuple[list[int], list[int]]], k: int) -> list[tuple[list, list]]:
+        """Per ``(prompt ids, completion ids)``: the top-``k`` (ids, log-probabilities) before each
+        completion token. Run together, right-padded, sorted by length; position ``len(prompt) - 1 + j``
+        predicts completion token ``j`` (an empty prompt leaves the first token unscored: ``[]`` there)."""
+        import torch
+
+        out: list[tuple[list, list] | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(1, max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx))
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq = pairs[i][0] + pairs[i][1]
+                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[row, : len(seq)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(idx):
+                p, c = pairs[i]
+                first = max(len(p) - 1, 0)
+                at = logits[row, first : len(p) - 1 + len(c)].float()
+                values, top = torch.log_softmax(at, -1).topk(min(k, at.shape[-1]), -1)
+                lead = ([[]], [[]]) if not p and c else ([], [])
+                out[i] = (lead[0] + top.tolist(), lead[1] + values.tolist())
+        return out  # type: ignore[return-value]
 
 
 def _sample(scores, temperature: float, top_p: float, generators):

@@ -244,3 +244,36 @@ def test_failed_rows_recorded_then_resumed_job_and_no_key_anywhere(server, proxy
     # The key is in no log, job store, cache, Parquet file, metadata or report.
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_endpoint_scores_equal_local_scores(server, secret, tiny_teacher, monkeypatch):
+    """On-policy scoring over HTTP: `distill serve`'s echo + logprobs, read by the OpenAI backend, gives
+    the local backend's tokens and top-k (ids through vLLM's `return_tokens_as_token_ids`)."""
+    from distill.teachers.backends.base import ScoreRequest
+    from distill.teachers.backends.openai import OpenAIBackend
+    from distill.teachers.backends.transformers import TransformersBackend
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", secret)
+    local = TransformersBackend(tiny_teacher)
+    prompt = local.chat_prompt([{"role": "user", "content": "What is 3 + 4?"}])
+    requests = [ScoreRequest(prompt, "Let's think step by step. 3 + 4 = 7. So the answer is 7.", 5)]
+    requests.append(ScoreRequest(prompt, " the answer is 9", 3))
+    remote = OpenAIBackend("tiny", server + "/v1", api="completions", api_key_env="DISTILL_TEST_KEY").score(requests)
+    for r, want, got in zip(requests, local.score(requests), remote):
+        assert got.error is None and want.error is None
+        assert got.token_ids == want.token_ids and len(got.token_ids) > 3
+        assert got.topk_ids == want.topk_ids and all(len(row) == r.logprobs for row in got.topk_ids)
+        for a, b in zip(got.topk_logprobs, want.topk_logprobs):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+        assert got.tokens_in == want.tokens_in == len(local.tokenizer(prompt + r.completion).input_ids)
+
+    # echo asks for scoring only: a request that also wants new tokens is refused, clearly
+    req = urllib.request.Request(
+        server + "/v1/completions",
+        data=json.dumps({"prompt": "1 + 1", "echo": True, "logprobs": 2, "max_tokens": 8}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {secret}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
+    assert "echo scores the prompt" in json.loads(e.value.read())["error"]["message"]
