@@ -21,7 +21,7 @@ from distill.core.errors import DistillError
 from distill.core.progress import console
 from distill.pipeline import is_done, run_stage, stage_dir, stage_hash
 
-FORMATS = ("label", "rationale", "multitask", "kd")
+FORMATS = ("label", "rationale", "multitask", "kd", "on_policy")
 LABELS = {
     "teacher": "teacher",
     "student_base": "base student (no training)",
@@ -29,6 +29,7 @@ LABELS = {
     "rationale": "rationale (Fine-tune-CoT)",
     "multitask": "multitask (step-by-step)",
     "kd": "logit KD",
+    "on_policy": "on-policy (GKD)",
 }
 
 
@@ -39,7 +40,11 @@ def variant(recipe: Recipe, fmt: str) -> Recipe:
     so it takes as many optimizer steps over the same questions and epochs as the others.
     """
     data = recipe.dump()
-    student = {**data["student"], "format": fmt}
+    if fmt == "on_policy":  # the rationale student, with its own samples scored by the teacher on λ of the steps
+        on_policy = data["student"].get("on_policy") or {}
+        student = {**data["student"], "format": "rationale", "on_policy": on_policy}
+        return Recipe.model_validate({**data, "student": student})
+    student = {**data["student"], "format": fmt, "on_policy": None}
     if fmt == "multitask":
         student["batch_size"] = 2 * recipe.student.batch_size
         student["micro_batch_size"] = 2 * recipe.student.micro_batch_size
@@ -67,6 +72,17 @@ def kd_unavailable(recipe: Recipe, gen_dir: Path) -> str | None:
         return None  # a config student's tokenizer sits beside its config; the train stage checks it
     student = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer or cfg.model))
     return tokenizer_mismatch(recipe.teacher.model, student)
+
+
+def on_policy_unavailable(recipe: Recipe) -> str | None:
+    """Why an on-policy student cannot be trained (None when it can): it needs a teacher that scores text."""
+    scorer = (recipe.student.on_policy.teacher if recipe.student.on_policy else None) or recipe.teacher.model
+    if scorer.startswith("replay:"):
+        return (
+            "the replay teacher cannot score the student's samples (set student.on_policy.teacher to a model, "
+            "e.g. embedded:qwen2.5-coder-0.5b-instruct)"
+        )
+    return None
 
 
 def _unit(base: Path, name: str, digest: str, force: bool, fn) -> Path:
@@ -170,8 +186,9 @@ def ablate(
     )
     for fmt in formats:
         skip = kd_unavailable(recipe, gen_dir) if fmt == "kd" else None
+        skip = on_policy_unavailable(recipe) if fmt == "on_policy" else skip
         if skip:
-            console.print(f"ablate: logit KD skipped: {skip}")
+            console.print(f"ablate: {LABELS[fmt]} skipped: {skip}")
             results.append({"model": fmt, "label": LABELS[fmt], "skipped": skip})
             continue
         console.print(f"[bold]ablate[/] {LABELS[fmt]} student")

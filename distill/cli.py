@@ -144,12 +144,12 @@ def ablate(
     recipe: RecipeArg,
     overrides: Overrides = None,
     formats: Annotated[
-        str, typer.Option(help="comma-separated student formats: label, rationale, multitask, kd")
-    ] = "label,rationale,multitask,kd",
+        str, typer.Option(help="comma-separated student formats: label, rationale, multitask, kd, on_policy")
+    ] = "label,rationale,multitask,kd,on_policy",
     force: Force = False,
     resume: Resume = True,
 ) -> None:
-    """Train label-only, rationale, multitask and logit-KD students on the same data and budget; one table."""
+    """Train label-only, rationale, multitask, logit-KD and on-policy students on the same data; one table."""
 
     def go():
         set_env_defaults()

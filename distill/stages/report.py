@@ -84,6 +84,15 @@ def training_lines(train: dict, dev: list[dict]) -> list[str]:
             f"{ft['student_tokens_per_second']:.1f} vs {ft['teacher_tokens_per_second']:.1f} tokens/s "
             f"({ft['speedup']:.1f}× the teacher's speed).",
         ]
+    if train.get("on_policy"):
+        op = train["on_policy"]
+        lines += [
+            "",
+            f"On-policy distillation ({op['loss']}): {op['steps']} of {train.get('steps')} steps trained on the "
+            f"student's own samples ({op['samples']} sampled, {op['sampled_tokens']:,} tokens); {op['scored']} scored "
+            f"by the teacher, {op['cached']} of them from the cache; the teacher read {op['teacher_tokens']:,} new "
+            f"tokens" + (f" (estimated cost {op['cost']:.2f})." if op.get("cost") else "."),
+        ]
     if train.get("lr_sweep"):
         tried = ", ".join(f"{r['lr']:g} → {r['dev_loss']:.3f}" for r in train["lr_sweep"])
         steps = train["lr_sweep"][0]["steps"]

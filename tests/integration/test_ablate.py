@@ -55,9 +55,10 @@ def test_ablate_writes_one_table_and_reuses_finished_students(recipe_file):
     out = f"{root}/abl/ablate"
     table = json.loads(open(f"{out}/ablation.json").read())
     rows = {r["model"]: r for r in table["rows"]}
-    assert list(rows) == ["teacher", "student_base", "label", "rationale", "multitask", "kd"]
+    assert list(rows) == ["teacher", "student_base", "label", "rationale", "multitask", "kd", "on_policy"]
     assert rows["teacher"]["correct"] == 2 and rows["teacher"]["n"] == 4  # eval = last 4; 2 recorded wrong
     assert "replay teacher" in rows["kd"]["skipped"]
+    assert rows["on_policy"]["skipped"].startswith("the replay teacher cannot score the student's samples")
     # The replay teacher generated nothing: every row is a recording, no token paid for.
     gen = json.loads(open(f"{root}/abl/generate/metrics.json").read())
     assert gen["tokens_in"] == gen["tokens_out"] == gen["estimated_cost"] == 0
@@ -73,6 +74,7 @@ def test_ablate_writes_one_table_and_reuses_finished_students(recipe_file):
         assert len(per) == 4 and sum(x["correct"] for x in per) == rows[m]["correct"]
     md = open(f"{out}/ablation.md").read()
     assert "| label-only |" in md and "skipped: the replay teacher" in md and "distill ablate" in md
+    assert "| label-only | " in md and "| 6 | — | 2 epochs done |" in md  # steps, no dev split, why it stopped
     import os
 
     assert os.path.getsize(f"{out}/ablation.png") > 1000
@@ -86,7 +88,7 @@ def test_unknown_format_is_one_line_error(recipe_file):
     res = CliRunner().invoke(app, ["ablate", str(recipe_file), "--formats", "label,cot"])
     assert res.exit_code == 2
     assert res.output.splitlines() == [
-        "error: unknown ablation format(s) ['cot'] — choose from label, rationale, multitask, kd"
+        "error: unknown ablation format(s) ['cot'] — choose from label, rationale, multitask, kd, on_policy"
     ]
 
 

@@ -46,7 +46,7 @@ def kd_recipe(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
 def test_ablate_trains_a_kd_student_on_stored_top_k(kd_recipe):
     import pyarrow.parquet as pq
 
-    res = CliRunner().invoke(app, ["ablate", str(kd_recipe), "--formats", "rationale,kd"])
+    res = CliRunner().invoke(app, ["ablate", str(kd_recipe), "--formats", "rationale,kd,on_policy"])
     assert res.exit_code == 0, res.output
     run = f"{yaml.safe_load(kd_recipe.read_text())['output_dir']}/kd"
     rows = pq.read_table(f"{run}/generate/dataset/train.parquet").to_pylist()
@@ -65,6 +65,14 @@ def test_ablate_trains_a_kd_student_on_stored_top_k(kd_recipe):
     assert losses[-1]["loss"] < losses[0]["loss"]
     cfg = json.loads(open(f"{run}/ablate/train-kd/distill_config.json").read())
     assert cfg["stage_config"]["format"] == "kd"
+    # The on-policy row: the rationale student with its own samples scored by the model teacher
+    op = next(r for r in table["rows"] if r["model"] == "on_policy")
+    assert "skipped" not in op and op["n"] == 6 and op["train_steps"] == kd["train_steps"]
+    cfg = json.loads(open(f"{run}/ablate/train-on_policy/distill_config.json").read())["stage_config"]
+    assert cfg["format"] == "rationale" and cfg["on_policy"]["lmbda"] == 0.5
+    state = json.loads(open(f"{run}/ablate/train-on_policy/metrics.json").read())["on_policy"]
+    assert state["loss"] == "jsd" and 0 < state["steps"] < op["train_steps"] and state["scored"] > 0
+    assert "| on-policy (GKD) |" in open(f"{run}/ablate/ablation.md").read()
 
 
 def test_kd_with_a_different_tokenizer_is_one_clear_error(kd_recipe, tiny_teacher, tiny_student, tmp_path):

@@ -88,6 +88,15 @@ def test_on_policy_lowers_the_divergence_on_the_students_own_samples(
     assert state["samples"] == state["scored"] == 48 and state["cached"] == 0 and state["teacher_tokens"] > 0
     log = json.loads(res.paths["loss"].read_text())
     assert all(e["on_policy"] and e["kd"] == e["loss"] for e in log)
+    from distill.stages.report import training_lines
+
+    line = next(x for x in training_lines(res.metrics, []) if x.startswith("On-policy"))
+    assert line.startswith(
+        "On-policy distillation (jsd): 12 of 12 steps trained on the student's own samples (48 sampled"
+    )
+    assert (
+        f"48 scored by the teacher, 0 of them from the cache; the teacher read {state['teacher_tokens']:,} new" in line
+    )
     untrained = _divergence(tiny_student, on, questions)
     trained = _divergence(res.paths["model"], on, questions)
     sft_only = _divergence(sft.paths["model"], on, questions)
