@@ -429,8 +429,33 @@ class ExportConfig(Strict):
         "node per layer/norm, as onnxruntime-genai's builder emits (llama/qwen2/qwen3/mistral; batches right-padded); "
         "generic: attention as the exporter spells it out; auto: fused where the architecture allows",
     )
-    gate: bool = Field(True, description="score every variant on the eval split and keep the smallest within tolerance")
+    gate: bool = Field(
+        True,
+        description="score every variant on the gate split and keep the smallest shown within tolerance of fp32 "
+        "(paired exact 95% interval of the accuracy gap)",
+    )
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a variant may lose vs fp32 (0.01 = 1 point)")
+    gate_size: int | Literal["auto"] = Field(
+        0,
+        description="problems in the gate split, drawn from the task disjoint from training and evaluation; "
+        "auto = enough to show an unchanged variant within the tolerance (381 for 1 point); 0 = the eval split",
+    )
+    gate_rule: Literal["accuracy", "interval"] = Field(
+        "accuracy",
+        description="keep a variant when its accuracy is within tolerance of fp32's (accuracy), or when the "
+        "paired 95% interval of the gap shows it (interval: non-inferiority, early rejection of clear losses)",
+    )
+
+    @field_validator("gate_size")
+    @classmethod
+    def _gate_size(cls, v):
+        if v != "auto" and (not isinstance(v, int) or v < 0):
+            raise ValueError("export.gate_size must be a number of problems (0 = the eval split) or auto")
+        return v
+
+    gate_workers: int = Field(
+        0, ge=0, description="variants scored at once, one process and thread each (0 = one per core)"
+    )
     smooth_alpha: float = Field(
         0.0, ge=0, le=1, description="SmoothQuant migration strength folded into weights before export (0 = off)"
     )
@@ -564,6 +589,7 @@ NON_SEMANTIC = frozenset(
         "teacher.shard_rows",
         "student.on_policy.max_cost",  # budgets: raising one continues the same run
         "student.on_policy.max_tokens",
+        "export.gate_workers",
         "teacher.price_per_1k_input",
         "teacher.price_per_1k_output",
         "teacher.max_tokens",
@@ -598,6 +624,8 @@ OPTIONAL_DEFAULTS = {
     "student.packing": False,
     "student.validation": None,
     "student.on_policy": None,
+    "export.gate_size": 0,
+    "export.gate_rule": "accuracy",
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",

@@ -1,8 +1,18 @@
-"""The quality gate: score every exported variant on the task's evaluation split through the
-torch-free runtime, then pick the smallest one within a tolerance of the fp32 model's accuracy."""
+"""The quality gate: score every exported variant on a gate split (``export.gate_size`` problems
+disjoint from training and evaluation, or the evaluation split) through the torch-free runtime, then
+keep the smallest variant whose accuracy is shown to be within a tolerance of the fp32 model's.
+
+"Shown" is a paired test: both models answer the same problems, so the gap ``(gained - lost) / n``
+depends on the discordant pairs (problems one solves and the other does not). It gets Tango's score
+95% interval for a difference of paired proportions, and a variant is kept when the interval's lower
+end is at or above ``-tolerance`` (non-inferiority). A variant whose 99% interval on the problems
+scored so far lies entirely below ``-tolerance`` is rejected early, without scoring the rest.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +34,14 @@ class VariantResult:
     tokens_per_second: float | None = None
     top1_agreement: float | None = None
     greedy_identical: str | None = None
-    lost: int | None = None  # eval problems fp32 solves and this variant does not
+    lost: int | None = None  # gate problems fp32 solves and this variant does not
     gained: int | None = None  # and the reverse; lost - gained is the accuracy gap in problems
     error: str | None = None
     chosen: bool = False
+    gap_low: float | None = None  # 95% interval of (variant - fp32) accuracy, paired
+    gap_high: float | None = None
+    rejected_after: int | None = None  # scoring stopped early after this many problems
+    decision: str | None = None  # the gate's sentence for this variant
 
     def row(self) -> dict:
         return asdict(self)
@@ -43,17 +57,123 @@ def paired_changes(reference: list[bool], variant: list[bool]) -> tuple[int, int
     return lost, gained
 
 
+def _restricted_loss_rate(lost: int, gained: int, n: int, gap: float) -> float:
+    """The maximum-likelihood loss rate ``q`` of the paired table under the constraint that the gain
+    rate is ``q + gap`` (the root of ``2n q² + B q + C = 0``, from the multinomial likelihood)."""
+    m = n - lost - gained
+    b = -((lost + gained) * (1 - gap) - 2 * gap * (lost + m))
+    c = -lost * gap * (1 - gap)
+    return (-b + math.sqrt(max(b * b - 8 * n * c, 0.0))) / (4 * n)
+
+
+def paired_gap(lost: int, gained: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """(gap, low, high): the accuracy difference variant − reference over ``n`` paired problems and
+    Tango's score interval for it (Tango 1998; recommended for paired proportions by Newcombe 1998):
+    every gap Δ whose score statistic ``(ĝap − Δ) / sqrt((2q + Δ − Δ²) / n)`` is within ``z``, with
+    ``q`` the loss rate's restricted maximum-likelihood estimate. Unlike an interval conditional on the
+    discordant count, it accounts for how often answers change at all (no change in 200 problems
+    still leaves about ±1.9 points)."""
+    if n == 0:
+        return 0.0, -1.0, 1.0
+    z = _z(level)
+    gap = (gained - lost) / n
+
+    def score(delta: float) -> float:
+        q = _restricted_loss_rate(lost, gained, n, delta)
+        var = (2 * q + delta - delta * delta) / n
+        return (
+            (gap - delta) / math.sqrt(var)
+            if var > 0
+            else (math.inf if gap > delta else -math.inf if gap < delta else 0.0)
+        )
+
+    def bound(lo: float, hi: float, inside_low: bool) -> float:  # the Δ where |score| crosses z
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if (abs(score(mid)) <= z) == inside_low:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = -1.0 if abs(score(-1.0 + 1e-12)) <= z else bound(gap, -1.0, True)
+    high = 1.0 if abs(score(1.0 - 1e-12)) <= z else bound(gap, 1.0, True)
+    return gap, low, high
+
+
+def _z(level: float) -> float:
+    """The standard normal quantile for a two-sided ``level`` (inverse error function by bisection)."""
+    lo, hi = 0.0, 10.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erf(mid / math.sqrt(2)) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def points(x: float) -> str:
+    """``+1.5`` / ``−2.0`` (a true minus sign, as the lost/gained cells use)."""
+    return f"{x:+.1f}".replace("-", "−")
+
+
+def gate_size_for(tolerance: float, level: float = 0.95) -> int:
+    """Problems a gate needs before a variant that changes no answer can be shown within ``tolerance``:
+    Tango's interval for 0 discordant pairs in ``n`` is ±z²/(n + z²)."""
+    z2 = _z(level) ** 2
+    return math.ceil(z2 * (1 - tolerance) / tolerance) if tolerance > 0 else 0
+
+
+def passes(r: VariantResult, base: VariantResult, tolerance: float, rule: str) -> bool:
+    """``interval``: the gap's 95% lower end is at or above ``-tolerance``; ``accuracy`` (the raw rule):
+    the variant's accuracy is at least fp32's minus ``tolerance``."""
+    if rule == "interval":
+        return r.rejected_after is None and r.gap_low is not None and r.gap_low >= -tolerance - 1e-12
+    return r.accuracy >= base.accuracy - tolerance
+
+
+def verdict(r: VariantResult, tolerance: float, rule: str = "interval", kept: bool | None = None) -> str:
+    """The gate's sentence for one scored variant: its gap, interval and tolerance, in points."""
+    if r.preset == "fp32":
+        return "fp32: the reference"
+    gap = (r.gained - r.lost) / r.n * 100
+    interval = (
+        f"{points(gap)} points, 95% CI {points(r.gap_low * 100)} … {points(r.gap_high * 100)}, "
+        f"tolerance {tolerance * 100:.1f}"
+    )
+    if r.rejected_after is not None:
+        return f"{r.preset} rejected after {r.rejected_after} problems: {interval} (clearly below at 99%)"
+    if rule == "interval":
+        if r.gap_low >= -tolerance - 1e-12:
+            return f"{r.preset} within tolerance: {interval}"
+        return f"{r.preset} not shown within tolerance: {interval}"
+    within = "within" if kept else "outside"
+    if r.gap_low >= -tolerance - 1e-12 or r.gap_high < -tolerance:
+        return f"{r.preset} {within} tolerance by raw accuracy: {interval}"
+    return (
+        f"{r.preset} {within} tolerance by raw accuracy: {interval} — the interval is wider than the "
+        f"tolerance on {r.n} problems; export.gate_rule: interval with export.gate_size: auto decides it"
+    )
+
+
 def changes_cell(preset: str, lost: int | None, gained: int | None) -> str:
     """``−lost / +gained`` for a table cell; "—" where there is nothing to compare."""
     return "—" if lost is None or preset == "fp32" else f"−{lost} / +{gained}"
 
 
-def choose(results: list[VariantResult], tolerance: float) -> VariantResult:
-    """Smallest working variant whose accuracy is within ``tolerance`` of fp32's (fp32 always passes)."""
+def choose(results: list[VariantResult], tolerance: float, rule: str = "accuracy") -> VariantResult:
+    """Smallest working variant within ``tolerance`` of fp32 by ``rule`` (``passes``; fp32 always
+    passes). Fills every scored row's ``decision`` with the sentence that says why."""
     base = next(r for r in results if r.preset == "fp32")
-    ok = [r for r in results if r.error is None and r.accuracy is not None and r.accuracy >= base.accuracy - tolerance]
+    ok = [base]
+    for r in results:
+        if r.error is not None or r.accuracy is None or r.preset == "fp32":
+            continue
+        kept = passes(r, base, tolerance, rule)
+        if kept:
+            ok.append(r)
+        if r.gap_low is not None:
+            r.decision = verdict(r, tolerance, rule, kept)
     ok.sort(key=lambda r: (r.bytes, SIZE_ORDER.index(r.preset) if r.preset in SIZE_ORDER else 99))
-    return ok[0] if ok else base
+    return ok[0]
 
 
 def score_variants(
@@ -63,29 +183,82 @@ def score_variants(
     task,
     max_new_tokens: int,
     batch_size: int,
+    tolerance: float | None = None,
+    workers: int = 1,
+    early_reject: bool = False,
 ) -> dict[str, list[dict]]:
     """Score every working variant in ``folder`` on ``problems`` and fill its row of ``results``
-    (accuracy, tokens/s, problems lost / gained against fp32, which must be among them); returns the
-    per-example rows by preset."""
+    (accuracy, tokens/s, problems lost / gained against fp32 with the paired interval); returns the
+    per-example rows by preset. fp32 (which must be among them) is scored first; the others then run
+    in ``workers`` processes at once (one thread each; 0 = one per core), each stopping early once it
+    is clearly below ``tolerance`` when ``early_reject``."""
     outcomes: dict[str, list[dict]] = {}
-    for r in results:
-        if r.error:
-            continue
-        summary, rows = score_variant(folder, r.file, problems, task, max_new_tokens, batch_size, r.preset)
-        r.accuracy, r.correct, r.n = summary["accuracy"], summary["correct"], summary["n"]
-        r.tokens_per_second = summary["tokens_per_second"]
-        outcomes[r.preset] = rows
+    base = next(r for r in results if r.preset == "fp32")
+    summary, outcomes["fp32"] = score_variant(folder, base.file, problems, task, max_new_tokens, batch_size, "fp32")
+    _fill(base, summary)
     reference = [bool(x["correct"]) for x in outcomes["fp32"]]
-    for r in results:
-        if r.preset in outcomes:
-            r.lost, r.gained = paired_changes(reference, [bool(x["correct"]) for x in outcomes[r.preset]])
+    todo = [r for r in results if r.error is None and r.preset != "fp32"]
+    workers = min(len(todo), workers or os.cpu_count() or 1)
+    stop_at = tolerance if early_reject else None
+    args = [(folder, r.file, problems, task, max_new_tokens, batch_size, r.preset, reference, stop_at) for r in todo]
+    if workers <= 1:
+        done = [score_variant(*a) for a in args]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from distill.core.progress import console
+
+        console.print(f"gate: scoring {', '.join(r.preset for r in todo)} in {workers} processes")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_score_in_worker, args))
+    for r, (summary, rows) in zip(todo, done):
+        _fill(r, summary)
+        outcomes[r.preset] = rows
+        r.lost, r.gained = paired_changes(reference[: len(rows)], [bool(x["correct"]) for x in rows])
+        gap = paired_gap(r.lost, r.gained, len(rows))
+        r.gap_low, r.gap_high = gap[1], gap[2]
+    base.lost = base.gained = 0
+    base.gap_low = base.gap_high = 0.0
     return outcomes
 
 
+def _fill(r: VariantResult, summary: dict) -> None:
+    r.accuracy, r.correct, r.n = summary["accuracy"], summary["correct"], summary["n"]
+    r.tokens_per_second = summary["tokens_per_second"]
+    r.rejected_after = summary.get("rejected_after")
+
+
+def _score_in_worker(args: tuple):
+    """``score_variant`` in a spawned process: one thread, no progress bar (the parent reports)."""
+    from distill.core.env import set_env_defaults
+
+    set_env_defaults()
+    return score_variant(*args, show_progress=False)
+
+
+EARLY_LOOK = 40  # problems scored before a variant may be rejected early
+
+
 def score_variant(
-    bundle: Path, file: str, problems: list[dict], task, max_new_tokens: int, batch_size: int, label: str
+    bundle: Path,
+    file: str,
+    problems: list[dict],
+    task,
+    max_new_tokens: int,
+    batch_size: int,
+    label: str,
+    reference: list[bool] | None = None,
+    tolerance: float | None = None,
+    show_progress: bool = True,
 ):
-    """(summary with accuracy and 1-thread tokens/s, per-example rows) for one ONNX file."""
+    """(summary with accuracy and 1-thread tokens/s, per-example rows) for one ONNX file.
+
+    With ``reference`` (fp32's outcome per problem) and ``tolerance``: after each batch, from
+    ``EARLY_LOOK`` problems on, scoring stops when the paired 99% interval on the problems so far lies
+    entirely below ``-tolerance`` (``summary["rejected_after"]``; the rows cover the problems scored)."""
+    import contextlib
+
     from distill.core.progress import progress_bar
     from distill.export.runtime import OnnxGenerator
     from distill.students.evaluate import score
@@ -93,14 +266,25 @@ def score_variant(
     gen = OnnxGenerator(bundle, file, threads=1)
     questions = [p["question"] for p in problems]
     outs: list[str] = []
+    rejected = None
     t0 = time.perf_counter()
-    with progress_bar(f"gate {label}", len(questions)) as advance:
+    bar = progress_bar(f"gate {label}", len(questions)) if show_progress else contextlib.nullcontext(lambda *a: None)
+    with bar as advance:
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
             outs += gen.generate(chunk, max_new_tokens, batch_size)
             advance(len(chunk))
+            if reference is None or tolerance is None or len(outs) < EARLY_LOOK or len(outs) == len(questions):
+                continue
+            _, so_far = score(outs, problems[: len(outs)], task)
+            lost, gained = paired_changes(reference[: len(outs)], [bool(x["correct"]) for x in so_far])
+            if paired_gap(lost, gained, len(outs), level=0.99)[2] < -tolerance:
+                rejected = len(outs)
+                break
     seconds = time.perf_counter() - t0
-    summary, rows = score(outs, problems, task)
+    summary, rows = score(outs, problems[: len(outs)], task)
     summary["tokens_per_second"] = gen.tokens_generated / max(seconds, 1e-9)
     summary["seconds"] = seconds
+    if rejected is not None:
+        summary["rejected_after"] = rejected
     return summary, rows

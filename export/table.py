@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from distill.export.gate import VariantResult, changes_cell
+from distill.export.gate import VariantResult, changes_cell, points
 
 COLUMNS = (
     "variant",
@@ -16,14 +16,18 @@ COLUMNS = (
     "top-1 vs torch",
     "accuracy",
     "vs fp32 (problems)",
+    "gap, 95% CI (points)",
     "tokens/s (1 thread)",
     "kept",
 )
 # The same columns under short labels: the console is often 80 columns wide (job logs, CI).
-SHORT_COLUMNS = ("variant", "size", "/ fp32", "top-1", "accuracy", "vs fp32", "tok/s", "kept")
+# The console drops the size ratio and shows only the gap's interval (the markdown has both).
+SHORT_COLUMNS = ("variant", "size", "top-1", "accuracy", "vs fp32", "95% CI", "tok/s", "kept")
+_SHORT_CELLS = (0, 1, 3, 4, 5, 6, 7, 8)  # which of COLUMNS the console shows
 CAPTION = (
     "top-1 vs torch: next-token agreement with the torch student on the verify prompts; "
-    "vs fp32: eval problems lost / gained against fp32; tokens/s: greedy decoding, batch 1, 1 thread"
+    "vs fp32: gate problems lost / gained against fp32; gap: accuracy difference to fp32 with its paired "
+    "exact 95% interval; tokens/s: greedy decoding, 1 thread"
 )
 NONE = "—"
 
@@ -50,9 +54,24 @@ def _cells(r: Mapping, fp32_bytes: int | None) -> list[str]:
         f"{top1:.1%}" if top1 is not None else NONE,
         accuracy,
         changes_cell(r.get("preset", ""), r.get("lost"), r.get("gained")),
+        _gap_cell(r),
         f"{tps:.0f}" if tps else NONE,
         "✓" if r.get("chosen") else "",
     ]
+
+
+def _gap_cell(r: Mapping) -> str:
+    """``−0.5 (−2.1…+1.1)`` in points; "—" for fp32 and rows without an interval (older runs)."""
+    low, high = r.get("gap_low"), r.get("gap_high")
+    if r.get("preset") == "fp32" or low is None or high is None or not r.get("n"):
+        return NONE
+    gap = (r["gained"] - r["lost"]) / r["n"] * 100
+    return f"{points(gap)} ({points(low * 100)}…{points(high * 100)})"
+
+
+def decision_lines(variants: Iterable[VariantResult | Mapping]) -> list[str]:
+    """The gate's sentence for each variant it judged (kept, not shown within tolerance, rejected early)."""
+    return [f"- {d['decision']}" for d in map(_as_dict, variants) if d.get("decision") and d.get("preset") != "fp32"]
 
 
 def variant_table(variants: Iterable[VariantResult | Mapping]) -> tuple[list[str], list[list[str]]]:
@@ -64,13 +83,17 @@ def variant_table(variants: Iterable[VariantResult | Mapping]) -> tuple[list[str
 
 
 def variant_markdown(variants: Iterable[VariantResult | Mapping]) -> str:
-    """The variant table as a markdown table followed by its caption line."""
+    """The variant table as a markdown table followed by its caption line and the gate's decisions."""
+    variants = list(variants)
     headers, rows = variant_table(variants)
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     lines = [line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows), "", CAPTION + "."]
+    decisions = decision_lines(variants)
+    if decisions:
+        lines += ["", "Gate (a variant is kept when its interval's lower end is within the tolerance):", *decisions]
     return "\n".join(lines) + "\n"
 
 
@@ -81,6 +104,9 @@ def variant_rich_table(variants: Iterable[VariantResult | Mapping], title: str =
     from rich.text import Text
 
     _, rows = variant_table(variants)
+    for r in rows:  # the gap is lost / gained over n: the console shows only its interval
+        r[6] = r[6].split("(")[-1].rstrip(")")
+    rows = [[r[i] for i in _SHORT_CELLS] for r in rows]
     table = Table(title=title, caption=CAPTION, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for h in SHORT_COLUMNS:
         if h == "accuracy":  # holds a failed variant's error: folded onto more lines, never squeezing the rest

@@ -96,6 +96,27 @@ def load_seeds(cfg) -> list[dict]:
     return read_problem_file(cfg.name)[: -cfg.eval_size]
 
 
+def gate_problems(cfg, size: int, exclude: set[str]) -> list[dict]:
+    """Up to ``size`` problems of the task whose questions are not in ``exclude`` (the training and
+    evaluation questions): new draws for a generator task, the rows no split took for a file task
+    (none for a synthetic task, whose only gold answers are its seeds)."""
+    if cfg.source == "reasoning_gym":
+        pool = reasoning_gym_problems(cfg.name, cfg.params, size * 2 + 16, cfg.seed + 2_000_003)
+    elif cfg.source == "file":
+        pool = read_problem_file(cfg.name)
+    else:
+        return []
+    out, seen = [], set(exclude)
+    for r in pool:
+        if r["question"] in seen:
+            continue
+        seen.add(r["question"])
+        out.append({"id": f"gate-{len(out):06d}", "split": "gate", **r})
+        if len(out) == size:
+            break
+    return out
+
+
 def load_problems(cfg) -> tuple[list[dict], list[dict]]:
     """(train, eval) problems for a ``TaskConfig``; disjoint by question text. A synthetic task has
     no train problems until the teacher writes them (``teachers.synthesis``)."""

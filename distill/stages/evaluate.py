@@ -148,7 +148,14 @@ def evaluate_stage(
             exp = json.loads((export_dir / "metrics.json").read_text())
             chosen = next(v for v in exp["variants"] if v["chosen"])
             gate_rows = export_dir / "gate" / f"{chosen['preset']}.jsonl"
-            if split == "eval" and exp.get("gated") and gate_rows.exists():
+            gate_split = exp.get("gate_split", {}).get("split", "eval")
+            if (
+                split == "eval"
+                and exp.get("gated")
+                and gate_split == "eval"
+                and gate_rows.exists()
+                and not chosen.get("rejected_after")
+            ):
                 # The gate already scored this exact file on this split through the same runtime.
                 rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
                 summary = summarize(rows)

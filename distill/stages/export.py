@@ -68,6 +68,37 @@ def quant_presets(cfg) -> dict:
     }
 
 
+def _gate_split(recipe, gen_dir: Path, eval_problems: list[dict]) -> tuple[list[dict], str]:
+    """(problems, "gate" | "eval"): ``export.gate_size`` problems the student never trained or was
+    evaluated on, or the evaluation split when that is 0 or the task has no other problems."""
+    from distill.core.problems import gate_problems, load_problems
+    from distill.teachers.rows import read_rows
+
+    size = recipe.export.gate_size
+    if size == "auto":
+        from distill.export.gate import gate_size_for
+
+        size = gate_size_for(recipe.export.tolerance)
+    if not size:
+        return eval_problems, "eval"
+    seen = {r["question"] for r in read_rows(gen_dir / "dataset" / "train.parquet", ("question",))}
+    seen |= {p["question"] for p in eval_problems}
+    if recipe.task.source != "synthetic":  # every training problem, kept by the teacher or not
+        seen |= {p["question"] for p in load_problems(recipe.task)[0]}
+    gate = gate_problems(recipe.task, size, seen)
+    if not gate:
+        console.print(
+            f"[yellow]export: the task has no problems beyond its train and eval splits; gating on the "
+            f"{len(eval_problems)} eval problems[/]"
+        )
+        return eval_problems, "eval"
+    if len(gate) < size:
+        console.print(
+            f"[yellow]export: the task has {len(gate)} problems left for the gate (export.gate_size={size})[/]"
+        )
+    return gate, "gate"
+
+
 def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportResult:
     """Export ``train_dir/model``, build and gate the variants, assemble ``out/bundle``."""
     from distill.core.answers import Task
@@ -172,12 +203,22 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         )
     write_json(variants_dir / "quantization_configs.json", quant_configs)  # every preset's config, by preset
     if cfg.gate:
+        gate_set, split = _gate_split(recipe, gen_dir, problems)
+        metrics["gate_split"] = {"split": split, "problems": len(gate_set)}
         outcomes = score_variants(
-            results, variants_dir, problems, task, student.eval_max_new_tokens, student.eval_batch_size
+            results,
+            variants_dir,
+            gate_set,
+            task,
+            student.eval_max_new_tokens,
+            student.eval_batch_size,
+            cfg.tolerance,
+            cfg.gate_workers,
+            early_reject=cfg.gate_rule == "interval",
         )
         for preset, rows in outcomes.items():
             write_text(out / "gate" / f"{preset}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
-        chosen = choose(results, cfg.tolerance)
+        chosen = choose(results, cfg.tolerance, cfg.gate_rule)
     else:
         chosen = min((r for r in results if not r.error), key=lambda r: r.bytes)
     chosen.chosen = True
@@ -216,6 +257,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
             "chosen_bytes": chosen.bytes,
             "chosen_fp32_size_ratio": chosen.bytes / metrics["fp32_bytes"],
             "tolerance": cfg.tolerance,
+            "gate_rule": cfg.gate_rule,
             "gated": cfg.gate,
             "seconds": time.time() - t0,
         }

@@ -90,7 +90,7 @@ def test_score_variants_fills_accuracy_and_paired_changes(monkeypatch, tmp_path)
 
     outcomes = {"model.onnx": [True, True, False, True], "model.int8.onnx": [True, False, True, False]}
 
-    def fake_score(folder, file, problems, task, max_new_tokens, batch_size, label):
+    def fake_score(folder, file, problems, task, max_new_tokens, batch_size, label, reference=None, tolerance=None):
         rows = [{"id": p["id"], "correct": c} for p, c in zip(problems, outcomes[file])]
         correct = sum(outcomes[file])
         return {"accuracy": correct / 4, "correct": correct, "n": 4, "tokens_per_second": 100.0 + correct}, rows
@@ -108,6 +108,7 @@ def test_score_variants_fills_accuracy_and_paired_changes(monkeypatch, tmp_path)
     assert (fp32.accuracy, fp32.correct, fp32.n, fp32.lost, fp32.gained) == (0.75, 3, 4, 0, 0)
     assert (int8.accuracy, int8.correct, int8.tokens_per_second, int8.lost, int8.gained) == (0.5, 2, 102.0, 2, 1)
     assert int4.accuracy is None and int4.lost is None  # a failed variant is not scored
+    assert (fp32.gap_low, fp32.gap_high) == (0.0, 0.0) and int8.gap_low < -0.25 < int8.gap_high < 1
 
 
 def test_smoothquant_calibrates_on_prompt_and_rationale(tiny_student):
