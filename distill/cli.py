@@ -170,35 +170,96 @@ def ablate(
 @app.command()
 def infer(
     bundle: Annotated[Path, typer.Argument(help="export bundle folder (runs/<name>/export/bundle)")],
-    question: Annotated[str, typer.Argument(help="the question to answer")],
+    question: Annotated[str | None, typer.Argument(help="the question to answer (or give --input)")] = None,
+    input_file: Annotated[
+        str | None,
+        typer.Option("--input", help="file of questions, one a line (blank lines skipped); - reads stdin"),
+    ] = None,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help='print {"question": ..., "answer": ...} lines instead of answers')
+    ] = False,
     model_file: Annotated[
         str | None, typer.Option(help="ONNX file inside the bundle (default: the bundle's choice)")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="tokens to generate at most (default: the bundle's max_new_tokens)")
+    ] = None,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily; above 0 samples")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass (with --temperature)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of the sampling; the same seed gives the same answers")] = 0,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="cut a prompt past the model's context to its last tokens that fit")
+    ] = False,
 ) -> None:
-    """Answer one question with an exported bundle through onnxruntime (no torch)."""
+    """Answer questions with an exported bundle through onnxruntime (no torch).
+
+    One QUESTION prints its answer; --input prints one answer a line (line breaks inside an answer
+    become spaces; --jsonl keeps the exact text). A prompt past the model's context is refused
+    before decoding, or cut with --truncate."""
 
     def go():
         set_env_defaults()
-        from distill.export.runtime import GENERATION_FILE, BundleFormatError, OnnxGenerator, check_format
+        from distill.export.runtime import (
+            GENERATION_FILE,
+            BundleFormatError,
+            OnnxGenerator,
+            RequestError,
+            check_format,
+        )
 
+        questions, where = _infer_questions(question, input_file)
         if not (bundle / GENERATION_FILE).is_file():
             raise DistillError(
                 f"{bundle} is not an export bundle (no {GENERATION_FILE})", "pass runs/<name>/export/bundle"
             )
-        meta = json.loads((bundle / GENERATION_FILE).read_text())
         try:
+            meta = json.loads((bundle / GENERATION_FILE).read_text())
             check_format(meta, bundle)
-        except BundleFormatError as e:
+            name = model_file or meta["model_file"]
+            if not (bundle / name).is_file():
+                raise DistillError(
+                    f"{bundle / name} does not exist", "pick an .onnx file inside the bundle with --model-file"
+                )
+            gen = OnnxGenerator(bundle, name)
+            new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
+            for q, label in zip(questions, where):
+                try:
+                    gen.encode(q, new, truncate)  # every question checked before any is decoded
+                except RequestError as e:
+                    raise DistillError(f"{label}{e.problem}", e.fix) from None
+            answers = gen.generate(questions, new, 8, temperature, top_p, seed, truncate=truncate)
+        except (BundleFormatError, RequestError) as e:
             raise DistillError(e.problem, e.fix) from None
-        name = model_file or meta["model_file"]
-        if not (bundle / name).is_file():
-            raise DistillError(
-                f"{bundle / name} does not exist", "pick an .onnx file inside the bundle with --model-file"
-            )
-        print(OnnxGenerator(bundle, name).generate([question], max_new_tokens)[0])
+        for q, a in zip(questions, answers):
+            if jsonl:
+                print(json.dumps({"question": q, "answer": a}, ensure_ascii=False))
+            else:
+                print(a if input_file is None else " ".join(a.splitlines()))
 
     _guard(go)
+
+
+def _infer_questions(question: str | None, input_file: str | None) -> tuple[list[str], list[str]]:
+    """The questions ``infer`` answers and, for each, how an error names it ("" for a lone question,
+    "<file> line N: " for --input); blank lines of a file are skipped, not answered."""
+    if (question is None) == (input_file is None):
+        raise DistillError(
+            "infer takes one question or --input, not " + ("both" if question is not None else "neither"),
+            "pass a QUESTION argument, or --input FILE (one question a line, - for stdin)",
+        )
+    if input_file is None:
+        return [question], [""]
+    name = "stdin" if input_file == "-" else input_file
+    if input_file == "-":
+        text = sys.stdin.read()
+    elif not Path(input_file).is_file():
+        raise DistillError(f"--input {input_file} does not exist", "pass a text file of questions, one a line")
+    else:
+        text = Path(input_file).read_text(encoding="utf-8")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DistillError(f"{name} holds no questions", "write one question a line")
+    return [line for _, line in lines], [f"{name} line {n}: " for n, _ in lines]
 
 
 @app.command()

@@ -30,6 +30,12 @@ def model_bytes(folder: Path, name: str) -> int:
     return total + (data.stat().st_size if data.exists() else 0)
 
 
+def model_context(config) -> int:
+    """Tokens the model attends over (prompt + generated): its ``max_position_embeddings``, 2048 when
+    the config states none. Runtimes refuse (or truncate) prompts that would run past it."""
+    return int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
+
+
 def write_bundle_files(
     tokenizer,
     config,
@@ -57,7 +63,8 @@ def write_bundle_files(
         "num_layers": n_layers,
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": max_new_tokens,  # the runtime's and `distill infer`'s default
+        "context_length": model_context(config),  # prompt + new tokens must fit (format 2.1)
         "model_file": model_file,  # the variant runtimes load by default
         "padding_side": padding_side,  # "right" for fused-attention exports (export.gqa)
         "format_version": FORMAT_VERSION,
@@ -185,8 +192,7 @@ def assemble_bundle(
             save_ort_format(bundle / model_file, bundle / ort_file)
         meta["ort_model_file"] = ort_file
         write_json(bundle / GENERATION_FILE, meta)
-    context = int(getattr(config.get_text_config(decoder=True), "max_position_embeddings", 2048) or 2048)
-    write_json(bundle / "genai_config.json", genai_config(config, meta, context))
+    write_json(bundle / "genai_config.json", genai_config(config, meta, meta["context_length"]))
     if quant_config is not None:
         write_json(bundle / "quantization_config.json", quant_config)
     shutil.copy2(runtime.__file__, bundle / RUNTIME_FILE)

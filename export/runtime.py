@@ -3,9 +3,11 @@
 ``OnnxGenerator(bundle_dir)`` loads the bundle's default model (or a named variant), the tokenizer
 and ``distill_generation.json``, and runs batched KV-cache decoding: greedy or sampled
 (temperature, top-p, seeded), with stop strings; a batch is padded on the side the bundle's
-``padding_side`` names (right for fused-attention exports). Export bundles carry a copy of this file, so
-``python distill_runtime.py <bundle> "question"`` works in an environment holding only
-onnxruntime, tokenizers and numpy.
+``padding_side`` names (right for fused-attention exports). A request is checked before any decoding:
+an empty question, or a prompt whose tokens plus ``max_new_tokens`` exceed the model's context, raises
+``RequestError`` (or, with ``truncate``, the prompt keeps its last tokens that fit). Export bundles
+carry a copy of this file, so ``python distill_runtime.py <bundle> "question"`` works in an
+environment holding only onnxruntime, tokenizers and numpy.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from pathlib import Path
 import numpy as np
 
 GENERATION_FILE = "distill_generation.json"
+GENAI_FILE = "genai_config.json"
 # Layout version of the bundle (``major.minor``), written into GENERATION_FILE. A minor bump stays
 # readable by older runtimes; a runtime refuses a major it does not know. Bundles written before
 # versioning have no field and the 1.x layout. 2.0 added ``padding_side``: fused-attention models
-# (export.gqa) take right-padded batches, which a 1.x runtime would left-pad.
-FORMAT_VERSION = "2.0"
+# (export.gqa) take right-padded batches, which a 1.x runtime would left-pad. 2.1 added
+# ``context_length`` (before it, only genai_config.json stated the context).
+FORMAT_VERSION = "2.1"
 READS_MAJORS = ("1", "2")
+# max_new_tokens of bundles that do not state one
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class BundleFormatError(ValueError):
@@ -31,6 +37,38 @@ class BundleFormatError(ValueError):
     def __init__(self, problem: str, fix: str):
         self.problem, self.fix = problem, fix
         super().__init__(f"{problem} — {fix}")
+
+
+class RequestError(ValueError):
+    """A generation request the model cannot serve as asked (empty question, prompt past the context,
+    bad sampling setting); ``problem`` and ``fix`` read as one line for a person."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem} — {fix}")
+
+
+def context_length(meta: dict, bundle_dir: Path | str) -> int | None:
+    """Tokens the model attends over (prompt + generated), as the bundle states it: ``context_length``
+    of GENERATION_FILE (format 2.1+), else ``model.context_length`` of genai_config.json (older
+    bundles); None when the bundle states neither (then no length check is possible)."""
+    if meta.get("context_length"):
+        return int(meta["context_length"])
+    genai = Path(bundle_dir) / GENAI_FILE
+    if genai.is_file():
+        found = json.loads(genai.read_text()).get("model", {}).get("context_length")
+        return int(found) if found else None
+    return None
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raise ``RequestError`` for settings decoding cannot use (they would fail mid-batch, or never stop)."""
+    if max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens is {max_new_tokens}", "ask for at least 1 new token")
+    if not temperature >= 0:
+        raise RequestError(f"temperature is {temperature}", "use 0 for greedy decoding or a positive temperature")
+    if not 0 < top_p <= 1:
+        raise RequestError(f"top_p is {top_p}", "use a top_p above 0 and at most 1 (1 keeps every token)")
 
 
 def check_format(meta: dict, bundle_dir: Path | str) -> None:
@@ -92,11 +130,41 @@ class OnnxGenerator:
         self.kv_heads, self.head_dim = self.meta["num_kv_heads"], self.meta["head_dim"]
         first = self.session.get_inputs()[3] if len(self.session.get_inputs()) > 3 else None
         self.kv_dtype = np.float16 if first is not None and "float16" in first.type else np.float32
+        self.context_length = context_length(self.meta, bundle_dir)
+        self.max_new_tokens = int(self.meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         self.tokens_generated = 0
 
     def render(self, question: str) -> str:
         """The prompt string the student was trained on, for one question."""
         return self.meta["prompt_template"].replace(self.meta["placeholder"], question)
+
+    def encode(self, question: str, max_new_tokens: int | None = None, truncate: bool = False) -> list[int]:
+        """Token ids of ``question``'s rendered prompt, checked so that decoding can finish in context.
+
+        Raises ``RequestError`` for an empty (or whitespace-only) question, and for a prompt whose tokens
+        plus ``max_new_tokens`` (default: the bundle's) exceed the context, unless ``truncate``: then the
+        prompt keeps its last tokens that fit (the end holds the question's tail and the answer cue).
+        Checked before decoding because a prompt past the context decodes slowly into garbage."""
+        if not question.strip():
+            raise RequestError("the question is empty", "pass the text of a question")
+        new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        ids = self.tokenizer.encode(self.render(question), add_special_tokens=False).ids
+        limit = self.context_length
+        if limit is None or len(ids) + new <= limit:
+            return ids
+        if new >= limit:
+            raise RequestError(
+                f"max_new_tokens {new} leaves no room for a prompt in the model's {limit}-token context",
+                f"lower --max-new-tokens (max_new_tokens) below {limit}",
+            )
+        if truncate:
+            return ids[len(ids) - (limit - new) :]
+        raise RequestError(
+            f"the prompt is {len(ids)} tokens and {new} new tokens are asked for: {len(ids) + new} tokens, "
+            f"past the model's {limit}-token context",
+            f"shorten the question, lower --max-new-tokens (max_new_tokens), or pass --truncate "
+            f"(truncate=True) to keep the prompt's last {limit - new} tokens",
+        )
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past):
         """One forward pass; returns (logits as numpy, present key/values as OrtValues).
@@ -170,19 +238,32 @@ class OnnxGenerator:
     def generate(
         self,
         questions: list[str],
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         batch_size: int = 8,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
         stop: tuple[str, ...] = (),
+        truncate: bool = False,
     ) -> list[str]:
-        """Completions for ``questions`` rendered with the training prompt template (cut at stop strings)."""
+        """Completions for ``questions`` rendered with the training prompt template (cut at stop strings).
+
+        ``max_new_tokens`` None means the bundle's. Every question is checked (``encode``) before any
+        is decoded, so a bad one fails the call at once; ``RequestError`` names it by its position."""
+        new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        check_sampling(new, temperature, top_p)
+        encoded = []
+        for i, q in enumerate(questions):
+            try:
+                encoded.append(self.encode(q, new, truncate))
+            except RequestError as e:
+                if len(questions) == 1:
+                    raise
+                raise RequestError(f"question {i + 1} of {len(questions)}: {e.problem}", e.fix) from None
         texts: list[str] = []
         for start in range(0, len(questions), batch_size):
-            chunk = questions[start : start + batch_size]
-            prompts = [self.tokenizer.encode(self.render(q), add_special_tokens=False).ids for q in chunk]
-            for ids in self.generate_ids(prompts, max_new_tokens, temperature, top_p, seed + start, stop):
+            prompts = encoded[start : start + batch_size]
+            for ids in self.generate_ids(prompts, new, temperature, top_p, seed + start, stop):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 for s in stop:
                     text = text.split(s)[0] if s in text else text
@@ -191,27 +272,30 @@ class OnnxGenerator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python distill_runtime.py BUNDLE QUESTION [--model FILE] [--max-new-tokens N] [--temperature T]``."""
+    """``python distill_runtime.py BUNDLE QUESTION [--model FILE] [--max-new-tokens N] [--temperature T]
+    [--top-p P] [--seed S] [--truncate]``; problems print as one ``error:`` line, exit code 2."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Answer a question with a distill export bundle (onnxruntime only).")
     ap.add_argument("bundle", type=Path)
     ap.add_argument("question")
     ap.add_argument("--model", default=None, help="ONNX file inside the bundle (default: the bundle's choice)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the bundle's max_new_tokens")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--truncate", action="store_true", help="keep the prompt's end when it is past the context")
     args = ap.parse_args(argv)
     if not (args.bundle / GENERATION_FILE).is_file():
         print(f"error: {args.bundle} is not an export bundle (no {GENERATION_FILE})", file=sys.stderr)
         return 2
     try:
         gen = OnnxGenerator(args.bundle, args.model)
-    except BundleFormatError as e:
+        settings = (args.max_new_tokens, 1, args.temperature, args.top_p, args.seed)
+        print(gen.generate([args.question], *settings, truncate=args.truncate)[0])
+    except (BundleFormatError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(gen.generate([args.question], args.max_new_tokens, 1, args.temperature, args.top_p, args.seed)[0])
     return 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import yaml
@@ -25,10 +25,37 @@ import yaml
 CONFIG_FILE = "distill_config.json"
 
 
+# Mode a new artifact is created with; the kernel takes the process umask off it (0644 under 022).
+FILE_MODE = 0o666
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _open_temp(path: Path) -> tuple[int, str]:
+    """Create a new, uniquely named temp file beside ``path``; returns (fd, its name).
+
+    Not ``tempfile.mkstemp``: that creates files 0600 whatever the umask, and the rename carried that
+    mode onto every artifact, so a bundle was unreadable to a container running as another user.
+    ``os.open(..., FILE_MODE)`` lets the kernel apply the process umask (and a folder's default ACL)
+    at creation: 0666 & ~umask, the mode ``open()`` gives any file. The umask is never read or
+    changed here, so there is no race with other threads, and a umask set later is honoured.
+    The name is ``.<name>.<random>.tmp``, which the CLI recognises to name the folder on a failed write.
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, FILE_MODE), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {path}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it.
+
+    The file gets ordinary permissions (0666 & ~umask), and missing folders 0777 & ~umask (what
+    ``mkdir`` gives), so artifacts are readable by others under the usual umask 022."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
