@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,18 +112,20 @@ def _embedded_gguf(name: str) -> tuple[Path, str]:
         return out, spec.sha256
     out.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=out.parent, delete=False, suffix=".part") as tmp:
+    # mode "x" creates the file 0666 & ~umask (a tempfile would be 0600: unreadable to other users)
+    part_path = out.parent / f".{out.name}.{secrets.token_hex(4)}.part"
+    with open(part_path, "xb") as tmp:
         for part in files:
             with open(part, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
                     tmp.write(block)
     if h.hexdigest() != spec.sha256:
-        os.unlink(tmp.name)
+        os.unlink(part_path)
         raise DistillError(
             f"joined {name} GGUF has sha256 {h.hexdigest()}, expected {spec.sha256}", "reinstall with `make models`"
         )
-    os.replace(tmp.name, out)
+    os.replace(part_path, out)
     return out, spec.sha256
 
 
@@ -143,7 +145,8 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    tmp = out.parent / f".convert-{secrets.token_hex(6)}"  # mkdir: 0777 & ~umask (mkdtemp would be 0700)
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
