@@ -65,18 +65,25 @@ def server(tiny_teacher, secret, tmp_path_factory):
     """`distill serve` on loopback with a token, serving the tiny teacher."""
     port = _free_port()
     env = {**os.environ, "DISTILL_SERVE_TOKEN": secret}
+    # the server's output (an access line per request) goes to a file: a pipe nobody reads fills up
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "distill", "serve", f"hf:{tiny_teacher}", "--port", str(port), "--name", "tiny"],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    _wait_http(url + "/health", proc)
+    try:
+        _wait_http(url + "/health", proc)
+    except AssertionError:
+        log.seek(0)
+        raise AssertionError(f"server did not come up: {log.read()}") from None
     yield url
     proc.terminate()
     proc.wait(10)
+    log.close()
 
 
 @pytest.fixture
