@@ -240,6 +240,9 @@ class OnPolicySettings(Strict):
         description="the scoring teacher's model source (default: teacher.model; an openai: model uses the "
         "teacher section's endpoint settings)",
     )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="weights dtype of a local scoring teacher (default: teacher.dtype)"
+    )
     max_cost: float = Field(
         0.0, ge=0, description="stop (resumable) when the scoring calls reach this estimated cost (teacher prices)"
     )

@@ -94,7 +94,7 @@ def _on_policy(recipe, tokenizer, cfg, task: Task, steps: int):
             "student.on_policy needs a teacher that scores text; the replay teacher recorded text only",
             "set student.on_policy.teacher to a model source (e.g. embedded:qwen2.5-coder-0.5b-instruct)",
         )
-    tcfg = recipe.teacher.model_copy(update={"model": source})
+    tcfg = recipe.teacher.model_copy(update={"model": source, "dtype": op.dtype or recipe.teacher.dtype})
     remote = source.startswith("openai:")
     path = "" if remote else str(resolve_model(source, tcfg.trust_remote_code, "student.on_policy.teacher"))
     teacher = CachedTeacher(make_backend(tcfg, path), CompletionCache(recipe.cache))
