@@ -18,6 +18,7 @@ from pathlib import Path
 from distill.config import Recipe, content_hash
 from distill.core.artifacts import atomic_write_bytes, write_json, write_recipe, write_text
 from distill.core.errors import DistillError
+from distill.core.locks import run_lock
 from distill.core.progress import console
 from distill.pipeline import is_done, run_stage, stage_dir, stage_hash
 
@@ -136,8 +137,14 @@ def ablate(
 ) -> dict:
     """Train and evaluate one student per format on the same data; returns the ablation table (as json).
 
-    Writes ``<run>/ablate/ablation.md``, ``ablation.json`` and ``ablation.png``.
+    Writes ``<run>/ablate/ablation.md``, ``ablation.json`` and ``ablation.png``. Holds the run folder's
+    lock throughout (its generate stage re-enters it): a second writer there is refused.
     """
+    with run_lock(recipe.run_dir):
+        return _ablate(recipe, formats, force, resume, command)
+
+
+def _ablate(recipe: Recipe, formats: tuple[str, ...], force: bool, resume: bool, command: str) -> dict:
     from distill.core.answers import Task
     from distill.stages.evaluate import evaluate_student, teacher_rows, write_rows
     from distill.students.evaluate import summarize

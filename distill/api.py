@@ -8,7 +8,9 @@
 
 A ``recipe`` is a YAML path, a ``Recipe`` (``distill.load_recipe``) or None for the defaults;
 ``overrides`` are ``key=value`` strings as on the command line. Errors a user can fix raise
-``distill.DistillError`` with one line naming the problem and the fix.
+``distill.DistillError`` with one line naming the problem and the fix. Each function holds its run
+folder's lock while it runs: another process (or thread) writing the same run folder gets a
+``DistillError`` naming the holder instead of corrupting it.
 """
 
 from __future__ import annotations

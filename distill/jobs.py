@@ -4,7 +4,10 @@ The job store is SQLite (``.distill/jobs.sqlite`` under the project directory). 
 the recipe, records the job and starts a detached runner process (``python -m distill.jobs <id>``),
 which runs the generate stage and writes its progress to the store after every batch. Cancelling
 sends SIGTERM to the runner's process group; committed shards and the completion cache survive, so
-``resume`` continues without paying for or duplicating a row.
+``resume`` continues without paying for or duplicating a row. The runner holds its run folder's lock
+(``distill.core.locks``, naming the job): a submission onto a folder a live process holds is refused
+before it gets an id, and a runner that loses a race for the folder fails with the holder's name
+without touching the folder.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from distill.core.errors import DistillError
+from distill.core.locks import ensure_free, run_lock
 
 
 def store_path() -> Path:
@@ -106,10 +110,13 @@ def start_runner(store: JobStore, job_id: str) -> int:
 
 
 def submit(recipe_path: Path, overrides: list[str], address: str | None = None) -> str:
-    """Validate the recipe, record the job, start its runner; returns the job id at once."""
+    """Validate the recipe, record the job, start its runner; returns the job id at once.
+
+    Refused (``RunFolderBusy``) while a live process holds the recipe's run folder."""
     from distill.config import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
+    ensure_free(recipe.run_dir)
     store = JobStore()
     job_id = store.add(str(Path(recipe_path).resolve()), overrides, address, str(recipe.run_dir.resolve()))
     start_runner(store, job_id)
@@ -140,6 +147,7 @@ def resume(job_id: str) -> int:
         raise DistillError(
             f"job {job_id} is {job['state']}", "only failed, partial, cancelled or budget-stopped jobs resume"
         )
+    ensure_free(Path(job["run_dir"]))
     return start_runner(store, job_id)
 
 
@@ -166,7 +174,10 @@ def status_lines(job: dict, recipe=None) -> list[str]:
 
 
 def run_job(job_id: str, db: str) -> int:
-    """The runner: generate for the job's recipe, recording progress; exit code 0 on success."""
+    """The runner: generate for the job's recipe, recording progress; exit code 0 on success.
+
+    It takes the run folder's lock (naming the job) before anything else touches the folder; when
+    another process holds it the job fails with that one line (exit 2) and the folder is left as it is."""
     from distill.config import load_recipe
     from distill.core.executor import init_ray
     from distill.pipeline import run_stage
@@ -181,13 +192,14 @@ def run_job(job_id: str, db: str) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         recipe = load_recipe(job["recipe"], job["overrides"])
-        if recipe.teacher.executor == "ray":
-            init_ray(address=job["address"])
 
         def progress(stats: dict) -> None:
             store.update(job_id, progress=stats)  # one small WAL write per batch
 
-        metrics = run_stage(recipe, "generate", on_progress=progress).metrics
+        with run_lock(recipe.run_dir, job=job_id):
+            if recipe.teacher.executor == "ray":
+                init_ray(address=job["address"])
+            metrics = run_stage(recipe, "generate", on_progress=progress).metrics
         failed = metrics.get("failed_rows", 0)
         final = {
             **store.get(job_id)["progress"],

@@ -3,6 +3,8 @@
 A stage writes into ``<run>/.<stage>.tmp`` and is renamed to ``<run>/<stage>`` only when it
 succeeds, so a failed or killed stage leaves nothing half-written under its real name. A stage
 whose folder exists with the same content hash of its semantic settings is reused, not re-run.
+Every entry point here holds the run folder's lock (``distill.core.locks``) while it runs, so a
+second writer on the same folder is refused with the holder's name instead of corrupting it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from distill.config import Recipe, content_hash
 from distill.core.artifacts import write_json, write_recipe
 from distill.core.errors import DistillError
+from distill.core.locks import LOCK_FILE, run_lock
 from distill.core.progress import console
 
 STAGES = ("generate", "train", "export", "evaluate")
@@ -115,8 +118,14 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = Tr
     """Run one stage of ``recipe`` (its inputs must exist); returns its ``StageResult``.
 
     Generation commits shards and training keeps checkpoints in ``work_dir`` until the stage
-    succeeds; with ``resume`` a killed run continues from there, otherwise it starts over.
+    succeeds; with ``resume`` a killed run continues from there, otherwise it starts over. Holds the
+    run folder's lock: another process writing there raises ``RunFolderBusy`` before anything changes.
     """
+    with run_lock(recipe.run_dir):
+        return _run_stage(recipe, stage, force, resume, on_progress)
+
+
+def _run_stage(recipe: Recipe, stage: str, force: bool, resume: bool, on_progress) -> StageResult:
     run_dir = recipe.run_dir
     digest = stage_hash(recipe, stage)
     # A generation with failed rows (retries spent) is done enough for the next stages, but a new
@@ -163,7 +172,12 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, resume: bool = Tr
 
 def evaluate_split(recipe: Recipe, split: str, force: bool = False) -> StageResult:
     """Evaluate the run's models on ``split`` (``train`` or a task file) into ``<run>/evaluate-<split>``;
-    reused when done with the same settings and split contents."""
+    reused when done with the same settings and split contents. Holds the run folder's lock."""
+    with run_lock(recipe.run_dir):
+        return _evaluate_split(recipe, split, force)
+
+
+def _evaluate_split(recipe: Recipe, split: str, force: bool) -> StageResult:
     import hashlib
 
     from distill.stages.evaluate import evaluate_stage
@@ -191,11 +205,17 @@ def evaluate_split(recipe: Recipe, split: str, force: bool = False) -> StageResu
 
 
 def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, resume: bool = True) -> RunResult:
-    """Run ``stages`` in order, then write the report and print the table."""
+    """Run ``stages`` in order, then write the report and print the table; holds the run folder's lock
+    throughout (the stages re-enter it)."""
+    created = not recipe.run_dir.exists()
+    with run_lock(recipe.run_dir):
+        return _run(recipe, stages, force, resume, created)
+
+
+def _run(recipe: Recipe, stages: tuple[str, ...], force: bool, resume: bool, created: bool) -> RunResult:
     from distill.stages.report import print_table, write_report
 
     run_dir = recipe.run_dir
-    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_recipe(run_dir / "recipe.yaml", recipe.dump())
     results: dict[str, StageResult] = {}
@@ -206,7 +226,7 @@ def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, r
             results[stage] = run_stage(recipe, stage, force, resume)
     except BaseException:
         # A run that failed before leaving anything but its recipe leaves no folder behind.
-        if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml"}:
+        if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml", LOCK_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     scores = _read_scores(run_dir)
