@@ -22,6 +22,8 @@ _API = {
     "Recipe": "distill.config",
     "load_recipe": "distill.config",
     "DistillError": "distill.core.errors",
+    "PartialRun": "distill.teachers.budget",
+    "RunFolderBusy": "distill.core.locks",
     "set_env_defaults": "distill.core.env",
 }
 

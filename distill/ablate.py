@@ -157,7 +157,16 @@ def _ablate(recipe: Recipe, formats: tuple[str, ...], force: bool, resume: bool,
     run_dir.mkdir(parents=True, exist_ok=True)
     write_recipe(run_dir / "recipe.yaml", recipe.dump())
     t0 = time.time()
-    run_stage(recipe, "generate", force=False, resume=resume)
+    gen_result = run_stage(recipe, "generate", force=False, resume=resume)
+    if gen_result.metrics.get("failed_rows"):  # every student would learn from fewer rows than the table says
+        from distill.teachers.budget import PartialRun, failures_text
+
+        gen = gen_result.metrics
+        raise PartialRun(
+            f"the teacher failed on {gen['failed_rows']} of {gen['problems']} rows "
+            f"({failures_text(gen.get('failures', []))}): the ablation stopped before training its students",
+            "rerun the same command to retry only the failed rows",
+        )
     gen_dir = run_dir / "generate"
     base = run_dir / "ablate"
     base.mkdir(exist_ok=True)

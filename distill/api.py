@@ -39,15 +39,21 @@ def run(
     stages: Sequence[str] = STAGES,
     force: bool = False,
     resume: bool = True,
+    allow_partial: bool = False,
 ) -> RunResult:
     """Run the pipeline (generate → train → export → evaluate → report); returns a ``RunResult``
-    with the run folder, report path, scores and each stage's ``StageResult``. Up-to-date stages are reused."""
+    with the run folder, report path, scores and each stage's ``StageResult``. Up-to-date stages are reused.
+
+    When the teacher failed on some rows (retries spent) the run is partial: it stops after generate
+    and raises ``distill.teachers.budget.PartialRun`` (a ``DistillError``), unless ``allow_partial``:
+    then it goes on with the rows that succeeded (``stages["generate"].metrics["failed_rows"]`` counts
+    the others, the report says the run is partial). Calling it again retries only the failed rows."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         from distill.core.errors import DistillError
 
         raise DistillError(f"unknown stage(s) {unknown}", f"pick from {list(STAGES)}")
-    return run_pipeline(recipe_of(recipe, overrides), tuple(stages), force, resume)
+    return run_pipeline(recipe_of(recipe, overrides), tuple(stages), force, resume, allow_partial)
 
 
 def generate(recipe: RecipeLike = None, overrides: Sequence[str] = (), *, force: bool = False) -> StageResult:

@@ -29,9 +29,19 @@ Resume = Annotated[
 
 
 def _guard(fn):
-    """Run ``fn``; a DistillError becomes one red line on stderr and exit code 2."""
+    """Run ``fn``; a DistillError becomes one red line on stderr and exit code 2, a ``PartialRun`` (the
+    teacher failed on some rows) one yellow line and exit code 3."""
+    from distill.teachers.budget import PartialRun
+
     try:
         return fn()
+    except PartialRun as e:
+        from rich.markup import escape
+
+        from distill.core.progress import console
+
+        console.print(f"[bold yellow]partial:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(PartialRun.exit_code) from None
     except DistillError as e:
         _fail(str(e))
     except (OSError, sqlite3.OperationalError) as e:
@@ -69,13 +79,18 @@ def storage_problem(e: BaseException) -> str | None:
 
 
 def _fail(message: str):
+    from rich.markup import escape
+
     from distill.core.progress import console
 
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is the user's own text (keys, values, paths): "[step one]" must print as written
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2) from None
 
 
-def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool, resume: bool = True) -> None:
+def _stages(
+    recipe_path: Path, overrides, stages: tuple[str, ...], force: bool, resume: bool = True, allow_partial: bool = False
+) -> None:
     from distill.config import load_recipe
 
     def go():
@@ -83,18 +98,43 @@ def _stages(recipe_path: Path, overrides, stages: tuple[str, ...], force: bool, 
         recipe = load_recipe(recipe_path, overrides or [])
         from distill.pipeline import run
 
-        run(recipe, stages, force, resume)
+        result = run(recipe, stages, force, resume, allow_partial)
+        gen = result.stages.get("generate")
+        if gen is not None and gen.metrics.get("failed_rows"):  # went on (--allow-partial), still partial
+            from distill.teachers.budget import PartialRun
+
+            raise PartialRun.from_metrics(gen.metrics, allowed=True)
 
     _guard(go)
 
 
-@app.command()
-def run(recipe: RecipeArg, overrides: Overrides = None, force: Force = False, resume: Resume = True) -> None:
+PARTIAL_EPILOG = (
+    "Exit codes: 0 done; 2 a problem to fix (one error line); 3 partial: the teacher failed on some rows "
+    "(retries spent), they count in no accuracy and train nothing, and running the same command again "
+    "retries only them."
+)
+
+
+@app.command(epilog=PARTIAL_EPILOG + " `run` stops after generate then, unless --allow-partial.")
+def run(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    force: Force = False,
+    resume: Resume = True,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="when the teacher failed on some rows, train on the rows that succeeded instead of stopping "
+            "after generate (the report says the run is partial; the exit code is still 3)",
+        ),
+    ] = False,
+) -> None:
     """Run the whole pipeline: generate → train → export → evaluate → report."""
-    _stages(recipe, overrides, ("generate", "train", "export", "evaluate"), force, resume)
+    _stages(recipe, overrides, ("generate", "train", "export", "evaluate"), force, resume, allow_partial)
 
 
-@app.command()
+@app.command(epilog=PARTIAL_EPILOG)
 def generate(recipe: RecipeArg, overrides: Overrides = None, force: Force = False) -> None:
     """Teacher writes rationales for the task's problems (Ray workers); writes Parquet shards."""
     _stages(recipe, overrides, ("generate",), force)
@@ -300,89 +340,185 @@ def serve(
 jobs_app = typer.Typer(no_args_is_help=True, help="Generation jobs: submit, watch, cancel, resume.")
 app.add_typer(jobs_app, name="jobs")
 
+Store = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        help="job store file (default: $DISTILL_JOB_STORE, else the nearest .distill/jobs.sqlite from here up)",
+    ),
+]
+
 
 @jobs_app.command("submit")
 def jobs_submit(
     recipe: RecipeArg,
     overrides: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+    store: Store = None,
 ) -> None:
     """Start the generate stage of a recipe in the background; prints the job id at once."""
 
     def go():
         set_env_defaults()
-        from distill.jobs import submit
+        from distill.jobs import store_path, submit
 
-        print(submit(recipe, overrides or [], address))
+        path = store_path(store)
+        print(submit(recipe, overrides or [], address, path))
+        if path.absolute().parent.parent != Path.cwd().absolute():  # found above here, or chosen: say where
+            print(f"job recorded in {path}", file=sys.stderr)
 
     _guard(go)
 
 
 @jobs_app.command("list")
-def jobs_list() -> None:
-    """All jobs, newest last."""
+def jobs_list(store: Store = None) -> None:
+    """All jobs, newest last: id, state, name, overrides, when submitted, rows done."""
 
     def go():
-        from distill.jobs import JobStore
+        import shutil
 
-        for job in JobStore().all():
-            p = job["progress"]
-            done = f"{p.get('rows', 0)}/{p['total']}" if p.get("total") else "-"
-            print(f"{job['id']}  {job['state']:<9}  rows {done:<9}  {job['recipe']}")
+        from distill.jobs import JobStore, list_lines, store_path
+
+        path = store_path(store)
+        jobs = JobStore(path).all() if path.exists() else []  # listing never creates a store
+        width = shutil.get_terminal_size((80, 24)).columns
+        print("\n".join(list_lines(jobs, width)) if jobs else f"no jobs in {path}")
 
     _guard(go)
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str) -> None:
-    """Rows done / failed / remaining, tokens, estimated cost and rate of one job."""
+def jobs_status(job_id: str, store: Store = None) -> None:
+    """Rows done / failed / remaining, tokens, estimated cost and rate, runner pid, elapsed time and ETA."""
 
     def go():
-        from distill.jobs import JobStore, status_lines
+        from distill.jobs import JobStore, status_lines, store_path, timing_lines
 
-        print("\n".join(status_lines(JobStore().get(job_id))))
+        job = JobStore(store_path(store), create=False).get(job_id)
+        print("\n".join(status_lines(job) + timing_lines(job)))
 
     _guard(go)
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str) -> None:
+def jobs_cancel(job_id: str, store: Store = None) -> None:
     """Stop a running job; committed rows and cached completions are kept for `resume`."""
 
     def go():
-        from distill.jobs import cancel, status_lines
+        from distill.jobs import cancel, status_lines, store_path
 
-        print("\n".join(status_lines(cancel(job_id))))
+        print("\n".join(status_lines(cancel(job_id, store_path(store)))))
 
     _guard(go)
 
 
 @jobs_app.command("resume")
-def jobs_resume(job_id: str) -> None:
+def jobs_resume(job_id: str, store: Store = None) -> None:
     """Continue a cancelled, failed or budget-stopped job where it stopped."""
 
     def go():
         set_env_defaults()
-        from distill.jobs import resume
+        from distill.jobs import resume, store_path
 
-        resume(job_id)
+        resume(job_id, store_path(store))
         print(job_id)
 
     _guard(go)
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, lines: Annotated[int, typer.Option("-n", min=1)] = 40) -> None:
-    """The last lines of a job's log."""
+def jobs_logs(
+    job_id: str,
+    lines: Annotated[int, typer.Option("-n", min=1, help="how many of the last lines to show")] = 40,
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="keep printing what is appended until the job ends")
+    ] = False,
+    store: Store = None,
+) -> None:
+    """The last lines of a job's log; with -f, then everything appended until the job is done, failed,
+    partial, budget-stopped or cancelled (exit 0). Ctrl-C stops following (exit 130), not the job."""
 
     def go():
-        from distill.jobs import JobStore
+        from distill.jobs import JobStore, store_path
 
-        log = Path(JobStore().get(job_id)["log"])
+        jobs = JobStore(store_path(store), create=False)
+        if follow:
+            _follow(jobs, job_id, lines)
+            return
+        log = Path(jobs.get(job_id)["log"])
         text = log.read_text(errors="replace").splitlines() if log.exists() else []
         print("\n".join(text[-lines:]))
 
     _guard(go)
+
+
+def _follow(jobs, job_id: str, lines: int) -> None:
+    """``jobs logs -f``: follow until the job ends; Ctrl-C or a closed pipe ends it quietly."""
+    from distill.jobs import follow_log
+
+    try:
+        follow_log(jobs, job_id, lines)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} goes on (`distill jobs cancel {job_id}` stops it)", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except BrokenPipeError:  # `distill jobs logs -f ID | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
+recipe_app = typer.Typer(no_args_is_help=True, help="Recipe keys: every setting with its type, default and meaning.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("keys")
+def recipe_keys_command(
+    section: Annotated[
+        str | None, typer.Argument(help="only this section's keys, e.g. task, student or student.kd")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON list of {key, type, default, required, description}")
+    ] = False,
+) -> None:
+    """Every recipe key (dotted, as overrides write it) with its type, default and description.
+
+    Read from the recipe's config models, so the list is always the one validation uses; the keys of
+    an optional section (student.on_policy.*) show the defaults they take once the section is set."""
+
+    def go():
+        from distill.config import recipe_keys
+
+        rows = recipe_keys(section or "")
+        print(json.dumps(rows, indent=2, ensure_ascii=False) if as_json else "\n".join(_key_lines(rows)))
+
+    _guard(go)
+
+
+def _key_lines(rows: list[dict]) -> list[str]:
+    """``recipe keys`` for a terminal: per key, the key, type and default (as YAML) on one line and the
+    description indented below it, wrapped to the terminal (at most 100 columns); a section's row
+    comes after a blank line and shows no default (its keys below do)."""
+    import shutil
+    import textwrap
+
+    import yaml
+
+    width = max(40, min(shutil.get_terminal_size().columns, 100))
+    wrap = dict(width=width, break_long_words=False, break_on_hyphens=False)
+    lines: list[str] = []
+    for r in rows:
+        head = f"{r['key']}  {r['type']}"
+        if r["required"]:
+            head += "  (required)"
+        elif not isinstance(r["default"], dict) or not r["type"].startswith("section"):
+            shown = yaml.safe_dump(
+                r["default"], default_flow_style=True, sort_keys=False, allow_unicode=True, width=1e9
+            )
+            head += "  (default: " + shown.removesuffix("...\n").strip() + ")"
+        if lines and "section" in r["type"]:
+            lines.append("")
+        lines += textwrap.wrap(head, subsequent_indent=" " * 8, **wrap)
+        lines += textwrap.wrap(r["description"], initial_indent=" " * 4, subsequent_indent=" " * 4, **wrap)
+    return lines
 
 
 def main() -> None:

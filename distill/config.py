@@ -10,14 +10,18 @@ import copy
 import difflib
 import hashlib
 import json
+import shlex
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from distill.core.errors import DistillError
+from distill.core.problems import read_input
 
 
 class Strict(BaseModel):
@@ -41,6 +45,11 @@ class TaskConfig(Strict):
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
     eval_size: int = Field(40, ge=1, description="held-out problems every model is evaluated on")
     seed: int = Field(0, description="generator seed; train and eval use disjoint seeds")
+    split: Literal["order", "shuffle"] = Field(
+        "order",
+        description="file tasks: hold out the last eval_size rows (order, as published splits do) or a seeded "
+        "random eval_size of them (shuffle: for files sorted by type, whose tail is one kind of problem)",
+    )
     dedup_threshold: float = Field(
         0.7, gt=0, le=1, description="synthetic: word 3-gram Jaccard at which a new problem counts as a near-duplicate"
     )
@@ -627,6 +636,7 @@ OPTIONAL_DEFAULTS = {
     "student.packing": False,
     "student.validation": None,
     "student.on_policy": None,
+    "task.split": "order",
     "export.gate_size": 0,
     "export.gate_rule": "accuracy",
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
@@ -683,14 +693,29 @@ def _suggest(key: str) -> str:
     return f"did you mean '{close[0]}'?" if close else "see `distill run --help` and recipes/ for valid keys"
 
 
+def _keys_hint(loc: tuple) -> str:
+    """Where to read the valid keys beside an unknown one at ``loc``: ``distill recipe keys`` of the
+    section holding it (list positions dropped: ``teacher.demos.0.x`` is in ``teacher.demos``)."""
+    section = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    return f"see `distill recipe keys {section}`" if section else "see `distill recipe keys`"
+
+
+def _yaml_value(raw: str) -> tuple[Any, str | None]:
+    """An override's value read as YAML, and None; or, when it is not YAML (e.g. a Jinja template),
+    ``raw`` itself as a plain string and the parser's complaint."""
+    if not raw:
+        return "", None
+    try:
+        return yaml.safe_load(raw), None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date like 2024-02-30
+        return raw, getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def _set_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise DistillError(f"override {override!r} is not key=value", "write overrides like student.epochs=2")
     key, raw = override.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:  # not YAML (e.g. a Jinja template): take it as a plain string
-        value = raw
+    value, _ = _yaml_value(raw)
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:
@@ -705,7 +730,7 @@ def _format_error(err: ValidationError) -> DistillError:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        return DistillError(f"unknown recipe key '{key}'", _suggest(key))
+        return DistillError(f"unknown recipe key '{key}'", f"{_suggest(key)} ({_keys_hint(e['loc'])})")
     msg = e["msg"].removeprefix("Value error, ")
     if not key:
         return DistillError(msg, "fix the recipe or the override")
@@ -714,20 +739,110 @@ def _format_error(err: ValidationError) -> DistillError:
     return DistillError(f"recipe key '{key}': {msg}{shown}", "fix the recipe or the override")
 
 
+def _explain_override(err: ValidationError, data: dict, overrides) -> DistillError | None:
+    """The first validation problem when YAML, not the user, chose an override's type: ``key=Answer:
+    short`` read as a mapping (or a list, boolean, number, null) where the same text, quoted, passes;
+    or a value that is not YAML (``[0, 2``) kept as text where the key wants a list, mapping or number.
+    None when the override is just a wrong value, which ``_format_error`` words as before."""
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    for override in reversed(overrides):  # of two overrides of a key, the last one counts
+        key, raw = override.split("=", 1)
+        parts = tuple(key.strip().split("."))
+        if loc[: len(parts)] == parts:
+            break
+    else:
+        return None
+    value, problem = _yaml_value(raw)
+    if problem is not None:
+        if first["type"] == "string_type" or not first["type"].endswith(("_type", "_parsing")):
+            return None  # text was accepted as text; the value itself is wrong
+        return DistillError(
+            f"{override} is not valid YAML ({problem}), so it was read as the text {raw!r}",
+            "write the value as YAML, e.g. a list as [0, 2, 4] and a mapping as {loss: jsd}",
+        )
+    text = raw.strip()
+    if isinstance(value, str) or not _valid_as_text(data, parts, text):
+        return None
+    quoted = shlex.quote(f"{key.strip()}={json.dumps(text, ensure_ascii=False)}")  # a YAML string, shell-quoted
+    return DistillError(
+        f"{override} was read as YAML, which made it {_yaml_made(value, text)}", f"quote the value: {quoted}"
+    )
+
+
+def _valid_as_text(data: dict, parts: tuple[str, ...], text: str) -> bool:
+    """Whether the recipe ``data`` has no problem at key ``parts`` once that key holds ``text`` as a string."""
+    as_text = copy.deepcopy(data)
+    node = as_text
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return False
+    node[parts[-1]] = text
+    try:
+        Recipe.model_validate(as_text)
+    except ValidationError as e:
+        return not any(tuple(str(p) for p in x["loc"])[: len(parts)] == parts for x in e.errors())
+    return True
+
+
+def _yaml_made(value: Any, text: str) -> str:
+    """What YAML made of the override text ``text``, and what in it did that: "a mapping (the ': ' does that)"."""
+    if isinstance(value, dict):
+        if text.startswith("{"):
+            return "a mapping (the '{' does that)"
+        if ": " in text:
+            return "a mapping (the ': ' does that)"
+        return "a mapping (the ':' at the end does that)" if text.endswith(":") else "a mapping"
+    if isinstance(value, list):
+        return "a list (the '[' does that)" if text.startswith("[") else "a list (the leading '- ' does that)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()} (YAML reads yes, no, on, off, true and false as booleans)"
+    if value is None:
+        if text.startswith("#"):
+            return "null (the '#' starts a YAML comment)"
+        return "null (YAML reads null and ~ as no value)"
+    if isinstance(value, (int, float)):
+        return f"a number (YAML reads {text} as one)"
+    return f"a {type(value).__name__} (YAML reads {text} as one)"  # a date: 2024-01-01
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Load a YAML recipe (or defaults when ``path`` is None), apply overrides, validate."""
+    """Load a YAML recipe (or defaults when ``path`` is None), apply overrides, validate.
+
+    A file that cannot be read, is not YAML (the line is named), is empty or is not a mapping is one
+    ``DistillError`` naming the file; so are output paths that point at a file (``check_output_paths``)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.is_file() and not path.is_dir():
             raise DistillError(f"recipe {path} does not exist", "pass a YAML file, e.g. recipes/quickstart.yaml")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise DistillError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
-        if not isinstance(data, dict):
-            raise DistillError(f"recipe {path} must be a mapping of keys", "see recipes/quickstart.yaml")
+        data = _parse_recipe(read_input(path, "recipe"), path)
     return recipe_from_dict(data, overrides)
+
+
+def _parse_recipe(text: str, path: Path) -> dict:
+    """A recipe file's mapping; a YAML mistake (with its line), an empty file or another top-level
+    value is one ``DistillError`` naming ``path``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = e.problem or e.context or str(e).splitlines()[0]
+        raise DistillError(f"recipe {path} is not valid YAML{where} ({why})", "fix the file there") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a date like 2024-02-30
+        raise DistillError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
+    if data is None:
+        raise DistillError(
+            f"recipe {path} is empty", "write at least a name and task, or run without a file for the defaults"
+        )
+    if not isinstance(data, dict):
+        raise DistillError(
+            f"recipe {path} must be a mapping of keys, not {type(data).__name__}",
+            "write key: value lines, e.g. name: my-run (see recipes/quickstart.yaml)",
+        )
+    return data
 
 
 def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
@@ -736,6 +851,135 @@ def recipe_from_dict(data: dict, overrides: list[str] = ()) -> Recipe:
     for o in overrides:
         _set_override(data, o)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise _format_error(e) from None
+        raise _explain_override(e, data, overrides) or _format_error(e) from None
+    check_output_paths(recipe)
+    return recipe
+
+
+def _file_on_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parents (nearest first) that exists and is not a folder, if any: a
+    path below a file can never be created."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_paths(recipe: Recipe) -> None:
+    """Where the run writes must be writable as what it is: ``output_dir`` (and the run folder in it)
+    a folder or nothing yet, ``cache`` a SQLite file or nothing yet. Checked when the recipe is loaded,
+    so a path that points at a file is one ``DistillError`` before anything is written."""
+    out, run = Path(recipe.output_dir), recipe.run_dir
+    for path, key in ((out, "output_dir"), (run, "run folder")):
+        if path.exists() and not path.is_dir():
+            raise DistillError(
+                f"{key} {path} is a file, not a folder",
+                "set output_dir (or name) to a folder or to a path not yet used",
+            )
+    blocker = _file_on_the_way(out)
+    if blocker is not None:
+        raise DistillError(
+            f"output_dir {out} is inside {blocker}, which is a file", "set output_dir to a path under a folder"
+        )
+    cache = Path(recipe.cache)
+    if cache.is_dir():
+        raise DistillError(
+            f"cache {cache} is a folder, not a file", "set cache to a file path, e.g. cache=.distill/cache.sqlite"
+        )
+    blocker = _file_on_the_way(cache)
+    if blocker is not None:
+        raise DistillError(f"cache {cache} is inside {blocker}, which is a file", "set cache to a path under a folder")
+    if cache.is_file() and not _is_sqlite(cache):
+        raise DistillError(
+            f"cache {cache} is an existing file that is not a SQLite database",
+            "point cache at a new path or at a cache distill wrote (the file is left as it is)",
+        )
+
+
+def _is_sqlite(path: Path) -> bool:
+    """Whether ``path`` is empty (SQLite starts a database in it) or starts with SQLite's header."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True  # unreadable: the cache reports it when it opens the file
+    return not head or head == b"SQLite format 3\x00"
+
+
+def recipe_keys(prefix: str = "") -> list[dict]:
+    """Every recipe key, read from the pydantic models so the list cannot drift from what validation
+    accepts: one dict per key, in recipe order (a section's own row, then its keys), with the dotted
+    ``key`` (``student.validation.patience``; ``teacher.demos[].question`` for the items of a list),
+    a readable ``type``, the ``default`` as JSON (an optional section's keys show the defaults they take
+    once the section is set), ``required`` and the field's ``description``.
+
+    ``prefix`` keeps one section (``task``, ``student.kd``); one that names no key is a DistillError
+    listing the sections. ``distill recipe keys`` prints this; unknown-key errors point at it."""
+    rows = _key_rows(Recipe, "")
+    prefix = prefix.strip().strip(".")
+    if not prefix:
+        return rows
+    kept = [r for r in rows if r["key"] == prefix or r["key"].startswith((prefix + ".", prefix + "[]"))]
+    if not kept:
+        sections = [r["key"] for r in rows if "section" in r["type"]]
+        raise DistillError(f"no recipe section '{prefix}'", "sections: " + ", ".join(sections))
+    return kept
+
+
+def _key_rows(model: type[BaseModel], prefix: str) -> list[dict]:
+    """The ``recipe_keys`` rows of ``model``'s fields under ``prefix``, each section followed by its keys."""
+    rows = []
+    for name, field in model.model_fields.items():
+        section, in_list = _section_of(field.annotation)
+        required = field.is_required()
+        rows.append(
+            {
+                "key": prefix + name,
+                "type": _type_name(field.annotation),
+                "default": None if required else to_jsonable_python(field.get_default(call_default_factory=True)),
+                "required": required,
+                "description": field.description or _summary(section),
+            }
+        )
+        if section is not None:
+            rows += _key_rows(section, prefix + name + ("[]." if in_list else "."))
+    return rows
+
+
+def _section_of(annotation) -> tuple[type[BaseModel] | None, bool]:
+    """The settings model a field holds (a section, an optional one, or a list's items), and whether in a list."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(a) is None and isinstance(a, type) and issubclass(a, BaseModel):
+            return a, typing.get_origin(annotation) is list
+    return None, False
+
+
+def _type_name(annotation, alone: bool = True) -> str:
+    """A field type as a recipe writer reads it: ``int``, ``float | auto``, ``one of rationale, label, kd``,
+    ``list[str]``, ``section | null``; ``alone`` is False inside another type (a choice is then ``a | b``)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        values = [str(a) for a in args]
+        return "one of " + ", ".join(values) if alone and len(values) > 1 else " | ".join(values)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a, alone=False) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0], alone=False)}]"
+    if origin is dict:
+        k, v = (_type_name(a, alone=False) for a in args)
+        return "mapping" if (k, v) == ("str", "any") else f"mapping[{k}: {v}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _summary(model: type[BaseModel] | None) -> str:
+    """The first paragraph of a settings model's docstring, on one line ("" without one)."""
+    doc = model.__dict__.get("__doc__") if model is not None else None
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""

@@ -80,6 +80,25 @@ def is_done(folder: Path, digest: str) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("hash") == digest
 
 
+def _finished(folder: Path) -> float | None:
+    marker = folder / "DONE.json"
+    return json.loads(marker.read_text()).get("finished") if marker.exists() else None
+
+
+def upstream_marks(run_dir: Path, stage: str) -> dict:
+    """When each stage before ``stage`` last finished: a stage built on an upstream output that has
+    since been redone (a partial generation whose failed rows were retried) is stale though its
+    settings did not change."""
+    return {s: _finished(run_dir / s) for s in STAGES[: STAGES.index(stage)] if (run_dir / s / "DONE.json").exists()}
+
+
+def _upstream_current(run_dir: Path, stage: str) -> bool:
+    """Whether ``stage``'s finished output was built on the upstream outputs there now (a folder from
+    before this was recorded counts as current)."""
+    recorded = json.loads((run_dir / stage / "DONE.json").read_text()).get("upstream")
+    return recorded is None or recorded == upstream_marks(run_dir, stage)
+
+
 @contextmanager
 def stage_dir(run_dir: Path, stage: str, digest: str):
     """Yield a temp folder for the stage; on success it replaces ``run_dir/stage`` atomically."""
@@ -92,7 +111,10 @@ def stage_dir(run_dir: Path, stage: str, digest: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json(tmp / "DONE.json", {"hash": digest, "finished": time.time()})
+    done = {"hash": digest, "finished": time.time()}
+    if stage in STAGES:
+        done["upstream"] = upstream_marks(run_dir, stage)
+    write_json(tmp / "DONE.json", done)
     old = run_dir / f".{stage}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -130,7 +152,12 @@ def _run_stage(recipe: Recipe, stage: str, force: bool, resume: bool, on_progres
     digest = stage_hash(recipe, stage)
     # A generation with failed rows (retries spent) is done enough for the next stages, but a new
     # run retries those rows from the kept work folder instead of reusing it.
-    if not force and is_done(run_dir / stage, digest) and not _metrics(run_dir / stage).get("failed_rows"):
+    if (
+        not force
+        and is_done(run_dir / stage, digest)
+        and not _metrics(run_dir / stage).get("failed_rows")
+        and _upstream_current(run_dir, stage)
+    ):
         console.print(f"[dim]{stage}: up to date in {run_dir / stage}, reusing (pass --force to redo)[/]")
         return StageResult(stage, run_dir / stage, _metrics(run_dir / stage), reused=True)
     for upstream in STAGES[: STAGES.index(stage)]:
@@ -204,32 +231,55 @@ def _evaluate_split(recipe: Recipe, split: str, force: bool) -> StageResult:
     return StageResult("evaluate", run_dir / name, _metrics(run_dir / name), time.time() - t0)
 
 
-def run(recipe: Recipe, stages: tuple[str, ...] = STAGES, force: bool = False, resume: bool = True) -> RunResult:
+def run(
+    recipe: Recipe,
+    stages: tuple[str, ...] = STAGES,
+    force: bool = False,
+    resume: bool = True,
+    allow_partial: bool = False,
+) -> RunResult:
     """Run ``stages`` in order, then write the report and print the table; holds the run folder's lock
-    throughout (the stages re-enter it)."""
+    throughout (the stages re-enter it).
+
+    A generation whose teacher failed on some rows (retries spent) makes the run partial: the run
+    stops after generate, writes the report and raises ``PartialRun`` (exit code 3 on the command
+    line). With ``allow_partial`` the later stages run on the rows that succeeded and the report says
+    the run is partial. Running again retries only the failed rows, and then redoes the later stages
+    that learned from fewer rows."""
     created = not recipe.run_dir.exists()
     with run_lock(recipe.run_dir):
-        return _run(recipe, stages, force, resume, created)
+        return _run(recipe, stages, force, resume, created, allow_partial)
 
 
-def _run(recipe: Recipe, stages: tuple[str, ...], force: bool, resume: bool, created: bool) -> RunResult:
+def _run(
+    recipe: Recipe, stages: tuple[str, ...], force: bool, resume: bool, created: bool, allow_partial: bool = False
+) -> RunResult:
     from distill.stages.report import print_table, write_report
+    from distill.teachers.budget import PartialRun
 
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_recipe(run_dir / "recipe.yaml", recipe.dump())
     results: dict[str, StageResult] = {}
+    partial: PartialRun | None = None
     try:
         for stage in stages:
             if stage == "export" and not recipe.export.enabled:
                 continue
-            results[stage] = run_stage(recipe, stage, force, resume)
+            results[stage] = run_stage(recipe, stage, force, resume)  # a stage built on redone input is redone
+            gen = results[stage].metrics
+            if stage == "generate" and gen.get("failed_rows"):
+                later = [s for s in stages[stages.index(stage) + 1 :] if s != "export" or recipe.export.enabled]
+                nothing_to_train = "train" in later and not gen.get("train_rows_kept")
+                if not allow_partial or nothing_to_train:
+                    partial = PartialRun.from_metrics(gen, later[0] if later else None, allowed=allow_partial)
+                    break
     except BaseException:
         # A run that failed before leaving anything but its recipe leaves no folder behind.
         if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml", LOCK_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    scores = _read_scores(run_dir)
+    scores = {} if partial is not None else _read_scores(run_dir)  # a stopped run has no current scores
     timings_file = run_dir / "stage_seconds.json"
     previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     # A reused stage keeps the wall time it took when it actually ran.
@@ -239,6 +289,8 @@ def _run(recipe: Recipe, stages: tuple[str, ...], force: bool, resume: bool, cre
     if scores:
         print_table(scores, seconds)
     console.print(f"report: {run_dir / 'report.md'}")
+    if partial is not None:
+        raise partial
     return RunResult(run_dir, run_dir / "report.md", scores, results)
 
 

@@ -39,10 +39,17 @@ def score(outputs: list[str], problems: list[dict], task: Task) -> tuple[dict, l
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Accuracy, counts and 95% Wilson interval of per-example rows carrying ``correct``."""
-    correct = sum(bool(r["correct"]) for r in rows)
-    lo, hi = wilson_interval(correct, len(rows))
-    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "ci95": [lo, hi]}
+    """Accuracy, counts and 95% Wilson interval of per-example rows carrying ``correct``.
+
+    A row with an ``error`` got no answer at all (a teacher call whose retries ran out): it is no
+    wrong answer, so it is left out of the accuracy, its interval and ``n``, and counted in ``failed``."""
+    scored = [r for r in rows if not r.get("error")]
+    correct = sum(bool(r["correct"]) for r in scored)
+    lo, hi = wilson_interval(correct, len(scored))
+    summary = {"accuracy": correct / max(len(scored), 1), "correct": correct, "n": len(scored), "ci95": [lo, hi]}
+    if len(scored) < len(rows):
+        summary["failed"] = len(rows) - len(scored)
+    return summary
 
 
 def generate_torch(

@@ -9,6 +9,54 @@ class BudgetExceeded(DistillError):
     """The job spent its token or cost budget; committed shards stay and ``resume`` continues."""
 
 
+class PartialRun(DistillError):
+    """The teacher failed on some rows (retries spent), so the run is partial: ``distill run`` stops
+    after generate unless partial runs are allowed, and the CLI exits with ``exit_code``. Failed rows
+    count in no accuracy and train nothing; running the same command again retries only them."""
+
+    exit_code = 3
+
+    @classmethod
+    def from_metrics(cls, gen: dict, stopped_before: str | None = None, allowed: bool = False) -> PartialRun:
+        """The one line for a generate stage's metrics with failed rows. ``stopped_before``: the stage
+        the run stopped before (None: it stopped nowhere, generate was the last stage or the run went
+        on); ``allowed``: partial runs were allowed (``--allow-partial``)."""
+        what = (
+            f"the teacher failed on {gen['failed_rows']} of {gen['problems']} rows "
+            f"({failures_text(gen.get('failures', []))})"
+        )
+        retry = "rerun the same command to retry only the failed rows"
+        kept = gen.get("train_rows_kept", 0)
+        if allowed and stopped_before:
+            return cls(f"{what}: the run is partial and no train rationale was kept, nothing to train on", retry)
+        if allowed:
+            return cls(f"{what}: the run is partial, the student learned from the rows that succeeded", retry)
+        if stopped_before:
+            go_on = f", or pass --allow-partial to train on the {kept} rationales kept" if kept else ""
+            return cls(f"{what}: the run is partial and stopped before {stopped_before}", retry + go_on)
+        go_on = f" (`distill run --allow-partial` trains on the {kept} rationales kept)" if kept else ""
+        return cls(f"{what}: the run is partial", retry + go_on)
+
+
+def count_failures(errors: list[str]) -> list[dict]:
+    """Each distinct reason of failed rows with its row count, most common first (ties by reason)."""
+    from collections import Counter
+
+    counts = Counter(errors)
+    return [{"reason": r, "rows": n} for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def failures_text(failures: list[dict], top: int = 2, width: int = 160) -> str:
+    """The most common reasons as one short phrase: ``ClientConnectorError: ... ×8; HTTP 503 ×1``."""
+    shown = [
+        f"{f['reason'] if len(f['reason']) <= width else f['reason'][: width - 1] + '…'} ×{f['rows']}"
+        for f in failures[:top]
+    ]
+    if len(failures) > top:
+        shown.append(f"{len(failures) - top} other reason{'s' if len(failures) - top > 1 else ''}")
+    return "; ".join(shown) or "no reason recorded"
+
+
 def cost_of(tokens_in: int, tokens_out: int, cfg) -> float:
     """Estimated spend from the recipe's per-1k-token prices."""
     return tokens_in / 1000 * cfg.price_per_1k_input + tokens_out / 1000 * cfg.price_per_1k_output
@@ -37,6 +85,7 @@ class GenerationMeter:
             "tokens_out": 0,
             "cached": 0,
             "parse_errors": 0,
+            "unrecorded": 0,  # replay: problems the recording lacks (skipped, not unparsable answers)
             "failed": 0,
             "total": total,
         }
@@ -55,6 +104,10 @@ class GenerationMeter:
         s["tokens_out"] += pc.sum(batch["tokens_out"]).as_py() or 0
         s["cached"] += pc.sum(batch["cached"]).as_py() or 0
         s["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
+        if "parse_error" in batch.column_names:
+            from distill.teachers.replay import NO_RECORDING
+
+            s["unrecorded"] += pc.sum(pc.equal(batch["parse_error"], NO_RECORDING)).as_py() or 0
 
     def snapshot(self) -> dict:
         """The counts, seconds so far and estimated cost."""
@@ -73,9 +126,14 @@ class GenerationMeter:
     def check(self) -> None:
         """Raise when the job must stop now: DistillError (nothing parsable), BudgetExceeded (cap reached)."""
         snap, cfg = self.snapshot(), self.cfg
-        if snap["rows"] >= min(EARLY_STOP_ROWS, snap["total"]) and snap["rows"] == snap["parse_errors"]:
+        answered = snap["rows"] - snap["unrecorded"]  # a replay's missing recordings are not the teacher's fault
+        if (
+            answered >= min(EARLY_STOP_ROWS, snap["total"] - snap["unrecorded"])
+            and answered > 0
+            and answered == snap["parse_errors"] - snap["unrecorded"]
+        ):
             raise DistillError(
-                f"the teacher gave no parsable answer for any of the first {snap['rows']} problems",
+                f"the teacher gave no parsable answer for any of the first {answered} problems",
                 "check the teacher model, its prompt (teacher.trigger, teacher.prompt_template), "
                 "task.answer_type and teacher.max_new_tokens; committed rows are kept",
             )

@@ -8,38 +8,84 @@ is kept with a reason, never dropped silently.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from distill.core.answers import Task
 from distill.core.errors import DistillError
-from distill.core.problems import normalize_question, parse_kojima_log
+from distill.core.problems import json_kind, normalize_question, parse_json_lines, parse_kojima_text, read_input
+
+WHAT = "replay file"
+
+# parse_error of a problem the replay file has no recording for (not a teacher failure)
+NO_RECORDING = "no recorded output for this question"
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Recorded teacher outputs from a .log, .jsonl or .parquet file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistillError(f"replay source {path} does not exist", "point teacher.model at replay:<file>")
-    if path.suffix == ".log":
-        records = parse_kojima_log(path)
-    elif path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Recorded teacher outputs from a .log, .jsonl or .parquet file.
 
-        records = pq.read_table(path).to_pylist()
+    Every row is checked here, in the driver: a broken line, a row without question, rationale and
+    answer, or a file that is not UTF-8 is one ``DistillError`` naming the file and the line (row
+    for Parquet), never a worker's traceback."""
+    path = Path(path)
+    if not path.exists():
+        raise DistillError(f"{WHAT} {path} does not exist", "point teacher.model at replay:<file>")
+    if path.suffix == ".log":
+        records = [(f"block {i}", r) for i, r in enumerate(parse_kojima_text(read_input(path, WHAT)), 1)]
+    elif path.suffix == ".jsonl":
+        records = [(f"line {i}", r) for i, r in parse_json_lines(read_input(path, WHAT), path, WHAT)]
+    elif path.suffix == ".parquet":
+        records = [(f"row {i}", r) for i, r in enumerate(_parquet_rows(path), 1)]
     else:
+        raise DistillError(f"{WHAT} {path} has an unknown format", "use .jsonl, .parquet or a zero-shot-CoT .log")
+    if not records:
         raise DistillError(
-            f"replay source {path} has an unknown format", "use .jsonl, .parquet or a zero-shot-CoT .log"
+            f"{WHAT} {path} has no usable rows",
+            "rows need question, rationale and answer"
+            + (" (a zero-shot-CoT log: Q:, pred_mode : and GT : lines)" if path.suffix == ".log" else ""),
         )
-    missing = {"question", "rationale", "answer"} - set(records[0]) if records else set()
-    if not records or missing:
+    return [_check_record(r, path, where) for where, r in records]
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    """The rows of a Parquet replay file; a file Arrow cannot read is one ``DistillError``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
         raise DistillError(
-            f"replay source {path} has no usable rows" + (f" (missing {sorted(missing)})" if missing else ""),
-            "rows need question, rationale and answer",
+            f"{WHAT} {path} is not a readable Parquet file ({e})", "re-write it, or use .jsonl"
+        ) from None
+
+
+def _check_record(r: dict, path: Path, where: str) -> dict:
+    """``r`` if it is a usable recording: question, rationale and answer present and of the right types."""
+    missing = sorted({"question", "rationale", "answer"} - set(r))
+    if missing:
+        raise DistillError(f"{WHAT} {path} {where} is missing {missing}", "rows need question, rationale and answer")
+    bad = [
+        f"{key} is {json_kind(r[key])}"
+        for key, ok in (
+            ("question", isinstance(r["question"], str)),
+            ("rationale", isinstance(r["rationale"], str)),
+            ("answer", isinstance(r["answer"], str | int | float)),
+            ("answer_raw", isinstance(r.get("answer_raw", ""), str)),
         )
-    return records
+        if not ok
+    ]
+    if bad:
+        raise DistillError(
+            f"{WHAT} {path} {where}: {', '.join(bad)}",
+            "question, rationale and answer_raw are strings, answer a string or a number",
+        )
+    return r
+
+
+def covered(records: list[dict], problems: list[dict]) -> int:
+    """How many of ``problems`` have a recording in ``records`` (questions matched as ``ReplayTeacher`` does)."""
+    recorded = {normalize_question(r["question"]) for r in records}
+    return sum(normalize_question(p["question"]) in recorded for p in problems)
 
 
 class ReplayTeacher:
@@ -70,7 +116,7 @@ class ReplayTeacher:
                     "correct": task.is_correct(pred, p["gold"]),
                     "parse_error": None
                     if pred is not None
-                    else ("no recorded output for this question" if not r else "recorded answer has no parsable value"),
+                    else (NO_RECORDING if not r else "recorded answer has no parsable value"),
                     "finish_reason": "recorded",
                     "tokens_in": 0,
                     "tokens_out": 0,

@@ -41,10 +41,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def _weights_bytes(source: str) -> int | None:
-    """On-disk fp32 size of a model source's weights (safetensors), or None when unknown."""
+    """On-disk fp32 size of a model source's weights (safetensors), or None when unknown (a replay
+    file, or a teacher behind an HTTP endpoint)."""
     from distill.core.sources import resolve_model
 
-    if source.startswith("replay:"):
+    if source.startswith(("replay:", "openai:")):
         return None
     folder = Path(resolve_model(source))
     sizes = [f.stat().st_size for f in folder.glob("*.safetensors")] if folder.exists() else []
@@ -79,15 +80,18 @@ def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[di
 
 
 def teacher_rows(problems: list[dict]) -> list[dict]:
-    """Per-example rows of the teacher's own answers to ``problems`` (recorded by the generate stage)."""
+    """Per-example rows of the teacher's own answers to ``problems`` (recorded by the generate stage).
+
+    A problem whose teacher call failed keeps its ``error``: ``summarize`` leaves it out of the score."""
     return [
         {
             "id": p["id"],
             "question": p["question"],
             "gold": p["gold"],
-            "output": p["rationale"] + "\n" + (p["answer_raw"] or ""),
+            "output": (p["rationale"] or "") + "\n" + (p["answer_raw"] or ""),
             "pred": p["pred"],
-            "correct": bool(p["correct"]),
+            "correct": bool(p["correct"]) and not p.get("error"),
+            **({"error": p["error"]} if p.get("error") else {}),
         }
         for p in problems
     ]
@@ -130,6 +134,9 @@ def evaluate_stage(
             continue
         if name == "teacher":
             rows = teacher_rows(problems)
+            if all(r.get("error") for r in rows):
+                console.print(f"eval teacher: skipped (every teacher call on these {len(rows)} problems failed)")
+                continue
             summary = {**summarize(rows), "bytes": _weights_bytes(recipe.teacher.model)}
         elif name in ("student_base", "student"):
             if name == "student" and train_dir is None:
@@ -180,7 +187,10 @@ def evaluate_stage(
         summary["label"] = LABELS[name] if name != "student_onnx" else f"student {summary['preset']} ONNX"
         scores[name] = summary
         write_rows(out / f"{name}.jsonl", rows)
-        console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']})")
+        unscored = (
+            f"; {summary['failed']} problems not scored: the teacher failed on them" if "failed" in summary else ""
+        )
+        console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}){unscored}")
     write_json(out / "scores.json", scores)
     write_config(out, "evaluate", {**recipe.eval.model_dump(), "split": split}, recipe.dump())
     return EvalResult(out, scores)

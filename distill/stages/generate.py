@@ -15,7 +15,7 @@ from distill.core.errors import DistillError
 from distill.core.problems import load_problems
 from distill.core.progress import console, progress_bar
 from distill.core.sources import resolve_model
-from distill.teachers.budget import GenerationMeter
+from distill.teachers.budget import GenerationMeter, count_failures, failures_text
 from distill.teachers.rows import ROW_SCHEMA, latest_rows, select_training_rows
 from distill.teachers.workers import run_teacher
 
@@ -25,8 +25,9 @@ class GenerateResult:
     dir: Path
     train_rows: int
     eval_rows: int
-    teacher_accuracy: float
+    teacher_accuracy: float | None  # on the eval rows the teacher answered; None when it answered none
     metrics: dict
+    failed_rows: int = 0  # rows whose teacher call failed (retries spent): the run is partial
 
 
 def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], dict]:
@@ -60,21 +61,68 @@ def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], d
     return train, stats
 
 
-def _worker_kwargs(recipe) -> dict:
+def _worker_kwargs(recipe, problems: list[dict] | None = None) -> dict:
     """What each ``TeacherWorker`` is built from; a replay file or model source is checked here, in the
-    driver, so a bad one is one line before any worker starts."""
+    driver, so a bad one is one line before any worker starts. With ``problems`` a replay file must
+    also answer some of them (``_check_replay_coverage``)."""
     cfg = recipe.teacher
     replay, remote = cfg.model.startswith("replay:"), cfg.model.startswith("openai:")
     if replay:
         from distill.teachers.replay import load_records
 
-        load_records(cfg.model.removeprefix("replay:"))
+        path = cfg.model.removeprefix("replay:")
+        records = load_records(path)
+        if problems:
+            _check_replay_coverage(path, records, problems, recipe.task.name)
     return dict(
         model_path="" if replay or remote else str(resolve_model(cfg.model, cfg.trust_remote_code, "teacher")),
         teacher_cfg=cfg,
         answer_type=recipe.task.answer_type,
         cache_path=str(Path(recipe.cache).resolve()),
     )
+
+
+def _check_replay_coverage(path: str, records: list[dict], problems: list[dict], task_name: str) -> None:
+    """How many of the task's questions (train + eval) a replay file answers, known before any work:
+    none is one ``DistillError`` naming the likely cause (the file was recorded on other questions),
+    not a misleading "no parsable answer" after the run; some is said on the console."""
+    from distill.teachers.replay import covered
+
+    hits = covered(records, problems)
+    if hits == 0:
+        raise DistillError(
+            f"replay file {path} has no recorded answer for any of the task's {len(problems)} questions",
+            f"record it on the same questions as task.name={task_name}: questions are matched after whitespace "
+            "normalisation only, so a different task file or reworded questions (a prefix, other punctuation) "
+            "match nothing",
+        )
+    if hits < len(problems):
+        console.print(
+            f"[yellow]replay: {hits} of {len(problems)} questions have a recorded answer; the others are skipped[/]",
+            soft_wrap=True,
+        )
+
+
+def _warn_capped_sizes(task, train: list[dict], evals: list[dict]) -> None:
+    """A console warning when the task has fewer problems than ``task.train_size`` / ``task.eval_size``
+    ask for: the run goes on with what there is, but never shrinks silently."""
+    from distill.core.problems import read_problem_file
+
+    if task.source != "synthetic" and len(train) < task.train_size:
+        if task.source == "file":
+            rows = len(read_problem_file(task.name)) - len(evals)
+            where = f"{task.name} has {rows} rows after the eval split"
+            if rows != len(train):
+                where += f", {len(train)} of them distinct questions not in it"
+        else:
+            where = f"{task.source} {task.name} with these task.params gave {len(train)} distinct questions"
+        _warn(f"task.train_size={task.train_size} but {where}: using {len(train)}")
+    if len(evals) < task.eval_size:
+        _warn(f"task.eval_size={task.eval_size} but {task.name} gave {len(evals)} problems: using {len(evals)}")
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning: {message}[/]", soft_wrap=True, highlight=False)
 
 
 def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> GenerateResult:
@@ -92,9 +140,11 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     work = work or out
     cfg = recipe.teacher
     train, evals = load_problems(recipe.task)
-    worker_kwargs = _worker_kwargs(recipe)
+    _warn_capped_sizes(recipe.task, train, evals)
+    synthetic = recipe.task.source == "synthetic"  # its train problems are not written yet
+    worker_kwargs = _worker_kwargs(recipe, None if synthetic else evals + train)  # before anything is written
     synthesis = None
-    if recipe.task.source == "synthetic":
+    if synthetic:
         train, synthesis = _synthesize(recipe, worker_kwargs, evals)
     problems = evals + train  # eval first: the teacher's score is known early
     writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=cfg.shard_rows)
@@ -139,18 +189,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     if table.num_rows != len(problems) or set(table["id"].to_pylist()) != {p["id"] for p in problems}:
         raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
     failed = table.filter(pc.is_valid(table["error"]))
-    if failed.num_rows == table.num_rows:
-        raise DistillError(
-            f"every teacher call failed; first reason: {failed['error'][0].as_py()}",
-            "check the teacher endpoint/model and resume; paid results are kept in the cache",
-        )
-    if failed.num_rows:
-        console.print(
-            f"[yellow]generate: {failed.num_rows} rows failed after retries (first: {failed['error'][0].as_py()}); "
-            "they are recorded with the reason and `distill run`/`distill jobs resume` retries only them[/]"
-        )
     answered = table.filter(pc.is_null(table["error"]))
-    if pc.count(answered["pred"]).as_py() == 0:
+    if not failed.num_rows and pc.count(answered["pred"]).as_py() == 0:
         raise DistillError(
             "the teacher gave no parsable answer for any problem",
             "check the teacher model, its prompt (teacher.trigger) and teacher.max_new_tokens",
@@ -158,14 +198,16 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     is_train = pc.equal(table["split"], "train")
     train_rows, filtered = select_training_rows(table.filter(is_train), recipe.teacher)
     eval_rows = table.filter(pc.invert(is_train))
-    if train_rows.num_rows == 0:
+    failed_train = pc.sum(pc.equal(failed["split"], "train")).as_py() or 0
+    if train_rows.num_rows == 0 and not failed_train:  # with failed train rows a rerun may keep some
         raise DistillError(
             f"the teacher answered none of the {len(train)} train problems correctly",
             "use an easier task, a stronger teacher, or teacher.keep=all",
         )
     write_parquet(out / "dataset" / "train.parquet", train_rows)
     write_parquet(out / "dataset" / "eval.parquet", eval_rows)
-    teacher_acc = pc.mean(eval_rows["correct"].cast(pa.float64())).as_py() or 0.0
+    teacher = _teacher_eval_score(eval_rows)
+    failures = count_failures(failed["error"].to_pylist())
     metrics = {
         "problems": len(problems),
         "train_problems": len(train),
@@ -174,14 +216,20 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "filtered": filtered,
         "synthesis": synthesis,
         "keep_rate": train_rows.num_rows / max(len(train), 1),
-        "teacher_eval_accuracy": teacher_acc,
+        "teacher_eval_accuracy": teacher["accuracy"],
+        "teacher_eval_n": teacher["n"],
+        "teacher_eval_ci95": teacher["ci95"],
         "tokens_in": meter.stats["tokens_in"],
         "tokens_out": meter.stats["tokens_out"],
         "estimated_cost": meter.snapshot()["cost"],
         "cached_rows": meter.stats["cached"],
         "parse_errors": answered.num_rows - pc.count(answered["pred"]).as_py(),
+        "partial": failed.num_rows > 0,
         "failed_rows": failed.num_rows,
-        "failure_reasons": sorted(set(failed["error"].to_pylist()))[:10],
+        "failed_train_rows": failed_train,
+        "failed_eval_rows": failed.num_rows - failed_train,
+        "failures": failures[:10],
+        "failure_reasons": [f["reason"] for f in failures[:10]],
         "seconds": meter.snapshot()["seconds"],
         "teacher_model": recipe.teacher.model,
         "shards": shards,
@@ -190,8 +238,40 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     write_config(
         out, "generate", {"task": recipe.task.model_dump(), "teacher": recipe.teacher.model_dump()}, recipe.dump()
     )
-    console.print(
-        f"generate: kept {train_rows.num_rows}/{len(train)} train rationales, teacher eval accuracy "
-        f"{teacher_acc:.1%}, {meter.stats['cached']} rows from cache, {metrics['seconds']:.0f}s"
+    console.print(_summary_line(metrics), highlight=False, soft_wrap=True)
+    return GenerateResult(
+        out, train_rows.num_rows, eval_rows.num_rows, teacher["accuracy"], metrics, failed_rows=failed.num_rows
     )
-    return GenerateResult(out, train_rows.num_rows, eval_rows.num_rows, teacher_acc, metrics)
+
+
+def _teacher_eval_score(eval_rows) -> dict:
+    """The teacher's eval accuracy, its 95% interval and n over the eval rows it answered: a row whose
+    call failed is no wrong answer, it is no answer (accuracy None when there is none)."""
+    import pyarrow.compute as pc
+
+    from distill.students.evaluate import wilson_interval
+
+    scored = eval_rows.filter(pc.is_null(eval_rows["error"]))
+    n = scored.num_rows
+    correct = pc.sum(pc.fill_null(scored["correct"], False)).as_py() or 0
+    return {"accuracy": correct / n if n else None, "n": n, "ci95": list(wilson_interval(correct, n))}
+
+
+def _summary_line(m: dict) -> str:
+    """The stage's one summary line (console markup); with failed rows it says so loudly, with the most
+    common reasons and the fix."""
+    from rich.markup import escape
+
+    kept = f"generate: kept {m['train_rows_kept']}/{m['train_problems']} train rationales"
+    tail = f"{m['cached_rows']} rows from cache, {m['seconds']:.0f}s"
+    if not m["failed_rows"]:
+        return escape(f"{kept}, teacher eval accuracy {m['teacher_eval_accuracy'] or 0.0:.1%}, {tail}")
+    n, total = m["teacher_eval_n"], m["eval_problems"]
+    accuracy = (
+        f"teacher eval accuracy {m['teacher_eval_accuracy']:.1%} on {n} of {total} eval problems"
+        if n
+        else f"no teacher eval accuracy (it answered none of the {total} eval problems)"
+    )
+    failed = f"{m['failed_rows']} rows FAILED ({failures_text(m['failures'])})"
+    fix = "the run is partial: rerun the same command to retry them"
+    return f"[bold yellow]{escape(f'{kept}, {accuracy}, {tail}; {failed} — {fix}')}[/]"

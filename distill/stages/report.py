@@ -30,6 +30,36 @@ def accuracy_rows(scores: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def partial_lines(stage_metrics: dict) -> list[str]:
+    """The report's warning when the teacher failed on some rows: how many, the most common reasons,
+    what the accuracies count, whether a student learned from the rest, and how to retry."""
+    from distill.teachers.budget import failures_text
+
+    gen = stage_metrics.get("generate", {})
+    if not gen.get("failed_rows"):
+        return []
+    answered, total = gen.get("teacher_eval_n", 0), gen["eval_problems"]
+    teacher = (
+        f"the teacher's accuracy is on the {answered} of {total} eval problems it answered"
+        if answered
+        else f"the teacher answered none of the {total} eval problems, so it has no accuracy"
+    )
+    if "train" in stage_metrics:
+        trained = (
+            f"the student was trained on the {gen['train_rows_kept']} rationales kept from the rows that "
+            "succeeded (`--allow-partial`)"
+        )
+    else:
+        trained = "this run trained no student (`distill run` stops after generate unless `--allow-partial`)"
+    return [
+        f"**Partial run:** the teacher failed on {gen['failed_rows']} of {gen['problems']} rows, retries spent "
+        f"({gen.get('failed_train_rows', '?')} train, {gen.get('failed_eval_rows', '?')} eval; "
+        f"{failures_text(gen.get('failures', []), top=3)}). Failed rows count in no accuracy: {teacher}; "
+        f"{trained}. Run the same command again to retry only the failed rows.",
+        "",
+    ]
+
+
 def _plot_loss(losses: list[dict], path: Path, dev: list[dict] = (), best_step: int | None = None) -> None:
     """Training loss per step; with a dev split also the dev loss, and dev accuracy on a second axis."""
     import matplotlib
@@ -149,6 +179,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
     dev_file = run_dir / "train" / "dev.json"
     dev = json.loads(dev_file.read_text()) if dev_file.exists() else []
     lines = [f"# distill run `{recipe['name']}`", ""]
+    lines += partial_lines(stage_metrics)
     lines += ["| model | accuracy | 95% CI | size |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in accuracy_rows(scores)]
     lines += ["", "| stage | seconds |", "|---|---|"]
@@ -159,7 +190,8 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             "",
             f"Teacher `{gen.get('teacher_model')}`: kept {gen.get('train_rows_kept')} of {gen.get('train_problems')} "
             f"train rationales (correct answers only), {gen.get('tokens_out')} tokens generated, "
-            f"{gen.get('cached_rows')} rows served from the cache.",
+            f"{gen.get('cached_rows')} rows served from the cache"
+            + (f", {gen['failed_rows']} rows FAILED." if gen.get("failed_rows") else "."),
         ]
     lines += training_lines(stage_metrics.get("train", {}), dev)
     exp = stage_metrics.get("export", {})

@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "generate", "train", "export", "eval", "ablate", "infer", "serve", "jobs")
+COMMANDS = ("run", "generate", "train", "export", "eval", "ablate", "infer", "serve", "jobs", "recipe")
 
 
 def _cli(*args, cwd=ROOT):
@@ -44,7 +44,7 @@ def test_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'runs'}\nstudnet:\n  epochs: 1\n")
     line = _one_error_line(_cli("run", str(recipe)))
-    assert line == "error: unknown recipe key 'studnet' — did you mean 'student'?"
+    assert line == "error: unknown recipe key 'studnet' — did you mean 'student'? (see `distill recipe keys`)"
     assert not (tmp_path / "runs").exists()
 
 
