@@ -754,11 +754,13 @@ def _explain_override(err: ValidationError, data: dict, overrides) -> DistillErr
     else:
         return None
     value, problem = _yaml_value(raw)
+    shown = override if override.isprintable() else f"{key.strip()}={raw!r}"  # one line, control characters escaped
+    problem = problem if problem is None or problem.isprintable() else repr(problem)
     if problem is not None:
         if first["type"] == "string_type" or not first["type"].endswith(("_type", "_parsing")):
             return None  # text was accepted as text; the value itself is wrong
         return DistillError(
-            f"{override} is not valid YAML ({problem}), so it was read as the text {raw!r}",
+            f"{shown} is not valid YAML ({problem}), so it was read as the text {raw!r}",
             "write the value as YAML, e.g. a list as [0, 2, 4] and a mapping as {loss: jsd}",
         )
     text = raw.strip()
@@ -766,7 +768,7 @@ def _explain_override(err: ValidationError, data: dict, overrides) -> DistillErr
         return None
     quoted = shlex.quote(f"{key.strip()}={json.dumps(text, ensure_ascii=False)}")  # a YAML string, shell-quoted
     return DistillError(
-        f"{override} was read as YAML, which made it {_yaml_made(value, text)}", f"quote the value: {quoted}"
+        f"{shown} was read as YAML, which made it {_yaml_made(value, text)}", f"quote the value: {quoted}"
     )
 
 

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from distill.config import Recipe, content_hash, load_recipe
@@ -89,6 +89,7 @@ def test_any_unknown_top_level_key_is_rejected(key):
     ),
     st.one_of(st.text(max_size=12), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.booleans()),
 )
+@example("task.train_size", "\x1f\n")  # not YAML, with a newline: the message escapes it (one line)
 def test_any_override_value_is_accepted_or_one_clear_error(key, value):
     """Whatever a user types for a known key: a valid recipe, or a DistillError naming that key."""
     try:
