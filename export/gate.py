@@ -42,6 +42,8 @@ class VariantResult:
     gap_high: float | None = None
     rejected_after: int | None = None  # scoring stopped early after this many problems
     decision: str | None = None  # the gate's sentence for this variant
+    first_token_ms: float | None = None  # median prompt-to-first-token time, batch 1, 1 thread
+    peak_rss_bytes: int | None = None  # peak resident memory of the process that scored it alone
 
     def row(self) -> dict:
         return asdict(self)
@@ -194,24 +196,33 @@ def score_variants(
     is clearly below ``tolerance`` when ``early_reject``."""
     outcomes: dict[str, list[dict]] = {}
     base = next(r for r in results if r.preset == "fp32")
-    summary, outcomes["fp32"] = score_variant(folder, base.file, problems, task, max_new_tokens, batch_size, "fp32")
-    _fill(base, summary)
-    reference = [bool(x["correct"]) for x in outcomes["fp32"]]
     todo = [r for r in results if r.error is None and r.preset != "fp32"]
-    workers = min(len(todo), workers or os.cpu_count() or 1)
     stop_at = tolerance if early_reject else None
-    args = [(folder, r.file, problems, task, max_new_tokens, batch_size, r.preset, reference, stop_at) for r in todo]
-    if workers <= 1:
+    fp32_args = (folder, base.file, problems, task, max_new_tokens, batch_size, "fp32")
+    if workers == 1:  # in this process, one after another (no memory figure: the process holds more)
+        summary, outcomes["fp32"] = score_variant(*fp32_args)
+        reference = [bool(x["correct"]) for x in outcomes["fp32"]]
+        args = [
+            (folder, r.file, problems, task, max_new_tokens, batch_size, r.preset, reference, stop_at) for r in todo
+        ]
         done = [score_variant(*a) for a in args]
-    else:
+    else:  # each variant in a fresh process of its own: fp32 first, then the others side by side
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         from distill.core.progress import console
 
-        console.print(f"gate: scoring {', '.join(r.preset for r in todo)} in {workers} processes")
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        size = max(1, min(len(todo), workers or os.cpu_count() or 1))
+        with ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+            summary, outcomes["fp32"] = pool.submit(_score_in_worker, fp32_args).result()
+            reference = [bool(x["correct"]) for x in outcomes["fp32"]]
+            args = [
+                (folder, r.file, problems, task, max_new_tokens, batch_size, r.preset, reference, stop_at) for r in todo
+            ]
+            if todo:
+                console.print(f"gate: scoring {', '.join(r.preset for r in todo)} in {size} processes")
             done = list(pool.map(_score_in_worker, args))
+    _fill(base, summary)
     for r, (summary, rows) in zip(todo, done):
         _fill(r, summary)
         outcomes[r.preset] = rows
@@ -227,17 +238,37 @@ def _fill(r: VariantResult, summary: dict) -> None:
     r.accuracy, r.correct, r.n = summary["accuracy"], summary["correct"], summary["n"]
     r.tokens_per_second = summary["tokens_per_second"]
     r.rejected_after = summary.get("rejected_after")
+    r.first_token_ms = summary.get("first_token_ms")
+    r.peak_rss_bytes = summary.get("peak_rss_bytes")
 
 
 def _score_in_worker(args: tuple):
-    """``score_variant`` in a spawned process: one thread, no progress bar (the parent reports)."""
+    """``score_variant`` in a fresh spawned process (one per variant): one thread, no progress bar
+    (the parent reports), and the process's peak resident memory, which is this variant's alone."""
+    import resource
+
     from distill.core.env import set_env_defaults
 
     set_env_defaults()
-    return score_variant(*args, show_progress=False)
+    summary, rows = score_variant(*args, show_progress=False)
+    summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return summary, rows
 
 
 EARLY_LOOK = 40  # problems scored before a variant may be rejected early
+FIRST_TOKEN_PROMPTS = 3  # prompts timed one at a time for the first-token latency
+
+
+def first_token_ms(gen, questions: list[str]) -> float | None:
+    """Median time from a prompt to its first new token, batch 1 (prefill and one step), in ms."""
+    import statistics
+
+    times = []
+    for q in questions:
+        t0 = time.perf_counter()
+        gen.generate([q], 1, 1)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times) if times else None
 
 
 def score_variant(
@@ -285,6 +316,7 @@ def score_variant(
     summary, rows = score(outs, problems[: len(outs)], task)
     summary["tokens_per_second"] = gen.tokens_generated / max(seconds, 1e-9)
     summary["seconds"] = seconds
+    summary["first_token_ms"] = first_token_ms(gen, questions[:FIRST_TOKEN_PROMPTS])
     if rejected is not None:
         summary["rejected_after"] = rejected
     return summary, rows

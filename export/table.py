@@ -18,16 +18,22 @@ COLUMNS = (
     "vs fp32 (problems)",
     "gap, 95% CI (points)",
     "tokens/s (1 thread)",
+    "first token (ms)",
+    "peak RSS",
     "kept",
 )
 # The same columns under short labels: the console is often 80 columns wide (job logs, CI).
-# The console drops the size ratio and shows only the gap's interval (the markdown has both).
+# The console drops the size ratio, latency and memory, and shows only the gap's interval (the
+# markdown has them all).
 SHORT_COLUMNS = ("variant", "size", "top-1", "accuracy", "vs fp32", "95% CI", "tok/s", "kept")
-_SHORT_CELLS = (0, 1, 3, 4, 5, 6, 7, 8)  # which of COLUMNS the console shows
+_SHORT_CELLS = (0, 1, 3, 4, 5, 6, 7, 10)  # which of COLUMNS the console shows
 CAPTION = (
     "top-1 vs torch: next-token agreement with the torch student on the verify prompts; "
     "vs fp32: gate problems lost / gained against fp32; gap: accuracy difference to fp32 with its paired "
-    "exact 95% interval; tokens/s: greedy decoding, 1 thread"
+    "95% interval (Tango); tokens/s: greedy decoding, 1 thread"
+)
+CAPTION_FULL = (
+    CAPTION + "; first token: prompt to first new token, batch 1; peak RSS: the process that scored the variant alone"
 )
 NONE = "—"
 
@@ -56,6 +62,8 @@ def _cells(r: Mapping, fp32_bytes: int | None) -> list[str]:
         changes_cell(r.get("preset", ""), r.get("lost"), r.get("gained")),
         _gap_cell(r),
         f"{tps:.0f}" if tps else NONE,
+        f"{r['first_token_ms']:.0f}" if r.get("first_token_ms") else NONE,
+        f"{r['peak_rss_bytes'] / 1e6:.0f} MB" if r.get("peak_rss_bytes") else NONE,
         "✓" if r.get("chosen") else "",
     ]
 
@@ -90,7 +98,7 @@ def variant_markdown(variants: Iterable[VariantResult | Mapping]) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    lines = [line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows), "", CAPTION + "."]
+    lines = [line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows), "", CAPTION_FULL + "."]
     decisions = decision_lines(variants)
     if decisions:
         lines += ["", "Gate (a variant is kept when its interval's lower end is within the tolerance):", *decisions]

@@ -77,6 +77,13 @@ def test_gate_split_is_disjoint_and_every_variant_has_its_interval(gated, tiny_t
             said = "within tolerance" if kept else "not shown within" if v.get("rejected_after") is None else "rejected"
             assert v["decision"].startswith(f"{v['preset']} {said}")
             print(v["decision"])
+    # every variant scored alone in a fresh process: its latency and memory are its own
+    for v in exp["variants"]:
+        assert v["first_token_ms"] > 0 and 50e6 < v["peak_rss_bytes"] < 4e9, v
+    assert (
+        f"{exp['variants'][0]['peak_rss_bytes'] / 1e6:.0f} MB"
+        in (run.stages["export"].dir / "bundle" / "README.md").read_text()
+    )
     chosen = next(v for v in exp["variants"] if v["chosen"])
     assert chosen["preset"] == exp["chosen"]
     # the evaluate stage scores the kept file on the eval split itself (the gate saw other problems)

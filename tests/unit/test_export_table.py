@@ -6,7 +6,21 @@ from distill.export.table import COLUMNS, variant_markdown, variant_rich_table, 
 
 def _results() -> list[VariantResult]:
     return [
-        VariantResult("fp32", "model.onnx", 1_000_000, 0.5, 3, 6, 120.4, 1.0, "4/4", lost=0, gained=0),
+        VariantResult(
+            "fp32",
+            "model.onnx",
+            1_000_000,
+            0.5,
+            3,
+            6,
+            120.4,
+            1.0,
+            "4/4",
+            lost=0,
+            gained=0,
+            first_token_ms=41.2,
+            peak_rss_bytes=612_300_000,
+        ),
         VariantResult(
             "int8",
             "model.int8.onnx",
@@ -29,9 +43,9 @@ def _results() -> list[VariantResult]:
 
 
 CELLS = [
-    ["fp32", "1.0 MB", "1.000", "100.0%", "50.0% (3/6)", "—", "—", "120", ""],
-    ["int8", "0.3 MB", "0.270", "98.0%", "50.0% (3/6)", "−1 / +1", "+0.0 (−30.0…+30.0)", "250", "✓"],
-    ["int4", "—", "—", "—", "MatMulNBits [bits=4] failed | x", "—", "—", "—", ""],
+    ["fp32", "1.0 MB", "1.000", "100.0%", "50.0% (3/6)", "—", "—", "120", "41", "612 MB", ""],
+    ["int8", "0.3 MB", "0.270", "98.0%", "50.0% (3/6)", "−1 / +1", "+0.0 (−30.0…+30.0)", "250", "—", "—", "✓"],
+    ["int4", "—", "—", "—", "MatMulNBits [bits=4] failed | x", "—", "—", "—", "—", "—", ""],
 ]
 
 
@@ -46,6 +60,8 @@ def test_cells_from_results_and_from_metrics_dicts():
         "vs fp32 (problems)",
         "gap, 95% CI (points)",
         "tokens/s (1 thread)",
+        "first token (ms)",
+        "peak RSS",
         "kept",
     ]
     assert rows == CELLS
@@ -56,17 +72,19 @@ def test_cells_from_results_and_from_metrics_dicts():
         del d["lost"], d["gained"], d["gap_low"], d["gap_high"]
     assert [r[5:7] for r in variant_table(dicts)[1]] == [["—", "—"]] * 3
     ungated = [{**d, "accuracy": None, "correct": None, "n": None, "tokens_per_second": None} for d in dicts[:2]]
-    assert variant_table(ungated)[1][1] == ["int8", "0.3 MB", "0.270", "98.0%", "—", "—", "—", "—", "✓"]
+    assert variant_table(ungated)[1][1] == ["int8", "0.3 MB", "0.270", "98.0%", "—", "—", "—", "—", "—", "—", "✓"]
 
 
 def test_markdown_table():
     md = variant_markdown(_results())
     lines = md.splitlines()
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |"
-    assert lines[1] == "|---|---|---|---|---|---|---|---|---|"
-    assert lines[2] == "| fp32 | 1.0 MB | 1.000 | 100.0% | 50.0% (3/6) | — | — | 120 |  |"
-    assert lines[3] == "| int8 | 0.3 MB | 0.270 | 98.0% | 50.0% (3/6) | −1 / +1 | +0.0 (−30.0…+30.0) | 250 | ✓ |"
-    assert lines[4] == "| int4 | — | — | — | MatMulNBits [bits=4] failed \\| x | — | — | — |  |"  # pipe escaped
+    assert lines[1] == "|---|---|---|---|---|---|---|---|---|---|---|"
+    assert lines[2] == "| fp32 | 1.0 MB | 1.000 | 100.0% | 50.0% (3/6) | — | — | 120 | 41 | 612 MB |  |"
+    assert (
+        lines[3] == "| int8 | 0.3 MB | 0.270 | 98.0% | 50.0% (3/6) | −1 / +1 | +0.0 (−30.0…+30.0) | 250 | — | — | ✓ |"
+    )
+    assert lines[4] == "| int4 | — | — | — | MatMulNBits [bits=4] failed \\| x | — | — | — | — | — |  |"  # pipe escaped
     assert lines[5] == "" and lines[6].startswith("top-1 vs torch: ")
     assert lines[7:] == [
         "",
@@ -92,7 +110,7 @@ def test_rich_table_has_the_same_cells_and_fits_80_columns():
         # a failed variant's error folds onto the next lines
         line = next(ln for ln in text.splitlines() if ln.startswith(f" {row[0]} "))
         cells = re.split(r"\s{2,}", line.strip())
-        short = [c.split("(")[-1].rstrip(")") if i == 6 else c for i, c in enumerate(row) if i != 2]
+        short = [c.split("(")[-1].rstrip(")") if i == 6 else c for i, c in enumerate(row) if i not in (2, 8, 9)]
         if "failed" not in row[4]:
             assert cells == [c for c in short if c]
         else:
