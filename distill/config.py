@@ -472,6 +472,11 @@ class ExportConfig(Strict):
         0.0, ge=0, le=1, description="SmoothQuant migration strength folded into weights before export (0 = off)"
     )
     block_size: int = Field(32, ge=16, description="quantization block size for int8/int4 (power of two)")
+    int4_algorithm: Literal["rtn", "hqq"] = Field(
+        "rtn",
+        description="int4 weights: rtn (round to nearest, symmetric) or hqq (half-quadratic: each block's scale "
+        "and zero point fitted to the weights, no calibration data)",
+    )
     keep_fp32_nodes: list[str] = Field(
         default_factory=list,
         description="MatMul nodes to keep in fp32, named by module (e.g. model.layers.0.mlp.down_proj/MatMul)",
@@ -639,6 +644,7 @@ OPTIONAL_DEFAULTS = {
     "task.split": "order",
     "export.gate_size": 0,
     "export.gate_rule": "accuracy",
+    "export.int4_algorithm": "rtn",
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",

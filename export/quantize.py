@@ -116,8 +116,13 @@ def quantize_weight_only(
     exclude: list[str] = (),
     node_block_sizes: dict[str, int] | None = None,
     embed_block_size: int | None = None,
+    algorithm: str = "rtn",
 ) -> dict:
     """Blockwise weight-only quantization of constant-weight MatMuls to ``MatMulNBits``.
+
+    ``algorithm``: ``rtn`` rounds each block to the nearest of a symmetric grid; ``hqq`` (half-quadratic
+    quantization, onnxruntime's ``HQQWeightOnlyQuantConfig``) fits each block's scale and zero point to
+    minimise the weight error, with no calibration data (asymmetric).
 
     ``accuracy_level`` 4 computes with int8 (activations quantized per block at run time); 0/1
     dequantize to fp32. ``node_block_sizes`` gives some nodes their own block size;
@@ -133,6 +138,11 @@ def quantize_weight_only(
     all_nodes = set(matmul_nodes(src))
     for size in sorted({block_size, *per_node.values()}):
         mine = {n for n in all_nodes if per_node.get(n, block_size) == size}
+        algo = None
+        if algorithm == "hqq":
+            from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+            algo = HQQWeightOnlyQuantConfig(block_size=size, bits=bits)
         quantizer = MatMulNBitsQuantizer(
             model,
             bits=bits,
@@ -140,9 +150,12 @@ def quantize_weight_only(
             is_symmetric=True,
             accuracy_level=accuracy_level,
             nodes_to_exclude=sorted(set(exclude) | (all_nodes - mine)),
+            algo_config=algo,
         )
         quantizer.process()
         model = quantizer.model.model
+    if algorithm == "hqq":
+        _set_accuracy_level(model, accuracy_level)  # HQQ writes none: the kernel would compute in fp32
     embed_block = embed_block_size or block_size
     shared = share_quantized_embedding(model, embed_block, accuracy_level)
     save_model(model, dst)
@@ -155,10 +168,20 @@ def quantize_weight_only(
         "bits": bits,
         "block_size": block_size,
         "node_block_sizes": per_node,
-        "symmetric": True,
+        "symmetric": algorithm == "rtn",
+        "algorithm": algorithm,
         "accuracy_level": accuracy_level,
         "nodes_kept_fp32": sorted(exclude),
     }
+
+
+def _set_accuracy_level(model, level: int) -> None:
+    """Give every ``MatMulNBits`` node without one the ``accuracy_level`` attribute (4: int8 compute)."""
+    import onnx
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
 
 
 def save_model(model, dst: Path) -> None:
@@ -242,10 +265,11 @@ def convert_fp16(src: Path, dst: Path) -> dict:
 
 PRESETS = ("int8", "int4", "int8_dynamic", "int8_static", "fp16")
 CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq")
 # The settings each preset reads: what ``to_dict`` saves and its named constructor takes.
 _SETTINGS = {
     "int8": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32"),
-    "int4": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32"),
+    "int4": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32", "algorithm"),
     "int8_dynamic": ("keep_fp32", "keep_groups"),
     "int8_static": ("keep_groups", "calibrate_method", "embed_block_size", "keep_fp32"),
     "fp16": (),
@@ -276,10 +300,13 @@ class QuantPreset:
     keep_fp32: tuple[str, ...] = ()  # MatMul node names left fp32
     keep_groups: tuple[str, ...] = ()  # int8_dynamic/int8_static: projection groups left fp32
     calibrate_method: str = "MinMax"  # int8_static: activation range calibration
+    algorithm: str = "rtn"  # int8/int4: rtn (round to nearest, symmetric) or hqq (fitted scale and zero point)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown quantization preset {self.preset!r} (one of {', '.join(PRESETS)})")
+        if self.algorithm not in WEIGHT_ONLY_ALGORITHMS:
+            raise ValueError(f"algorithm {self.algorithm!r}: one of {', '.join(WEIGHT_ONLY_ALGORITHMS)}")
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise ValueError(f"calibrate_method {self.calibrate_method!r}: one of {', '.join(CALIBRATE_METHODS)}")
         unknown = set(self.keep_groups) - set(LINEAR_GROUPS)
@@ -309,18 +336,22 @@ class QuantPreset:
         group_block_sizes: Mapping[str, int] | Iterable[tuple[str, int]] = MLP_BLOCKS,
         embed_block_size: int | None = 64,
         keep_fp32: Iterable[str] = (),
+        algorithm: str = "rtn",
     ) -> QuantPreset:
         """Weight-only blockwise int4 (``MatMulNBits`` bits=4), the tied embedding shared as int8."""
-        return cls._weight_only("int4", block_size, group_block_sizes, embed_block_size, keep_fp32)
+        return cls._weight_only("int4", block_size, group_block_sizes, embed_block_size, keep_fp32, algorithm)
 
     @classmethod
-    def _weight_only(cls, preset, block_size, group_block_sizes, embed_block_size, keep_fp32) -> QuantPreset:
+    def _weight_only(
+        cls, preset, block_size, group_block_sizes, embed_block_size, keep_fp32, algorithm="rtn"
+    ) -> QuantPreset:
         return cls(
             preset,
             block_size=block_size,
             group_block_sizes=_block_pairs(group_block_sizes),
             embed_block_size=embed_block_size,
             keep_fp32=tuple(keep_fp32),
+            algorithm=algorithm,
         )
 
     @classmethod
@@ -388,7 +419,7 @@ def make_variant(preset: QuantPreset, src: Path, dst: Path, feeds: list[dict] | 
     if preset.preset in ("int8", "int4"):
         blocks = {n: b for g, b in preset.group_block_sizes for n in groups.get(g, [])}
         record = quantize_weight_only(
-            src, dst, preset.bits, preset.block_size, 4, kept, blocks, preset.embed_block_size
+            src, dst, preset.bits, preset.block_size, 4, kept, blocks, preset.embed_block_size, preset.algorithm
         )
     elif preset.preset == "int8_dynamic":
         record = quantize_dynamic_int8(src, dst, kept)

@@ -56,7 +56,7 @@ def quant_presets(cfg) -> dict:
     }
     return {
         "int8": QuantPreset.int8(**weight_only),
-        "int4": QuantPreset.int4(**weight_only),
+        "int4": QuantPreset.int4(**weight_only, algorithm=cfg.int4_algorithm),
         "int8_dynamic": QuantPreset.int8_dynamic(keep_fp32=cfg.keep_fp32_nodes),
         "int8_static": QuantPreset.int8_static(
             keep_groups=cfg.static_keep_groups,

@@ -51,7 +51,11 @@ def test_named_constructors_and_their_dicts():
         "group_block_sizes": {},
         "embed_block_size": None,
         "keep_fp32": [],
+        "algorithm": "rtn",
     }
+    assert QuantPreset.int4(algorithm="hqq").to_dict()["algorithm"] == "hqq"
+    with pytest.raises(ValueError, match="algorithm 'gptq'"):
+        QuantPreset.int4(algorithm="gptq")
     assert QuantPreset.int8_dynamic().to_dict() == {"preset": "int8_dynamic", "keep_fp32": [], "keep_groups": ["down"]}
     assert QuantPreset.int8_static(keep_groups=["down", "gate"], calibrate_method="Percentile").to_dict() == {
         "preset": "int8_static",
@@ -156,3 +160,39 @@ def test_fp16_preset(fp32):
     assert config == {"preset": "fp16", "keep_io_types": True}
     weights = [i for i in onnx.load(str(out / "model.fp16.onnx")).graph.initializer if len(i.dims) == 2]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+
+
+def _logits(path, ids):
+    import onnxruntime as ort
+
+    from distill.export.calibration import feeds_for
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = feeds_for(path, [ids], 2, 16)[0]
+    return session.run(None, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})[0]
+
+
+def test_hqq_int4_fits_the_weights_better_than_round_to_nearest(fp32):
+    """HQQ (fitted scale and zero point per block) writes MatMulNBits with int8 compute and an
+    asymmetric grid, and its logits stay closer to fp32's than round-to-nearest int4's do."""
+    import onnx
+
+    out = fp32.parent
+    rtn = make_variant(QuantPreset.int4(), fp32, out / "model.int4.onnx")
+    hqq = make_variant(QuantPreset.int4(algorithm="hqq"), fp32, out / "model.int4hqq.onnx")
+    assert (rtn["algorithm"], rtn["symmetric"], hqq["algorithm"], hqq["symmetric"]) == ("rtn", True, "hqq", False)
+    nodes = [n for n in onnx.load(str(out / "model.int4hqq.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all(
+        {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("accuracy_level") == 4 for n in nodes
+    )
+    four = [n for n in nodes if {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"] == 4]
+    assert four and all(len(n.input) >= 4 and n.input[3] for n in four)  # zero points: an asymmetric grid
+    rng = np.random.default_rng(1)
+    errors = {"rtn": 0.0, "hqq": 0.0}
+    for _ in range(4):
+        ids = rng.integers(3, 300, 16).tolist()
+        ref = _logits(fp32, ids)
+        for name, file in (("rtn", "model.int4.onnx"), ("hqq", "model.int4hqq.onnx")):
+            errors[name] += float(np.abs(_logits(out / file, ids) - ref).mean())
+    print("mean |logit error| vs fp32 over 4 prompts:", errors)
+    assert errors["hqq"] < errors["rtn"]
