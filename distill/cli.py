@@ -198,7 +198,7 @@ def ablate(
         r = load_recipe(recipe, overrides or [])
         from distill.ablate import ablate as run_ablation
 
-        command = " ".join(["distill ablate", str(recipe), *(overrides or [])])
+        command = " ".join(["distill ablate", str(recipe), *(overrides or []), "--formats", formats])
         fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
         table = run_ablation(r, fmts, force, resume, command=command)
         print(r.run_dir / "ablate" / "ablation.md")
