@@ -443,8 +443,8 @@ class ExportConfig(Strict):
     )
     gate: bool = Field(
         True,
-        description="score every variant on the gate split and keep the smallest shown within tolerance of fp32 "
-        "(paired exact 95% interval of the accuracy gap)",
+        description="score every variant on the gate split and keep the smallest within tolerance of fp32 by "
+        "export.gate_rule (each variant's accuracy gap with its paired 95% interval in the table)",
     )
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a variant may lose vs fp32 (0.01 = 1 point)")
     gate_size: int | Literal["auto"] = Field(
