@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from distill.core.errors import DistillError
-from distill.core.locks import ensure_free, run_lock
+from distill.core.locks import ensure_free, pid_alive, run_lock
 
 STORE = Path(".distill") / "jobs.sqlite"
 STORE_ENV = "DISTILL_JOB_STORE"
@@ -119,7 +119,7 @@ class JobStore:
         job = dict(row)
         job["overrides"] = json.loads(job["overrides"])
         job["progress"] = json.loads(job["progress"] or "{}")
-        if job["state"] == "running" and job["pid"] and not _alive(job["pid"]):
+        if job["state"] == "running" and job["pid"] and not pid_alive(job["pid"]):
             job["state"] = "failed"  # the runner died without saying so (kill -9, reboot)
             job["error"] = job["error"] or "runner process disappeared; `distill jobs resume` continues it"
         return job
@@ -132,20 +132,6 @@ class JobStore:
             fields["progress"] = json.dumps(fields["progress"])
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child (exited, not yet reaped) is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def start_runner(store: JobStore, job_id: str) -> int:
@@ -210,10 +196,10 @@ def cancel(job_id: str, store: Path | None = None) -> dict:
     except ProcessLookupError:
         pass
     for _ in range(100):
-        if not _alive(job["pid"]):
+        if not pid_alive(job["pid"]):
             break
         time.sleep(0.1)
-    if not _alive(job["pid"]):
+    if not pid_alive(job["pid"]):
         _end_log_with(Path(job["log"]), note)
     jobs.update(job_id, state="cancelled", finished=time.time(), error=note)
     return jobs.get(job_id)
@@ -321,7 +307,7 @@ def _duration(seconds: float) -> str:
 
 def _is_runner(pid: int | None, job_id: str) -> bool:
     """Whether ``pid`` is alive and still this job's runner (not a later process that got the same pid)."""
-    if not pid or not _alive(pid):
+    if not pid or not pid_alive(pid):
         return False
     try:
         return job_id in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")

@@ -245,10 +245,13 @@ def _read_holder(path: Path) -> dict | None:
 def _plausible(info: dict) -> bool:
     """Whether ``info`` can name the live holder: a pid of this host that is gone (or a zombie) is the
     killed previous holder, whose metadata the new holder has not overwritten yet."""
-    return info.get("host") != socket.gethostname() or _alive(info["pid"])
+    return info.get("host") != socket.gethostname() or pid_alive(info["pid"])
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running: it exists (or is another user's) and is no
+    zombie (exited, not yet reaped). The state is read after the last ``)`` of /proc/<pid>/stat, since
+    the command name in parentheses may itself hold spaces."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -161,12 +161,12 @@ def _blocked(store: Path, job_id: str) -> dict:
 
 def _wait_exit(pid: int, timeout: float = 60) -> None:
     """Until the runner ``pid`` has exited (it records the final state, then shuts its interpreter down)."""
-    from distill.jobs import _alive
+    from distill.core.locks import pid_alive
 
     t0 = time.time()
-    while _alive(pid) and time.time() - t0 < timeout:
+    while pid_alive(pid) and time.time() - t0 < timeout:
         time.sleep(0.05)
-    assert not _alive(pid), f"runner {pid} still running {timeout}s after its job ended"
+    assert not pid_alive(pid), f"runner {pid} still running {timeout}s after its job ended"
 
 
 def _log_lines(job: dict) -> list[str]:
