@@ -3,7 +3,6 @@ and a fault-injecting proxy (raw sockets) between them. No mock objects."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from serving import free_port, served
 
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, dict]:
@@ -42,19 +36,6 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    raise AssertionError(f"{url} never came up")
-
-
 @pytest.fixture(scope="module")
 def secret() -> str:
     return f"sk-distill-test-{uuid.uuid4().hex}"
@@ -63,27 +44,9 @@ def secret() -> str:
 @pytest.fixture(scope="module")
 def server(tiny_teacher, secret, tmp_path_factory):
     """`distill serve` on loopback with a token, serving the tiny teacher."""
-    port = _free_port()
-    env = {**os.environ, "DISTILL_SERVE_TOKEN": secret}
-    # the server's output (an access line per request) goes to a file: a pipe nobody reads fills up
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill", "serve", f"hf:{tiny_teacher}", "--port", str(port), "--name", "tiny"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/health", proc)
-    except AssertionError:
-        log.seek(0)
-        raise AssertionError(f"server did not come up: {log.read()}") from None
-    yield url
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with served(tiny_teacher, log_path, {**os.environ, "DISTILL_SERVE_TOKEN": secret}) as url:
+        yield url
 
 
 @pytest.fixture
@@ -163,7 +126,7 @@ def test_serve_auth_and_loopback_default(server, secret, tiny_teacher):
     assert status == 200 and body["data"][0]["id"] == "tiny"
     # Not loopback and no token: refused before any weight is loaded.
     env = {k: v for k, v in os.environ.items() if k != "DISTILL_SERVE_TOKEN"}
-    r = _cli("serve", f"hf:{tiny_teacher}", "--host", "0.0.0.0", "--port", str(_free_port()), cwd=TESTS, env=env)
+    r = _cli("serve", f"hf:{tiny_teacher}", "--host", "0.0.0.0", "--port", str(free_port()), cwd=TESTS, env=env)
     assert r.returncode == 2
     lines = [ln for ln in r.stdout.splitlines() + r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "without a token" in lines[0] and "DISTILL_SERVE_TOKEN" in lines[0]

@@ -7,28 +7,19 @@ run says loudly that it is partial (exit code 3), `distill run` stops before tra
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from serving import free_port, served
 from tiny import write_recipe
 
 pytestmark = pytest.mark.integration
 
 PARTIAL = 3
-
-
-def _free_port() -> int:
-    """A loopback port nothing listens on (bound once to pick it, then released, never listened on)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -62,39 +53,15 @@ def env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def dead_url() -> str:
-    return f"http://127.0.0.1:{_free_port()}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_teacher, env, tmp_path_factory):
     """`distill serve` of the tiny teacher on loopback (no token); yields (base url, its access log)."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill", "serve", f"hf:{tiny_teacher}", "--port", str(port), "--name", "tiny"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(450):
-        if proc.poll() is not None:
-            break
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    else:
-        proc.kill()
-    if proc.poll() is not None:
-        log.seek(0)
-        raise AssertionError(f"distill serve did not come up: {log.read()}")
-    yield url + "/v1", log_path
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    with served(tiny_teacher, log_path, env) as url:
+        yield url + "/v1", log_path
 
 
 @pytest.fixture(scope="module")

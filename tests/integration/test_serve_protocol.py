@@ -5,9 +5,6 @@ teacher, driven by the official `openai` client (streaming, content parts, error
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,31 +12,13 @@ import uuid
 
 import openai
 import pytest
+from serving import served
 
 pytestmark = pytest.mark.integration
 
 QUESTION = "State the final answer to the following arithmetic problem: 3 + 4 ="
 PROMPT = "Let's think step by step. First 12 + 7 ="
 GREEDY = {"model": "tiny", "max_tokens": 16, "temperature": 0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log_path, timeout: float = 90) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {log_path.read_text()}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    raise AssertionError(f"{url} never came up")
 
 
 def _raw(url: str, body: dict | None = None, auth: str | None = None) -> tuple[int, dict, bytes]:
@@ -62,22 +41,9 @@ def secret() -> str:
 @pytest.fixture(scope="module")
 def server(tiny_teacher, secret, tmp_path_factory):
     """`distill serve` on loopback with a token, serving the tiny teacher; yields (url, log file)."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "DISTILL_SERVE_TOKEN": secret}
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "distill", "serve", f"hf:{tiny_teacher}", "--port", str(port), "--name", "tiny"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    _wait_http(url + "/health", proc, log_path)
-    yield url, log_path
-    proc.terminate()
-    proc.wait(10)
+    with served(tiny_teacher, log_path, {**os.environ, "DISTILL_SERVE_TOKEN": secret}) as url:
+        yield url, log_path
 
 
 @pytest.fixture(scope="module")
