@@ -245,14 +245,25 @@ def _fill(r: VariantResult, summary: dict) -> None:
 def _score_in_worker(args: tuple):
     """``score_variant`` in a fresh spawned process (one per variant): one thread, no progress bar
     (the parent reports), and the process's peak resident memory, which is this variant's alone."""
-    import resource
-
     from distill.core.env import set_env_defaults
 
     set_env_defaults()
     summary, rows = score_variant(*args, show_progress=False)
-    summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    summary["peak_rss_bytes"] = peak_rss_bytes()
     return summary, rows
+
+
+def peak_rss_bytes() -> int | None:
+    """This process image's peak resident memory: ``VmHWM`` of /proc/self/status, which starts afresh at
+    exec. Not ``ru_maxrss``: a spawned worker is forked from its parent before it execs, and ``ru_maxrss``
+    keeps the parent's peak across that exec. None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 EARLY_LOOK = 40  # problems scored before a variant may be rejected early

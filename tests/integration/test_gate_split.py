@@ -80,6 +80,11 @@ def test_gate_split_is_disjoint_and_every_variant_has_its_interval(gated, tiny_t
     # every variant scored alone in a fresh process: its latency and memory are its own
     for v in exp["variants"]:
         assert v["first_token_ms"] > 0 and 50e6 < v["peak_rss_bytes"] < 4e9, v
+    # each its own: not one figure inherited from the parent (which holds the torch student too)
+    import resource
+
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert all(v["peak_rss_bytes"] < parent for v in exp["variants"]), (parent, exp["variants"])
     assert (
         f"{exp['variants'][0]['peak_rss_bytes'] / 1e6:.0f} MB"
         in (run.stages["export"].dir / "bundle" / "README.md").read_text()
