@@ -230,6 +230,14 @@ def infer(
     truncate: Annotated[
         bool, typer.Option("--truncate", help="cut a prompt past the model's context to its last tokens that fit")
     ] = False,
+    calculator: Annotated[
+        bool | None,
+        typer.Option(
+            "--calculator/--no-calculator",
+            help="write the value of each arithmetic expression the model ends with '=' (default: as the bundle "
+            "was exported, student.calculator)",
+        ),
+    ] = None,
 ) -> None:
     """Answer questions with an exported bundle through onnxruntime (no torch).
 
@@ -267,7 +275,9 @@ def infer(
                     gen.encode(q, new, truncate)  # every question checked before any is decoded
                 except RequestError as e:
                     raise DistillError(f"{label}{e.problem}", e.fix) from None
-            answers = gen.generate(questions, new, 8, temperature, top_p, seed, truncate=truncate)
+            answers = gen.generate(
+                questions, new, 8, temperature, top_p, seed, truncate=truncate, calculator=calculator
+            )
         except (BundleFormatError, RequestError) as e:
             raise DistillError(e.problem, e.fix) from None
         for q, a in zip(questions, answers):

@@ -386,6 +386,13 @@ class StudentConfig(Strict):
     save_every: int = Field(25, ge=0, description="optimizer steps between resumable checkpoints (0 = none)")
     eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
     eval_batch_size: int = Field(8, ge=1)
+    calculator: bool = Field(
+        False,
+        description="decode the student with a calculator: when its output ends in an arithmetic expression "
+        "and '=' (\"8 + 2 =\"), the value is computed and written for it (GSM8K's calculator, Cobbe et al. "
+        "2021; no annotation in the data needed). Applies to dev and held-out evaluation, the export gate and "
+        "the bundle's runtime (distill infer, distill_runtime.py)",
+    )
 
     @field_validator("epochs", mode="before")
     @classmethod
@@ -648,6 +655,7 @@ OPTIONAL_DEFAULTS = {
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",
+    "student.calculator": False,
 }
 
 # The recipe path of each section model, so a section hashes alone as it does inside the recipe.

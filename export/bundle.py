@@ -16,6 +16,7 @@ from distill.export.runtime import FORMAT_VERSION, GENERATION_FILE
 
 FP32_FILE = "model.onnx"
 RUNTIME_FILE = "distill_runtime.py"
+CALCULATOR_FILE = "distill_calculator.py"  # the runtime's copy of distill.core.calculator
 
 
 def variant_file(preset: str) -> str:
@@ -45,9 +46,11 @@ def write_bundle_files(
     fmt: str = "rationale",
     *,
     padding_side: str,
+    calculator: bool = False,
 ) -> dict:
     """Tokenizer + generation metadata a torch-free runtime needs; returns the metadata.
-    ``padding_side``: how the exported model takes a batch (``PADDING_SIDE`` of its attention layout)."""
+    ``padding_side``: how the exported model takes a batch (``PADDING_SIDE`` of its attention layout);
+    ``calculator``: whether runtimes decode with the calculator (``student.calculator``)."""
     from distill.export.onnx_export import kv_shape
     from distill.students.data import PLACEHOLDER, prompt_template
 
@@ -67,6 +70,7 @@ def write_bundle_files(
         "context_length": model_context(config),  # prompt + new tokens must fit (format 2.1)
         "model_file": model_file,  # the variant runtimes load by default
         "padding_side": padding_side,  # "right" for fused-attention exports (export.gqa)
+        "calculator": calculator,  # decode with distill.core.calculator (format 2.2)
         "format_version": FORMAT_VERSION,
     }
     write_json(bundle / GENERATION_FILE, meta)
@@ -169,6 +173,7 @@ def assemble_bundle(
     max_new_tokens: int,
     fmt: str,
     padding_side: str,
+    calculator: bool = False,
     quant_config: dict | None = None,
     ort_format: bool = False,
     card: str = "",
@@ -176,14 +181,17 @@ def assemble_bundle(
     """Fill ``bundle`` with ``variants_dir/model_file`` (and its external data), the tokenizer and
     generation metadata (``write_bundle_files``), an ORT-format copy when ``ort_format``,
     ``genai_config.json``, ``quantization_config.json`` (the variant's ``quant_config``, if quantized),
-    the runtime as ``distill_runtime.py`` and ``card`` as ``README.md``. Returns the generation metadata."""
+    the runtime as ``distill_runtime.py`` (with its calculator, ``distill_calculator.py``) and ``card`` as ``README.md``. Returns the generation metadata."""
+    import distill.core.calculator as calculator_module
     import distill.export.runtime as runtime
     from distill.core.progress import console
 
     bundle.mkdir(parents=True, exist_ok=True)
     for f in _model_files(variants_dir, model_file):
         shutil.copy2(variants_dir / f, bundle / f)
-    meta = write_bundle_files(tokenizer, config, bundle, max_new_tokens, model_file, fmt, padding_side=padding_side)
+    meta = write_bundle_files(
+        tokenizer, config, bundle, max_new_tokens, model_file, fmt, padding_side=padding_side, calculator=calculator
+    )
     if ort_format:
         from distill.export.onnx_export import save_ort_format
 
@@ -196,6 +204,7 @@ def assemble_bundle(
     if quant_config is not None:
         write_json(bundle / "quantization_config.json", quant_config)
     shutil.copy2(runtime.__file__, bundle / RUNTIME_FILE)
+    shutil.copy2(calculator_module.__file__, bundle / CALCULATOR_FILE)
     if card:
         write_text(bundle / "README.md", card)
     return meta

@@ -18,17 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # inside the project; a bundle carries the same file as distill_calculator.py beside this one
+    from distill.core.calculator import CalculatorState, continues_number
+except ImportError:  # pragma: no cover - exercised by running a bundle's copy in a bare environment
+    from distill_calculator import CalculatorState, continues_number
+
 GENERATION_FILE = "distill_generation.json"
 GENAI_FILE = "genai_config.json"
 # Layout version of the bundle (``major.minor``), written into GENERATION_FILE. A minor bump stays
 # readable by older runtimes; a runtime refuses a major it does not know. Bundles written before
 # versioning have no field and the 1.x layout. 2.0 added ``padding_side``: fused-attention models
 # (export.gqa) take right-padded batches, which a 1.x runtime would left-pad. 2.1 added
-# ``context_length`` (before it, only genai_config.json stated the context).
-FORMAT_VERSION = "2.1"
+# ``context_length`` (before it, only genai_config.json stated the context). 2.2 added ``calculator``
+# (decode with the calculator; a 2.1 runtime ignores it and decodes plainly).
+FORMAT_VERSION = "2.2"
 READS_MAJORS = ("1", "2")
 # max_new_tokens of bundles that do not state one
 DEFAULT_MAX_NEW_TOKENS = 256
+# how many of a row's last tokens are decoded to look for an expression (longer than any it reads)
+CALCULATOR_WINDOW = 48
 
 
 class BundleFormatError(ValueError):
@@ -132,7 +140,17 @@ class OnnxGenerator:
         self.kv_dtype = np.float16 if first is not None and "float16" in first.type else np.float32
         self.context_length = context_length(self.meta, bundle_dir)
         self.max_new_tokens = int(self.meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        self.calculator = bool(self.meta.get("calculator", False))
+        self.calculator_writes = 0  # values the calculator wrote, over this generator's life
         self.tokens_generated = 0
+        self._number_tokens: list[int] | None = None
+
+    def number_tokens(self) -> list[int]:
+        """Vocabulary ids that would extend a number (banned right after a calculator value)."""
+        if self._number_tokens is None:
+            vocab = self.tokenizer.get_vocab()
+            self._number_tokens = [i for token, i in vocab.items() if continues_number(token)]
+        return self._number_tokens
 
     def render(self, question: str) -> str:
         """The prompt string the student was trained on, for one question."""
@@ -196,10 +214,17 @@ class OnnxGenerator:
         top_p: float = 1.0,
         seed: int = 0,
         stop: tuple[str, ...] = (),
+        calculator: bool | None = None,
     ) -> list[list[int]]:
         """Decode a batch of token-id prompts, padded together on the side the model takes (left, or
-        right for fused-attention models); returns the new token ids of each."""
+        right for fused-attention models); returns the new token ids of each. ``calculator`` (default:
+        the bundle's setting) writes the value of each arithmetic expression a row ends with ``=``."""
         n = len(prompts)
+        calc = None
+        if self.calculator if calculator is None else calculator:
+            calc = CalculatorState(
+                n, lambda text: self.tokenizer.encode(text, add_special_tokens=False).ids, self.number_tokens()
+            )
         rng = np.random.default_rng(seed)
         lengths = np.array([len(p) for p in prompts])
         width = int(lengths.max())
@@ -217,7 +242,18 @@ class OnnxGenerator:
         done = np.zeros(n, dtype=bool)
         for _ in range(max_new_tokens):
             logits, past = self.step(ids, mask, positions, past)
-            nxt = _sample(logits[np.arange(n), last, :], temperature, top_p, rng)
+            logits = logits[np.arange(n), last, :]
+            forced: dict[int, int] = {}
+            if calc is not None:
+                for i in np.flatnonzero(~done):
+                    tok = calc.next_forced(i, self.tokenizer.decode(out[i][-CALCULATOR_WINDOW:])) if out[i] else None
+                    if tok is not None:
+                        forced[i] = tok
+                    elif calc.blocks_digits(i):
+                        logits[i, calc.number_tokens] = -np.inf
+            nxt = _sample(logits, temperature, top_p, rng)
+            for i, tok in forced.items():
+                nxt[i] = tok
             last = np.zeros(n, dtype=np.int64)  # from now on one new position per row
             for i in np.flatnonzero(~done):
                 tok = int(nxt[i])
@@ -233,6 +269,8 @@ class OnnxGenerator:
             ids = np.where(done, self.pad_id, nxt)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
             positions = mask.sum(axis=1, keepdims=True) - 1
+        if calc is not None:
+            self.calculator_writes += calc.calls
         return out
 
     def generate(
@@ -245,6 +283,7 @@ class OnnxGenerator:
         seed: int = 0,
         stop: tuple[str, ...] = (),
         truncate: bool = False,
+        calculator: bool | None = None,
     ) -> list[str]:
         """Completions for ``questions`` rendered with the training prompt template (cut at stop strings).
 
@@ -263,7 +302,7 @@ class OnnxGenerator:
         texts: list[str] = []
         for start in range(0, len(questions), batch_size):
             prompts = encoded[start : start + batch_size]
-            for ids in self.generate_ids(prompts, new, temperature, top_p, seed + start, stop):
+            for ids in self.generate_ids(prompts, new, temperature, top_p, seed + start, stop, calculator):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 for s in stop:
                     text = text.split(s)[0] if s in text else text
@@ -285,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--truncate", action="store_true", help="keep the prompt's end when it is past the context")
+    ap.add_argument(
+        "--calculator",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the value of each arithmetic expression ending in '=' (default: the bundle's setting)",
+    )
     args = ap.parse_args(argv)
     if not (args.bundle / GENERATION_FILE).is_file():
         print(f"error: {args.bundle} is not an export bundle (no {GENERATION_FILE})", file=sys.stderr)
@@ -292,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = OnnxGenerator(args.bundle, args.model)
         settings = (args.max_new_tokens, 1, args.temperature, args.top_p, args.seed)
-        print(gen.generate([args.question], *settings, truncate=args.truncate)[0])
+        print(gen.generate([args.question], *settings, truncate=args.truncate, calculator=args.calculator)[0])
     except (BundleFormatError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

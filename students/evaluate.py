@@ -61,8 +61,11 @@ def generate_torch(
     batch_size: int,
     label: str,
     show_progress: bool = True,
+    calculator: bool = False,
 ):
-    """Greedy completions from a torch model for ``questions`` rendered with ``template``."""
+    """Greedy completions from a torch model for ``questions`` rendered with ``template``; with
+    ``calculator``, the result of each arithmetic expression the model ends with ``=`` is written for it
+    (``distill.core.calculator``)."""
     import contextlib
 
     import torch
@@ -76,9 +79,13 @@ def generate_torch(
         for start in range(0, len(questions), batch_size):
             chunk = [render_prompt(template, q) for q in questions[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            processors = (
+                [calculator_processor(tokenizer, enc["input_ids"].shape[1], len(chunk))] if calculator else None
+            )
             with torch.inference_mode():
                 gen = model.generate(
                     **enc,
+                    logits_processor=processors,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=pad,
@@ -89,3 +96,40 @@ def generate_torch(
             outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             advance(len(chunk))
     return outs
+
+
+# how many of a row's last tokens are decoded to look for an expression (longer than any it reads)
+CALCULATOR_WINDOW = 48
+
+
+def calculator_processor(tokenizer, prompt_length: int, rows: int):
+    """A transformers logits processor that makes ``generate`` write the calculator's tokens: after a
+    row's generated text ends in ``<expression> =``, its next tokens are forced to the value's."""
+    import torch
+    from transformers import LogitsProcessor
+
+    from distill.core.calculator import CalculatorState, continues_number
+
+    number_tokens = [i for token, i in tokenizer.get_vocab().items() if continues_number(token)]
+
+    class CalculatorProcessor(LogitsProcessor):
+        def __init__(self):
+            self.state = CalculatorState(
+                rows, lambda text: tokenizer.encode(text, add_special_tokens=False), number_tokens
+            )
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            new = input_ids[:, prompt_length:]
+            if new.shape[1] == 0:
+                return scores
+            for row in range(new.shape[0]):
+                text = tokenizer.decode(new[row, -CALCULATOR_WINDOW:], skip_special_tokens=True)
+                forced = self.state.next_forced(row, text)
+                if forced is not None:
+                    scores[row] = torch.finfo(scores.dtype).min
+                    scores[row, forced] = 0.0
+                elif self.state.blocks_digits(row):
+                    scores[row, self.state.number_tokens] = torch.finfo(scores.dtype).min
+            return scores
+
+    return CalculatorProcessor()

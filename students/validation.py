@@ -40,6 +40,7 @@ class DevSet:
     max_new_tokens: int
     batch_size: int
     pad_id: int
+    calculator: bool = False  # decode as the exported student will (student.calculator)
 
     def loss(self, model) -> float:
         """Token-weighted completion loss of ``model`` on the dev examples (no generation)."""
@@ -81,6 +82,7 @@ class DevSet:
                 self.batch_size,
                 "dev",
                 show_progress=False,  # inside the training bar: one live display at a time
+                calculator=self.calculator,
             )
         finally:
             model.config.use_cache = use_cache

@@ -109,7 +109,16 @@ def evaluate_student(
     model, tokenizer = built or load_student(source, cfg.tokenizer if source == cfg.model else None, cfg.seed)
     questions = [p["question"] for p in problems]
     template = prompt_template(tokenizer, fmt)
-    outs = generate_torch(model, tokenizer, template, questions, cfg.eval_max_new_tokens, cfg.eval_batch_size, label)
+    outs = generate_torch(
+        model,
+        tokenizer,
+        template,
+        questions,
+        cfg.eval_max_new_tokens,
+        cfg.eval_batch_size,
+        label,
+        calculator=cfg.calculator,
+    )
     summary, rows = score(outs, problems, task)
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     summary["bytes"] = summary["parameters"] * 4

@@ -151,6 +151,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         FP32_FILE,
         student.format,
         padding_side=PADDING_SIDE[layout],
+        calculator=student.calculator,
     )
     metrics: dict = {
         "export_seconds": time.time() - t0,
@@ -244,6 +245,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         max_new_tokens=meta["max_new_tokens"],
         fmt=student.format,
         padding_side=meta["padding_side"],
+        calculator=student.calculator,
         quant_config=quant_configs.get(chosen.preset),
         ort_format=cfg.ort_format,
         card=model_card(provenance, results, metrics.get("sensitivity")),

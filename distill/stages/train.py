@@ -73,6 +73,7 @@ def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
         max_new_tokens=cfg.eval_max_new_tokens,
         batch_size=cfg.eval_batch_size,
         pad_id=tokenizer.pad_token_id,
+        calculator=cfg.calculator,
     )
 
 
