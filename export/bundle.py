@@ -137,6 +137,7 @@ class Provenance:
     task: str  # "<source>:<name>"
     rows_kept: int | str  # kept teacher rationales ("?" when unknown)
     recipe_hash: str
+    calculator: bool = False  # decoded with the calculator (student.calculator)
 
 
 def model_card(provenance: Provenance, variants: list[VariantResult], sensitivity: list[dict] | None = None) -> str:
@@ -153,6 +154,15 @@ def model_card(provenance: Provenance, variants: list[VariantResult], sensitivit
         f"- teacher: `{p.teacher}` ({p.teacher_method}), {p.rows_kept} kept rationales on `{p.task}`",
         f"- recipe hash: `{p.recipe_hash}` (full recipe in `distill_config.json`)",
         f'- model file: `{chosen.file}`; runs with onnxruntime + tokenizers only: `python {RUNTIME_FILE} . "question"`',
+        *(
+            [
+                f"- decodes with a calculator (`{CALCULATOR_FILE}`): after the model writes an arithmetic expression "
+                "and `=`, the value is written for it; every accuracy below was measured so. Runtimes that do not "
+                "call it (onnxruntime-genai's loop, `--no-calculator`) decode the model alone."
+            ]
+            if p.calculator
+            else []
+        ),
         "",
         variant_markdown(variants).rstrip(),
     ]

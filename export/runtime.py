@@ -20,8 +20,14 @@ import numpy as np
 
 try:  # inside the project; a bundle carries the same file as distill_calculator.py beside this one
     from distill.core.calculator import CalculatorState, continues_number
-except ImportError:  # pragma: no cover - exercised by running a bundle's copy in a bare environment
-    from distill_calculator import CalculatorState, continues_number
+except ImportError:  # a bundle's copy, run where distill is not installed
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location("distill_calculator", Path(__file__).with_name("distill_calculator.py"))
+    _calculator = _util.module_from_spec(_spec)
+    sys.modules["distill_calculator"] = _calculator
+    _spec.loader.exec_module(_calculator)
+    CalculatorState, continues_number = _calculator.CalculatorState, _calculator.continues_number
 
 GENERATION_FILE = "distill_generation.json"
 GENAI_FILE = "genai_config.json"

@@ -125,6 +125,31 @@ def evaluate_student(
     return summary, rows
 
 
+def _gate_rows(
+    export_dir: Path | None, split: str, preset: str, problems: list[dict]
+) -> tuple[list[dict], dict] | None:
+    """The export gate's per-problem rows of ``preset`` and its variant entry, when the gate scored it
+    on exactly ``problems`` of ``split`` (the eval split, not a separate gate split, and not stopped
+    early); else None."""
+    if export_dir is None or split != "eval" or not (export_dir / "metrics.json").exists():
+        return None
+    exp = json.loads((export_dir / "metrics.json").read_text())
+    variant = next((v for v in exp.get("variants", []) if v.get("preset") == preset), None)
+    rows_file = export_dir / "gate" / f"{preset}.jsonl"
+    if (
+        variant is None
+        or not exp.get("gated")
+        or exp.get("gate_split", {}).get("split", "eval") != "eval"
+        or variant.get("rejected_after")
+        or not rows_file.exists()
+    ):
+        return None
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()]
+    if sorted(str(r["id"]) for r in rows) != sorted(str(p["id"]) for p in problems):
+        return None
+    return rows, variant
+
+
 def evaluate_stage(
     recipe, gen_dir: Path, train_dir: Path | None, export_dir: Path | None, out: Path, split: str = "eval"
 ) -> EvalResult:
@@ -147,6 +172,15 @@ def evaluate_stage(
                 console.print(f"eval teacher: skipped (every teacher call on these {len(rows)} problems failed)")
                 continue
             summary = {**summarize(rows), "bytes": _weights_bytes(recipe.teacher.model)}
+        elif name == "student" and (reused := _gate_rows(export_dir, split, "fp32", problems)) is not None:
+            # The gate decoded the fp32 export of this student on these problems: the same weights and
+            # decoding (greedy, the same prompt and calculator), so not decoded a second time.
+            rows, fp32 = reused
+            summary = {**summarize(rows), "bytes": fp32["bytes"], "answers_from": "export gate (fp32 ONNX)"}
+            trained = train_dir / "metrics.json" if train_dir is not None else None
+            if trained is not None and trained.exists() and "parameters" in (m := json.loads(trained.read_text())):
+                summary["parameters"] = m["parameters"]
+                summary["bytes"] = m["parameters"] * 4
         elif name in ("student_base", "student"):
             if name == "student" and train_dir is None:
                 continue
@@ -163,17 +197,10 @@ def evaluate_stage(
                 continue
             exp = json.loads((export_dir / "metrics.json").read_text())
             chosen = next(v for v in exp["variants"] if v["chosen"])
-            gate_rows = export_dir / "gate" / f"{chosen['preset']}.jsonl"
-            gate_split = exp.get("gate_split", {}).get("split", "eval")
-            if (
-                split == "eval"
-                and exp.get("gated")
-                and gate_split == "eval"
-                and gate_rows.exists()
-                and not chosen.get("rejected_after")
-            ):
+            reused = _gate_rows(export_dir, split, chosen["preset"], problems)
+            if reused is not None:
                 # The gate already scored this exact file on this split through the same runtime.
-                rows = [json.loads(x) for x in gate_rows.read_text().splitlines()]
+                rows = reused[0]
                 summary = summarize(rows)
             else:
                 from distill.export.gate import score_variant
@@ -194,12 +221,16 @@ def evaluate_stage(
             raise ValueError(name)
         summary["seconds"] = time.time() - t0
         summary["label"] = LABELS[name] if name != "student_onnx" else f"student {summary['preset']} ONNX"
+        if name == "student" and "answers_from" in summary:
+            summary["label"] += ", fp32 ONNX"
         scores[name] = summary
         write_rows(out / f"{name}.jsonl", rows)
         unscored = (
             f"; {summary['failed']} problems not scored: the teacher failed on them" if "failed" in summary else ""
         )
-        console.print(f"eval {LABELS[name]}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}){unscored}")
+        console.print(
+            f"eval {summary['label']}: {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}){unscored}"
+        )
     write_json(out / "scores.json", scores)
     write_config(out, "evaluate", {**recipe.eval.model_dump(), "split": split}, recipe.dump())
     return EvalResult(out, scores)

@@ -235,6 +235,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         task=f"{recipe.task.source}:{recipe.task.name}",
         rows_kept=gen_metrics.get("train_rows_kept", "?"),
         recipe_hash=hashlib.sha256(json.dumps(recipe.dump(), sort_keys=True).encode()).hexdigest()[:16],
+        calculator=student.calculator,
     )
     assemble_bundle(
         variants_dir,

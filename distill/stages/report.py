@@ -182,6 +182,12 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
     lines += partial_lines(stage_metrics)
     lines += ["| model | accuracy | 95% CI | size |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in accuracy_rows(scores)]
+    if recipe.get("student", {}).get("calculator"):
+        lines += [
+            "",
+            "Students decode with the calculator (`student.calculator`): after a student writes an arithmetic "
+            "expression and `=`, the value is written for it; the teacher decodes alone.",
+        ]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
     gen = stage_metrics.get("generate", {})

@@ -35,6 +35,7 @@ def recipe_file(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
             "micro_batch_size": 2,
             "max_length": 128,
             "eval_max_new_tokens": 16,
+            "calculator": True,
         },
     }
     f = root / "recipe.yaml"
@@ -108,6 +109,7 @@ def test_onnx_greedy_tokens_equal_torch_and_gate_keeps_a_variant(first_run):
     genai = json.loads(open(f"{bundle}/genai_config.json").read())
     assert genai["model"]["decoder"]["filename"] == chosen["file"]
     assert "recipe hash" in open(f"{bundle}/README.md").read()
+    assert meta["calculator"] is True and "decodes with a calculator" in open(f"{bundle}/README.md").read()
 
 
 def test_bundle_runs_with_its_own_runtime_copy(first_run):
@@ -133,6 +135,7 @@ def test_report_has_numbers_for_every_model(first_run):
         assert s["n"] == 6 and 0 <= s["accuracy"] <= 1 and s["ci95"][0] <= s["accuracy"] <= s["ci95"][1]
     report = open(f"{run}/report.md").read()
     assert "| teacher |" in report and "ONNX" in report and "| int4 |" in report
+    assert "Students decode with the calculator" in report
     import os
 
     assert os.path.getsize(f"{run}/plots/loss.png") > 1000 and os.path.getsize(f"{run}/plots/models.png") > 1000

@@ -183,10 +183,9 @@ def test_a_bundles_runtime_brings_its_calculator(wrong_adder, tmp_path):
     """``python distill_runtime.py`` in a folder where distill is not importable uses the bundle's copy."""
     _, _, _, out = wrong_adder
     code = (
-        "import sys, json\n"
+        "import sys, json, runpy\n"
         "sys.modules['distill'] = None  # as if distill were not installed: importing it fails\n"
-        f"sys.path.insert(0, {str(out)!r})\n"
-        "import distill_runtime\n"
+        f"distill_runtime = type(sys)('distill_runtime'); distill_runtime.__dict__.update(runpy.run_path({str(out / 'distill_runtime.py')!r}))\n"
         "assert distill_runtime.CalculatorState.__module__ == 'distill_calculator'\n"
         f"g = distill_runtime.OnnxGenerator({str(out)!r})\n"
         "print(json.dumps(g.generate(['What is 3 + 4?'], 40)[0]))\n"
