@@ -219,6 +219,7 @@ def _ablate(recipe: Recipe, formats: tuple[str, ...], force: bool, resume: bool,
         "train_problems": gen["train_problems"],
         "eval_problems": len(problems),
         "epochs": recipe.student.epochs,
+        "calculator": recipe.student.calculator,
         "seconds": time.time() - t0,
         "rows": results,
     }
@@ -234,7 +235,12 @@ def markdown(table: dict) -> str:
     lines = [
         f"Task `{table['task']}`: {table['train_rows']} teacher rationales kept of {table['train_problems']} "
         f"train problems; {table['eval_problems']} held-out problems; student `{table['student']}`, "
-        f"{_epochs(table['epochs'])}.",
+        f"{_epochs(table['epochs'])}."
+        + (
+            " Students decode with the calculator (`student.calculator`); the teacher alone."
+            if table.get("calculator")
+            else ""
+        ),
         "",
         "| model | accuracy | 95% CI | train steps | kept step (dev accuracy) | stopped | train tokens | train s |",
         "|---|---|---|---|---|---|---|---|",
