@@ -193,3 +193,15 @@ def test_a_bundles_runtime_brings_its_calculator(wrong_adder, tmp_path):
     res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1]).startswith("Let's compute: 3 + 4 = 7")
+
+
+def test_infer_decodes_as_the_bundle_says_unless_told(wrong_adder):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    _, _, _, out = wrong_adder
+    args = ["infer", str(out), "What is 3 + 4?", "--max-new-tokens", "40"]
+    on, off = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--no-calculator"])
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    assert on.output.startswith("Let's compute: 3 + 4 = 7") and off.output.startswith(WRONG[:24])
