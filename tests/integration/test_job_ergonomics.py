@@ -371,6 +371,9 @@ def test_logs_follow_prints_the_whole_log_until_the_job_ends(gated, tmp_path):
         stdout=second_out,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a test run started in the background of a non-interactive shell inherits
+        # SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     t0 = time.time()
     while not (tmp_path / "second.out").stat().st_size and time.time() - t0 < 60:
