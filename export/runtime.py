@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 try:  # inside the project; a bundle carries the same file as distill_calculator.py beside this one
-    from distill.core.calculator import CalculatorState, continues_number
+    from distill.core.calculator import WINDOW_TOKENS, CalculatorState, continues_number
 except ImportError:  # a bundle's copy, run where distill is not installed
     import importlib.util as _util
 
@@ -28,6 +28,7 @@ except ImportError:  # a bundle's copy, run where distill is not installed
     sys.modules["distill_calculator"] = _calculator
     _spec.loader.exec_module(_calculator)
     CalculatorState, continues_number = _calculator.CalculatorState, _calculator.continues_number
+    WINDOW_TOKENS = _calculator.WINDOW_TOKENS
 
 GENERATION_FILE = "distill_generation.json"
 GENAI_FILE = "genai_config.json"
@@ -41,8 +42,6 @@ FORMAT_VERSION = "2.2"
 READS_MAJORS = ("1", "2")
 # max_new_tokens of bundles that do not state one
 DEFAULT_MAX_NEW_TOKENS = 256
-# how many of a row's last tokens are decoded to look for an expression (longer than any it reads)
-CALCULATOR_WINDOW = 48
 
 
 class BundleFormatError(ValueError):
@@ -252,7 +251,7 @@ class OnnxGenerator:
             forced: dict[int, int] = {}
             if calc is not None:
                 for i in np.flatnonzero(~done):
-                    tok = calc.next_forced(i, self.tokenizer.decode(out[i][-CALCULATOR_WINDOW:])) if out[i] else None
+                    tok = calc.next_forced(i, self.tokenizer.decode(out[i][-WINDOW_TOKENS:])) if out[i] else None
                     if tok is not None:
                         forced[i] = tok
                     elif calc.blocks_digits(i):

@@ -98,17 +98,13 @@ def generate_torch(
     return outs
 
 
-# how many of a row's last tokens are decoded to look for an expression (longer than any it reads)
-CALCULATOR_WINDOW = 48
-
-
 def calculator_processor(tokenizer, prompt_length: int, rows: int):
     """A transformers logits processor that makes ``generate`` write the calculator's tokens: after a
     row's generated text ends in ``<expression> =``, its next tokens are forced to the value's."""
     import torch
     from transformers import LogitsProcessor
 
-    from distill.core.calculator import CalculatorState, continues_number
+    from distill.core.calculator import WINDOW_TOKENS, CalculatorState, continues_number
 
     number_tokens = [i for token, i in tokenizer.get_vocab().items() if continues_number(token)]
 
@@ -123,7 +119,7 @@ def calculator_processor(tokenizer, prompt_length: int, rows: int):
             if new.shape[1] == 0:
                 return scores
             for row in range(new.shape[0]):
-                text = tokenizer.decode(new[row, -CALCULATOR_WINDOW:], skip_special_tokens=True)
+                text = tokenizer.decode(new[row, -WINDOW_TOKENS:], skip_special_tokens=True)
                 forced = self.state.next_forced(row, text)
                 if forced is not None:
                     scores[row] = torch.finfo(scores.dtype).min

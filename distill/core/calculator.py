@@ -29,6 +29,8 @@ MAX_NUMBER_DIGITS = 15
 MAX_DEPTH = 8
 MAX_RESULT = Fraction(10) ** 15
 DECIMALS = 4  # a result that is no finite decimal is rounded to this many places
+# how many of a row's last tokens a decoder decodes to look for an expression (more than any it reads)
+WINDOW_TOKENS = 48
 
 _OPERATOR_WORDS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "×": "*", "·": "*", "÷": "/", "−": "-"}
 # The longest run of expression characters that ends in "=" (optionally followed by spaces) at the
