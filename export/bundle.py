@@ -192,8 +192,6 @@ def assemble_bundle(
     generation metadata (``write_bundle_files``), an ORT-format copy when ``ort_format``,
     ``genai_config.json``, ``quantization_config.json`` (the variant's ``quant_config``, if quantized),
     the runtime as ``distill_runtime.py`` (with its calculator, ``distill_calculator.py``) and ``card`` as ``README.md``. Returns the generation metadata."""
-    import distill.core.calculator as calculator_module
-    import distill.export.runtime as runtime
     from distill.core.progress import console
 
     bundle.mkdir(parents=True, exist_ok=True)
@@ -213,11 +211,19 @@ def assemble_bundle(
     write_json(bundle / "genai_config.json", genai_config(config, meta, meta["context_length"]))
     if quant_config is not None:
         write_json(bundle / "quantization_config.json", quant_config)
-    shutil.copy2(runtime.__file__, bundle / RUNTIME_FILE)
-    shutil.copy2(calculator_module.__file__, bundle / CALCULATOR_FILE)
+    copy_runtime(bundle)
     if card:
         write_text(bundle / "README.md", card)
     return meta
+
+
+def copy_runtime(bundle: Path) -> None:
+    """The torch-free runtime as ``distill_runtime.py`` and its calculator as ``distill_calculator.py``."""
+    import distill.core.calculator as calculator_module
+    import distill.export.runtime as runtime
+
+    shutil.copy2(runtime.__file__, bundle / RUNTIME_FILE)
+    shutil.copy2(calculator_module.__file__, bundle / CALCULATOR_FILE)
 
 
 def _model_files(folder: Path, model_file: str) -> Iterable[str]:

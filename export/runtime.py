@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 try:  # inside the project; a bundle carries the same file as distill_calculator.py beside this one
-    from distill.core.calculator import WINDOW_TOKENS, CalculatorState, continues_number
+    from distill.core.calculator import WINDOW_TOKENS, CalculatorState, number_token_ids
 except ImportError:  # a bundle's copy, run where distill is not installed
     import importlib.util as _util
 
@@ -27,7 +27,7 @@ except ImportError:  # a bundle's copy, run where distill is not installed
     _calculator = _util.module_from_spec(_spec)
     sys.modules["distill_calculator"] = _calculator
     _spec.loader.exec_module(_calculator)
-    CalculatorState, continues_number = _calculator.CalculatorState, _calculator.continues_number
+    CalculatorState, number_token_ids = _calculator.CalculatorState, _calculator.number_token_ids
     WINDOW_TOKENS = _calculator.WINDOW_TOKENS
 
 GENERATION_FILE = "distill_generation.json"
@@ -153,8 +153,7 @@ class OnnxGenerator:
     def number_tokens(self) -> list[int]:
         """Vocabulary ids that would extend a number (banned right after a calculator value)."""
         if self._number_tokens is None:
-            vocab = self.tokenizer.get_vocab()
-            self._number_tokens = [i for token, i in vocab.items() if continues_number(token)]
+            self._number_tokens = number_token_ids(self.tokenizer.get_vocab())
         return self._number_tokens
 
     def render(self, question: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from distill.core.answers import Task
+from distill.core.calculator import number_token_ids
 from distill.core.progress import progress_bar
 from distill.students.data import render_prompt
 
@@ -75,12 +76,15 @@ def generate_torch(
     outs: list[str] = []
     model.eval()
     bar = progress_bar(f"eval {label}", len(questions)) if show_progress else contextlib.nullcontext(lambda n: None)
+    number_tokens = number_token_ids(tokenizer.get_vocab()) if calculator else []
     with bar as advance:
         for start in range(0, len(questions), batch_size):
             chunk = [render_prompt(template, q) for q in questions[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             processors = (
-                [calculator_processor(tokenizer, enc["input_ids"].shape[1], len(chunk))] if calculator else None
+                [calculator_processor(tokenizer, enc["input_ids"].shape[1], len(chunk), number_tokens)]
+                if calculator
+                else None
             )
             with torch.inference_mode():
                 gen = model.generate(
@@ -98,15 +102,14 @@ def generate_torch(
     return outs
 
 
-def calculator_processor(tokenizer, prompt_length: int, rows: int):
+def calculator_processor(tokenizer, prompt_length: int, rows: int, number_tokens: list[int]):
     """A transformers logits processor that makes ``generate`` write the calculator's tokens: after a
-    row's generated text ends in ``<expression> =``, its next tokens are forced to the value's."""
+    row's generated text ends in ``<expression> =``, its next tokens are forced to the value's and the
+    step after bans ``number_tokens`` (``calculator.number_token_ids``)."""
     import torch
     from transformers import LogitsProcessor
 
-    from distill.core.calculator import WINDOW_TOKENS, CalculatorState, continues_number
-
-    number_tokens = [i for token, i in tokenizer.get_vocab().items() if continues_number(token)]
+    from distill.core.calculator import WINDOW_TOKENS, CalculatorState
 
     class CalculatorProcessor(LogitsProcessor):
         def __init__(self):

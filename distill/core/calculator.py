@@ -138,7 +138,7 @@ def forced_text(text: str) -> str | None:
         return None
     try:
         value = evaluate(expression)
-    except (_Unreadable, ValueError, ZeroDivisionError, OverflowError):
+    except ValueError:  # _Unreadable, or a Fraction that would not parse
         return None
     return ("" if spaces else " ") + format_number(value)
 
@@ -146,6 +146,11 @@ def forced_text(text: str) -> str | None:
 def continues_number(token: str) -> bool:
     """Whether a vocabulary entry would extend a number written just before it ("0", "5k", ".5")."""
     return token[:1].isdigit() or (token[:1] == "." and token[1:2].isdigit())
+
+
+def number_token_ids(vocab: dict[str, int]) -> list[int]:
+    """The ids of a tokenizer vocabulary (``get_vocab()``) that ``continues_number``."""
+    return [i for token, i in vocab.items() if continues_number(token)]
 
 
 class CalculatorState:

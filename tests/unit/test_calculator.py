@@ -123,7 +123,7 @@ def wrong_adder(tiny_student, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.export.bundle import CALCULATOR_FILE, FP32_FILE, write_bundle_files
+    from distill.export.bundle import FP32_FILE, copy_runtime, write_bundle_files
     from distill.export.onnx_export import PADDING_SIDE, export_decoder
     from distill.students.data import prompt_template, render_prompt
 
@@ -148,13 +148,7 @@ def wrong_adder(tiny_student, tmp_path_factory):
     out = tmp_path_factory.mktemp("calc_bundle")
     layout = export_decoder(model, out / FP32_FILE)
     write_bundle_files(tok, model.config, out, 40, FP32_FILE, padding_side=PADDING_SIDE[layout], calculator=True)
-    import shutil
-
-    import distill.core.calculator as calculator_module
-    import distill.export.runtime as runtime
-
-    shutil.copy2(runtime.__file__, out / "distill_runtime.py")
-    shutil.copy2(calculator_module.__file__, out / CALCULATOR_FILE)
+    copy_runtime(out)
     return model, tok, template, out
 
 
