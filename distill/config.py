@@ -296,6 +296,29 @@ class LRSweepSettings(Strict):
         return sorted(set(v))
 
 
+class QATSettings(Strict):
+    """Quantization-aware fine-tuning: a short last phase of training in which every projection and the
+    tied embedding compute with their weights on the int4 export's grid (export.block_size,
+    export.group_block_sizes, export.embed_block_size; round to nearest) and int8 activations, as
+    ``MatMulNBits`` runs them; gradients pass the rounding straight through. The exported int4 file holds
+    the weights that phase's loss was computed with."""
+
+    steps: int = Field(24, ge=1, description="optimizer steps of the phase (after training, from its kept weights)")
+    lr: float | None = Field(
+        None, gt=0, lt=1, description="peak learning rate of the phase, cosine to zero (null = student.lr / 4)"
+    )
+    distill: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="weight of the forward KL to the full-precision student's own top-k in the phase's loss "
+        "(self-distillation; 0 = cross-entropy on the targets only)",
+    )
+    activations: bool = Field(
+        True, description="simulate the int8 activations of the int4 kernel (accuracy level 4) too"
+    )
+
+
 class FromTeacherSettings(Strict):
     """The student as a smaller copy of teacher.model (its weights and tokenizer, so student.format=kd
     applies directly): a subset of its decoder layers (DistilBERT init), optionally fewer attention heads
@@ -386,6 +409,11 @@ class StudentConfig(Strict):
     save_every: int = Field(25, ge=0, description="optimizer steps between resumable checkpoints (0 = none)")
     eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
     eval_batch_size: int = Field(8, ge=1)
+    qat: QATSettings | None = Field(
+        None,
+        description="quantization-aware fine-tuning for the int4 export: a last phase of training through the "
+        "int4 grid (null = off; needs int4 in export.variants and export.int4_algorithm=rtn)",
+    )
     calculator: bool = Field(
         False,
         description="decode the student with a calculator: when its output ends in an arithmetic expression "
@@ -578,6 +606,21 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def _qat_needs_int4(self):
+        if self.student.qat is None:
+            return self
+        if "int4" not in self.export.variants or not self.export.enabled:
+            raise ValueError(
+                "student.qat trains for the int4 export: add int4 to export.variants or set student.qat=null"
+            )
+        if self.export.int4_algorithm != "rtn":
+            raise ValueError(
+                f"student.qat trains for the round-to-nearest int4 grid, export.int4_algorithm={self.export.int4_algorithm} "
+                "fits another: set export.int4_algorithm=rtn or student.qat=null"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _from_teacher_needs_weights(self):
         if self.student.from_teacher is not None and self.teacher.model.startswith(("replay:", "openai:")):
             raise ValueError(
@@ -648,6 +691,7 @@ OPTIONAL_DEFAULTS = {
     "student.packing": False,
     "student.validation": None,
     "student.on_policy": None,
+    "student.qat": None,
     "task.split": "order",
     "export.gate_size": 0,
     "export.gate_rule": "accuracy",

@@ -207,6 +207,7 @@ def train(
     dev=None,
     on_log=None,
     on_policy=None,
+    kd=None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log.
 
@@ -224,6 +225,9 @@ def train(
     With ``on_policy`` (a ``students.on_policy.OnPolicy``), the steps it picks train on the student's
     own samples of that batch's questions, scored by the teacher (its divergence loss); its spend
     counters travel with the checkpoint and its budget stops training with ``BudgetExceeded``.
+
+    ``kd`` (a ``KDSettings``): the logit-distillation loss of batches that carry top-k targets
+    (default: ``cfg.kd`` when ``cfg.format`` is ``kd``, else none).
     """
     import torch
 
@@ -246,7 +250,8 @@ def train(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warmup, cfg.schedule))
     bf16 = use_bf16(cfg.precision, device)
-    kd = cfg.kd if getattr(cfg, "format", None) == "kd" else None
+    if kd is None:
+        kd = cfg.kd if getattr(cfg, "format", None) == "kd" else None
     pos = {
         "step": 0,
         "epoch": 0,

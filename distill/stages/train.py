@@ -134,6 +134,44 @@ def _on_policy(recipe, tokenizer, cfg, task: Task, steps: int):
     )
 
 
+def qat_layout(recipe):
+    """The int4 export's block layout (``export`` settings) as the trainer simulates it."""
+    from distill.students.qat import QuantLayout
+
+    ex, q = recipe.export, recipe.student.qat
+    return QuantLayout(
+        bits=4,
+        block_size=ex.block_size,
+        group_block_sizes=tuple(ex.group_block_sizes.items()),
+        embed_bits=8,
+        embed_block_size=ex.embed_block_size or ex.block_size,
+        activation_bits=8 if q.activations else None,
+    )
+
+
+def _qat(recipe, model, examples, cfg, tokenizer, dev) -> dict:
+    """The quantization-aware phase after training (``student.qat``); its record for the metrics."""
+    from distill.students.qat import quantization_aware_finetune
+
+    for p in model.parameters():  # a merged LoRA student trains all its weights in this phase
+        p.requires_grad_(True)
+    q = cfg.qat
+    console.print(
+        f"train: quantization-aware phase, {q.steps} steps through the int4 export's grid"
+        + (f" (self-distillation weight {q.distill:g})" if q.distill else "")
+    )
+    record = quantization_aware_finetune(model, examples, cfg, tokenizer.pad_token_id, qat_layout(recipe), dev)
+    line = f"train: quantization-aware phase done, loss {record['first_loss']:.3f} → {record['final_loss']:.3f}"
+    if dev is not None:
+        before, after = record["dev_before"], record["dev_after"]
+        line += (
+            f"; dev through the int4 grid {before['dev_accuracy']:.1%} → {after['dev_accuracy']:.1%} "
+            f"(loss {before['dev_loss']:.3f} → {after['dev_loss']:.3f})"
+        )
+    console.print(line)
+    return record
+
+
 def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None, teacher_source: str | None = None):
     """(the sweep, ``cfg`` with the chosen lr): kept beside the checkpoints, so a resumed run does not sweep again."""
     from distill.core.artifacts import write_json
@@ -224,6 +262,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         from distill.students.lora import merge_lora
 
         model = merge_lora(model)  # a plain model: export and evaluation need no PEFT
+    qat = _qat(recipe, model, examples, cfg, tokenizer, dev) if cfg.qat is not None else None
     model_dir = out / "model"
     save_student(model, tokenizer, model_dir)
     metrics = {
@@ -240,6 +279,8 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     }
     if sweep is not None:
         metrics["lr_sweep"] = sweep
+    if qat is not None:
+        metrics["qat"] = qat
     if on_policy is not None:
         metrics["on_policy"] = {**on_policy.state, "loss": on_policy.loss}
     if cfg.from_teacher is not None:
