@@ -613,6 +613,11 @@ class Recipe(Strict):
             raise ValueError(
                 "student.qat trains for the int4 export: add int4 to export.variants or set student.qat=null"
             )
+        if self.export.smooth_alpha > 0:
+            raise ValueError(
+                "student.qat trains the student's own weights for the int4 grid, export.smooth_alpha rescales them "
+                "before rounding: set export.smooth_alpha=0 or student.qat=null"
+            )
         if self.export.int4_algorithm != "rtn":
             raise ValueError(
                 f"student.qat trains for the round-to-nearest int4 grid, export.int4_algorithm={self.export.int4_algorithm} "

@@ -138,6 +138,7 @@ class Provenance:
     rows_kept: int | str  # kept teacher rationales ("?" when unknown)
     recipe_hash: str
     calculator: bool = False  # decoded with the calculator (student.calculator)
+    qat_steps: int = 0  # steps of quantization-aware training for the int4 grid (student.qat)
 
 
 def model_card(provenance: Provenance, variants: list[VariantResult], sensitivity: list[dict] | None = None) -> str:
@@ -161,6 +162,14 @@ def model_card(provenance: Provenance, variants: list[VariantResult], sensitivit
                 "call it (onnxruntime-genai's loop, `--no-calculator`) decode the model alone."
             ]
             if p.calculator
+            else []
+        ),
+        *(
+            [
+                f"- trained quantization-aware: its last {p.qat_steps} training steps computed through the int4 "
+                "variant's grid (`student.qat`), so `int4` holds the weights that loss was computed with"
+            ]
+            if p.qat_steps
             else []
         ),
         "",

@@ -44,6 +44,23 @@ def check_attention(model, attention: str) -> None:
         )
 
 
+def _check_qat_layout(recipe, train_dir: Path) -> None:
+    """Warn when the student was trained quantization-aware for another int4 block layout than the
+    export's (the export settings changed after training): its int4 is then post-training rounding."""
+    metrics = train_dir / "metrics.json"
+    trained = json.loads(metrics.read_text()).get("qat") if metrics.exists() else None
+    if not trained or "int4" not in recipe.export.variants:
+        return
+    ex, layout = recipe.export, trained["layout"]
+    now = (ex.block_size, dict(ex.group_block_sizes), ex.embed_block_size or ex.block_size)
+    then = (layout["block_size"], layout["group_block_sizes"], layout["embed_block_size"])
+    if now != then:
+        console.print(
+            f"[yellow]export: the student was trained quantization-aware for int4 blocks {then}, this export uses "
+            f"{now}: its int4 is rounded after training (run `distill train` again to train for these blocks)[/]"
+        )
+
+
 def quant_presets(cfg) -> dict:
     """The recipe's ``export`` settings as one ``QuantPreset`` per variant name."""
     from distill.export.quantize import QuantPreset
@@ -138,6 +155,8 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         smooth_on_texts(model, tokenizer, calibration_texts(tokenizer, rows), cfg.smooth_alpha)
     elif cfg.smooth_alpha > 0:
         console.print("[yellow]export.smooth_alpha ignored: not a Llama-style decoder[/]")
+
+    _check_qat_layout(recipe, train_dir)
 
     # the fp32 graph, and what every variant is built from
     t0 = time.time()
@@ -236,6 +255,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         rows_kept=gen_metrics.get("train_rows_kept", "?"),
         recipe_hash=hashlib.sha256(json.dumps(recipe.dump(), sort_keys=True).encode()).hexdigest()[:16],
         calculator=student.calculator,
+        qat_steps=student.qat.steps if student.qat is not None else 0,
     )
     assemble_bundle(
         variants_dir,

@@ -123,6 +123,26 @@ def training_lines(train: dict, dev: list[dict]) -> list[str]:
             f"by the teacher, {op['cached']} of them from the cache; the teacher read {op['teacher_tokens']:,} new "
             f"tokens" + (f" (estimated cost {op['cost']:.2f})." if op.get("cost") else "."),
         ]
+    if train.get("qat"):
+        q = train["qat"]
+        lay = q["layout"]
+        blocks = ", ".join(f"{g} {b}" for g, b in lay["group_block_sizes"].items())
+        line = (
+            f"Quantization-aware phase: {q['steps']} more steps at lr {q['lr']:g} through the int4 export's grid "
+            f"(blocks of {lay['block_size']}"
+            + (f", {blocks}" if blocks else "")
+            + f"; embedding int{lay['embed_bits']} "
+            f"blocks of {lay['embed_block_size']}; "
+            + ("int8 activations" if lay["activation_bits"] else "fp32 activations")
+            + (f"; self-distillation weight {q['distill']:g}" if q["distill"] else "")
+            + f"), loss {q['first_loss']:.3f} → {q['final_loss']:.3f} in {q['seconds']:.0f} s."
+        )
+        if "dev_before" in q:
+            line += (
+                f" Dev accuracy through the int4 grid {q['dev_before']['dev_accuracy']:.1%} before the phase, "
+                f"{q['dev_after']['dev_accuracy']:.1%} after."
+            )
+        lines += ["", line]
     if train.get("lr_sweep"):
         tried = ", ".join(f"{r['lr']:g} → {r['dev_loss']:.3f}" for r in train["lr_sweep"])
         steps = train["lr_sweep"][0]["steps"]

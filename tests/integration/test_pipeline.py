@@ -36,6 +36,7 @@ def recipe_file(tmp_path_factory, tiny_teacher, tiny_student, tiny_task_cfg):
             "max_length": 128,
             "eval_max_new_tokens": 16,
             "calculator": True,
+            "qat": {"steps": 2},
         },
     }
     f = root / "recipe.yaml"
@@ -110,6 +111,7 @@ def test_onnx_greedy_tokens_equal_torch_and_gate_keeps_a_variant(first_run):
     assert genai["model"]["decoder"]["filename"] == chosen["file"]
     assert "recipe hash" in open(f"{bundle}/README.md").read()
     assert meta["calculator"] is True and "decodes with a calculator" in open(f"{bundle}/README.md").read()
+    assert "trained quantization-aware: its last 2 training steps" in open(f"{bundle}/README.md").read()
 
 
 def test_bundle_runs_with_its_own_runtime_copy(first_run):
@@ -136,6 +138,9 @@ def test_report_has_numbers_for_every_model(first_run):
     report = open(f"{run}/report.md").read()
     assert "| teacher |" in report and "ONNX" in report and "| int4 |" in report
     assert "Students decode with the calculator" in report
+    qat = json.loads(open(f"{run}/train/metrics.json").read())["qat"]
+    assert qat["steps"] == 2 and qat["layout"]["block_size"] == 32 and qat["modules"] > 0
+    assert "Quantization-aware phase: 2 more steps" in report
     import os
 
     assert os.path.getsize(f"{run}/plots/loss.png") > 1000 and os.path.getsize(f"{run}/plots/models.png") > 1000
@@ -168,7 +173,8 @@ def test_export_static_int8_sensitivity_and_ort_format(first_run, recipe_file, t
             "export",
             str(recipe_file),
             "name=tiny_quant",
-            "export.variants=[int8,int8_static,fp16]",
+            "export.variants=[int8,int8_static,int4,fp16]",
+            "export.block_size=16",  # not the blocks the student's quantization-aware phase trained for
             "export.sensitivity=true",
             "export.ort_format=true",
             "export.calibration_examples=4",
@@ -177,7 +183,8 @@ def test_export_static_int8_sensitivity_and_ort_format(first_run, recipe_file, t
     assert result.exit_code == 0, result.output
     m = json.loads(open(f"{dst}/export/metrics.json").read())
     rows = {r["preset"]: r for r in m["variants"]}
-    assert set(rows) == {"fp32", "int8", "int8_static", "fp16"} and not any(r["error"] for r in rows.values())
+    assert set(rows) == {"fp32", "int8", "int8_static", "int4", "fp16"} and not any(r["error"] for r in rows.values())
+    assert "trained quantization-aware for int4 blocks (32," in " ".join(result.output.split())
     assert rows["int8_static"]["top1_agreement"] > 0.8 and rows["int8_static"]["bytes"] < rows["fp32"]["bytes"]
     for r in rows.values():  # the paired lost/gained problems explain each accuracy gap exactly
         assert r["correct"] - rows["fp32"]["correct"] == r["gained"] - r["lost"]
