@@ -240,9 +240,12 @@ def quantization_aware_finetune(model, examples: list[dict], cfg, pad_id: int, l
         result = train(model, examples, phase, pad_id, kd=kd)
         if dev is not None:
             record["dev_after"] = dev(model)
+    # one batch's loss swings with its examples: the means of the phase's first and last quarter of steps
+    losses = [e["loss"] for e in result.losses]
+    k = max(1, len(losses) // 4)
     record.update(
-        first_loss=result.losses[0]["loss"],
-        final_loss=result.losses[-1]["loss"],
+        first_loss=sum(losses[:k]) / k,
+        final_loss=sum(losses[-k:]) / k,
         tokens=result.tokens,
         seconds=time.time() - t0,
     )

@@ -135,7 +135,8 @@ def training_lines(train: dict, dev: list[dict]) -> list[str]:
             f"blocks of {lay['embed_block_size']}; "
             + ("int8 activations" if lay["activation_bits"] else "fp32 activations")
             + (f"; self-distillation weight {q['distill']:g}" if q["distill"] else "")
-            + f"), loss {q['first_loss']:.3f} → {q['final_loss']:.3f} in {q['seconds']:.0f} s."
+            + f"), mean step loss {q['first_loss']:.3f} over its first quarter, {q['final_loss']:.3f} over its last; "
+            f"{q['seconds']:.0f} s."
         )
         if "dev_before" in q:
             line += (

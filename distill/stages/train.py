@@ -161,7 +161,10 @@ def _qat(recipe, model, examples, cfg, tokenizer, dev) -> dict:
         + (f" (self-distillation weight {q.distill:g})" if q.distill else "")
     )
     record = quantization_aware_finetune(model, examples, cfg, tokenizer.pad_token_id, qat_layout(recipe), dev)
-    line = f"train: quantization-aware phase done, loss {record['first_loss']:.3f} → {record['final_loss']:.3f}"
+    line = (
+        f"train: quantization-aware phase done, mean step loss {record['first_loss']:.3f} (first quarter) → "
+        f"{record['final_loss']:.3f} (last quarter)"
+    )
     if dev is not None:
         before, after = record["dev_before"], record["dev_after"]
         line += (
