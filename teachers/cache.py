@@ -43,7 +43,16 @@ class CompletionCache:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL takes an exclusive lock, and sqlite answers "database is locked"
+        # at once instead of waiting when another worker opens the same new cache at that moment.
+        for attempt in range(120):
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 119:
+                    raise
+                time.sleep(0.25)
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(
             "CREATE TABLE IF NOT EXISTS completions "
