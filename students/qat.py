@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-GROUPS = ("q", "k", "v", "o", "gate", "up", "down")
 _PROJECTION = re.compile(r"(?:^|\.)layers\.\d+\.\w+\.(q|k|v|o|gate|up|down)_proj$")
 
 
@@ -57,7 +56,8 @@ class _RoundSTE(torch.autograd.Function):
 
 def fake_quantize_blocks(x: torch.Tensor, bits: int, block: int, extreme_to_min: bool = True) -> torch.Tensor:
     """``x`` [..., K] rounded to a symmetric ``bits`` grid per block of ``block`` along its last
-    dimension, returned dequantized (same shape and dtype); K must divide into blocks.
+    dimension, returned dequantized (same shape and dtype). A K that does not divide into blocks is
+    padded with zeros to the next block, as ``MatMulNBitsQuantizer`` pads the weight it quantizes.
 
     ``extreme_to_min`` (onnxruntime's ``MatMulNBits`` weights, 4 and 8 bits): the block's value of
     largest magnitude, sign kept, maps to the most negative code, ``scale = m / -2**(bits-1)``, codes
@@ -67,7 +67,9 @@ def fake_quantize_blocks(x: torch.Tensor, bits: int, block: int, extreme_to_min:
     The gradient passes straight through (identity inside the grid, zero where a value is clamped);
     the scales, set by each block's extreme, are constants of the step."""
     shape = x.shape
-    blocks = x.reshape(*shape[:-1], shape[-1] // block, block).float()
+    pad = -shape[-1] % block
+    padded = F.pad(x, (0, pad)) if pad else x
+    blocks = padded.reshape(*shape[:-1], padded.shape[-1] // block, block).float()
     half = 2 ** (bits - 1)
     if extreme_to_min:
         m = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
@@ -76,11 +78,12 @@ def fake_quantize_blocks(x: torch.Tensor, bits: int, block: int, extreme_to_min:
         scale, lo, hi = blocks.abs().amax(-1, keepdim=True) / (half - 1), 1 - half, half - 1
     scale = torch.where(scale == 0, torch.ones_like(scale), scale).detach()
     q = torch.clamp(_RoundSTE.apply(blocks / scale), lo, hi)
-    return (q * scale).reshape(shape).to(x.dtype)
+    return (q * scale).reshape(padded.shape)[..., : shape[-1]].to(x.dtype)
 
 
-def _fit_block(block: int, k: int) -> int:
-    """The block the export would use on an input dimension of ``k``: halved until it divides ``k``."""
+def _embedding_block(block: int, k: int) -> int:
+    """The block ``export.quantize.share_quantized_embedding`` uses on a hidden size of ``k``: halved
+    until it divides ``k`` (the projections' blocks are padded instead, see ``fake_quantize_blocks``)."""
     while block > 16 and k % block:
         block //= 2
     return block
@@ -129,13 +132,13 @@ def quantized_modules(model, layout: QuantLayout) -> dict[str, tuple[int, int]]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             if m := _PROJECTION.search(name):
-                out[name] = (layout.bits, _fit_block(layout.block_of(m.group(1)), module.in_features))
+                out[name] = (layout.bits, layout.block_of(m.group(1)))
             elif module is head and not tied:
-                out[name] = (layout.bits, _fit_block(layout.block_size, module.in_features))
+                out[name] = (layout.bits, layout.block_size)
             elif module is head and layout.embed_block_size:
-                out[name] = (layout.embed_bits, _fit_block(layout.embed_block_size, module.in_features))
+                out[name] = (layout.embed_bits, _embedding_block(layout.embed_block_size, module.in_features))
         elif module is emb and tied and layout.embed_block_size:
-            out[name] = (layout.embed_bits, _fit_block(layout.embed_block_size, module.embedding_dim))
+            out[name] = (layout.embed_bits, _embedding_block(layout.embed_block_size, module.embedding_dim))
     return out
 
 
@@ -145,7 +148,7 @@ def fake_quantized(model, layout: QuantLayout):
     its parameters and state dict are untouched, and leaving the block restores the plain forward."""
     modules = dict(model.named_modules())
     plan = quantized_modules(model, layout)
-    if not any(name for name in plan if isinstance(modules[name], torch.nn.Linear) and _PROJECTION.search(name)):
+    if not any(_PROJECTION.search(name) for name in plan):
         raise ValueError(
             "quantization-aware training found no q/k/v/o/gate/up/down projections in this student "
             "(a layout the int4 export does not know)"
@@ -224,7 +227,6 @@ def quantization_aware_finetune(model, examples: list[dict], cfg, pad_id: int, l
             "schedule": "cosine",
             "validation": None,
             "save_every": 0,
-            "on_policy": None,
             "seed": cfg.seed + 1,  # another order of the examples than the last epoch's
         }
     )
@@ -263,11 +265,4 @@ class SelfDistillation:
 
 
 def _layout_dict(layout: QuantLayout) -> dict:
-    return {
-        "bits": layout.bits,
-        "block_size": layout.block_size,
-        "group_block_sizes": dict(layout.group_block_sizes),
-        "embed_bits": layout.embed_bits,
-        "embed_block_size": layout.embed_block_size,
-        "activation_bits": layout.activation_bits,
-    }
+    return {**asdict(layout), "group_block_sizes": dict(layout.group_block_sizes)}

@@ -136,3 +136,16 @@ def write_recipe(root: Path, name: str, task_cfg, teacher: dict, student: dict, 
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def export_bundle(model, tokenizer, out: Path, max_new_tokens: int = 16, attention: str = "auto", **bundle) -> str:
+    """``model`` exported to ``out/model.onnx`` with the bundle files beside it (the padding side its
+    attention layout needs; ``bundle``: more ``write_bundle_files`` options); returns the layout."""
+    from distill.export.bundle import FP32_FILE, write_bundle_files
+    from distill.export.onnx_export import PADDING_SIDE, export_decoder
+
+    layout = export_decoder(model, out / FP32_FILE, attention=attention)
+    write_bundle_files(
+        tokenizer, model.config, out, max_new_tokens, FP32_FILE, padding_side=PADDING_SIDE[layout], **bundle
+    )
+    return layout

@@ -28,7 +28,7 @@ def _examples(tok):
 
 
 def _loss(model, examples, tok, layout=None) -> float:
-    batch = collate([{k: v for k, v in e.items()} for e in examples], tok.pad_token_id)
+    batch = collate(examples, tok.pad_token_id)
     with torch.inference_mode():
         if layout is None:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

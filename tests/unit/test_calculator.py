@@ -121,10 +121,10 @@ WRONG = "Let's compute: 3 + 4 = 9 so the answer is 9."
 def wrong_adder(tiny_student, tmp_path_factory):
     """The tiny student trained until it writes ``WRONG`` for one question (greedy), and its bundle."""
     import torch
+    from tiny import export_bundle
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.export.bundle import FP32_FILE, copy_runtime, write_bundle_files
-    from distill.export.onnx_export import PADDING_SIDE, export_decoder
+    from distill.export.bundle import copy_runtime
     from distill.students.data import prompt_template, render_prompt
 
     torch.manual_seed(0)
@@ -146,8 +146,7 @@ def wrong_adder(tiny_student, tmp_path_factory):
             break
     model.eval()
     out = tmp_path_factory.mktemp("calc_bundle")
-    layout = export_decoder(model, out / FP32_FILE)
-    write_bundle_files(tok, model.config, out, 40, FP32_FILE, padding_side=PADDING_SIDE[layout], calculator=True)
+    export_bundle(model, tok, out, 40, calculator=True)
     copy_runtime(out)
     return model, tok, template, out
 

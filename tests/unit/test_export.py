@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import export_bundle
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.export.bundle import FP32_FILE, write_bundle_files
-from distill.export.onnx_export import PADDING_SIDE, export_decoder
+from distill.export.bundle import FP32_FILE
+from distill.export.onnx_export import export_decoder
 from distill.export.quantize import matmul_nodes, quantize_dynamic_int8, quantize_weight_only
 from distill.export.runtime import OnnxGenerator
 from distill.export.verify import verify
@@ -22,9 +23,7 @@ def bundle(tiny_student, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
     tok = AutoTokenizer.from_pretrained(tiny_student)
     out = tmp_path_factory.mktemp("bundle")
-    layout = export_decoder(model, out / FP32_FILE)
-    assert layout == "fused"  # a llama: one GroupQueryAttention node per layer
-    write_bundle_files(tok, model.config, out, 16, FP32_FILE, padding_side=PADDING_SIDE[layout])
+    assert export_bundle(model, tok, out) == "fused"  # a llama: one GroupQueryAttention node per layer
     return model, tok, out
 
 
@@ -32,8 +31,7 @@ def bundle(tiny_student, tmp_path_factory):
 def generic_bundle(bundle, tmp_path_factory):
     model, tok, _ = bundle
     out = tmp_path_factory.mktemp("generic")
-    assert export_decoder(model, out / FP32_FILE, attention="generic") == "generic"
-    write_bundle_files(tok, model.config, out, 16, FP32_FILE, padding_side="left")
+    assert export_bundle(model, tok, out, attention="generic") == "generic"
     return model, tok, out
 
 
@@ -115,8 +113,7 @@ def test_fused_export_of_each_supported_architecture(arch, extra, tmp_path):
     folder = build_model(tmp_path / arch, arch, seed=3, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    assert export_decoder(model, tmp_path / FP32_FILE) == "fused"
-    write_bundle_files(tok, model.config, tmp_path, 16, FP32_FILE, padding_side="right")
+    assert export_bundle(model, tok, tmp_path) == "fused"
     v = verify(model, tok, tmp_path, FP32_FILE, QUESTIONS, 12)
     assert v["max_abs_logit_error"] < 1e-4 and v["greedy_identical"] == len(QUESTIONS)
 

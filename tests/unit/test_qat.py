@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from tiny import export_bundle
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.export.bundle import FP32_FILE, write_bundle_files
-from distill.export.onnx_export import PADDING_SIDE, export_decoder
+from distill.export.bundle import FP32_FILE
 from distill.export.quantize import QuantPreset, make_variant, quantize_weight_only
 from distill.export.runtime import make_session
 from distill.export.verify import verify
@@ -29,12 +29,13 @@ def _matmul_model(path, w: np.ndarray) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_weight_grid_is_onnxruntimes(tmp_path, bits):
+@pytest.mark.parametrize("bits,k", [(4, 128), (8, 128), (4, 80)])
+def test_weight_grid_is_onnxruntimes(tmp_path, bits, k):
     """``fake_quantize_blocks`` of a torch weight [out, in] equals the weight onnxruntime's MatMulNBits
-    computes with, read back by multiplying the identity (one-hot rows quantize exactly)."""
+    computes with, read back by multiplying the identity (one-hot rows quantize exactly); K = 80 is
+    not a multiple of the block (the quantizer pads the last block with zeros)."""
     rng = np.random.default_rng(0)
-    k, n = 128, 24
+    n = 24
     w = rng.standard_normal((k, n)).astype(np.float32)
     w[5, 3], w[70, 3], w[40, 9] = 9.0, -11.0, 0.0  # outliers of both signs decide their blocks' scales
     w[32:64, 7] = 0.0  # an all-zero block
@@ -60,8 +61,7 @@ def exported(tiny_student, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
     tok = AutoTokenizer.from_pretrained(tiny_student)
     out = tmp_path_factory.mktemp("qat_bundle")
-    layout = export_decoder(model, out / FP32_FILE)
-    write_bundle_files(tok, model.config, out, 16, FP32_FILE, padding_side=PADDING_SIDE[layout])
+    export_bundle(model, tok, out)
     return model, tok, out
 
 
