@@ -553,6 +553,12 @@ class ExportConfig(Strict):
             raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
         return v
 
+    @property
+    def weight_only_blocks(self) -> tuple[int, dict[str, int], int]:
+        """(block, {group: block}, tied-embedding block) of the int8/int4 presets: what ``student.qat``
+        trains for and the export stage checks it against (an unset embedding block is ``block_size``)."""
+        return self.block_size, dict(self.group_block_sizes), self.embed_block_size or self.block_size
+
     @field_validator("embed_block_size")
     @classmethod
     def _pow2_or_none(cls, v: int | None) -> int | None:

@@ -51,8 +51,8 @@ def _check_qat_layout(recipe, train_dir: Path) -> None:
     trained = json.loads(metrics.read_text()).get("qat") if metrics.exists() else None
     if not trained or "int4" not in recipe.export.variants:
         return
-    ex, layout = recipe.export, trained["layout"]
-    now = (ex.block_size, dict(ex.group_block_sizes), ex.embed_block_size or ex.block_size)
+    layout = trained["layout"]
+    now = recipe.export.weight_only_blocks
     then = (layout["block_size"], layout["group_block_sizes"], layout["embed_block_size"])
     if now != then:
         console.print(

@@ -138,14 +138,14 @@ def qat_layout(recipe):
     """The int4 export's block layout (``export`` settings) as the trainer simulates it."""
     from distill.students.qat import QuantLayout
 
-    ex, q = recipe.export, recipe.student.qat
+    block, groups, embed = recipe.export.weight_only_blocks
     return QuantLayout(
         bits=4,
-        block_size=ex.block_size,
-        group_block_sizes=tuple(ex.group_block_sizes.items()),
+        block_size=block,
+        group_block_sizes=tuple(groups.items()),
         embed_bits=8,
-        embed_block_size=ex.embed_block_size or ex.block_size,
-        activation_bits=8 if q.activations else None,
+        embed_block_size=embed,
+        activation_bits=8 if recipe.student.qat.activations else None,
     )
 
 
