@@ -34,7 +34,7 @@ STUDENT = "embedded:smollm2-135m-instruct"
 def examples(tokenizer, n: int, max_length: int) -> list[dict]:
     """The first ``n`` correct coin-flip rationales as (input_ids, labels), prompt masked."""
     from distill.core.answers import Task
-    from distill.core.problems import parse_kojima_log
+    from distill.core.readers import parse_kojima_log
     from distill.students.data import build_examples
 
     task = Task("text")

@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 import shlex
 import types
 import typing
@@ -21,27 +22,79 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import to_jsonable_python
 
 from distill.core.errors import DistillError
-from distill.core.problems import read_input
+from distill.core.readers import read_input
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AnswerConfig(Strict):
+    """How answers of each ``task.answer_type`` are read and compared (every key has a working default)."""
+
+    tolerance: float = Field(
+        0.0, ge=0, description="number: a prediction within this relative tolerance of the gold is correct (0 = equal)"
+    )
+    normalize: list[Literal["case", "punctuation", "articles", "whitespace"]] = Field(
+        default_factory=lambda: ["case", "punctuation", "articles", "whitespace"],
+        description="text: what is normalised away before comparing (lowercase, punctuation, a/an/the, spacing)",
+    )
+    match: Literal["exact", "contains", "f1"] = Field(
+        "exact", description="text: equal after normalisation, gold contained in the prediction, or token F1"
+    )
+    f1_threshold: float = Field(0.8, gt=0, le=1, description="text with match=f1: the token F1 that counts as correct")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="json: a JSON Schema the answer must validate against (the gold is compared field by field)"
+    )
+    pattern: str | None = Field(None, description="regex: the answer is the first group of this pattern's last match")
+    checker: str | None = Field(
+        None,
+        description="custom: a Python entry point 'module:function' called as function(answer, gold) -> bool "
+        "(see the README); an exception marks the row wrong with the exception as its reason",
+    )
+
+
 class TaskConfig(Strict):
     """Where problems come from and how answers are checked."""
 
-    source: Literal["reasoning_gym", "file", "synthetic"] = Field(
+    source: Literal["reasoning_gym", "file", "synthetic", "hf"] = Field(
         "reasoning_gym",
-        description="reasoning_gym generator; a file (.jsonl question/answer, .json, zero-shot-CoT .log); or "
+        description="reasoning_gym generator; a file (.jsonl/.json/.csv/.parquet rows, zero-shot-CoT .log); hf: "
+        "anything datasets reads (a hub id in the local cache, a save_to_disk folder, data files or a glob); or "
         "synthetic: the teacher writes train_size new problems from the file's seed rows (the last eval_size "
         "rows are the evaluation split), solved with self-consistency",
     )
-    name: str = Field("chain_sum", description="reasoning_gym dataset name, or the file path for source=file")
-    params: dict[str, Any] = Field(default_factory=dict, description="generator config (reasoning_gym kwargs)")
-    answer_type: Literal["number", "yes_no", "choice", "text"] = Field(
-        "number", description="how answers are extracted and compared: number, yes/no, choice letter A-J, short text"
+    name: str = Field(
+        "chain_sum",
+        description="reasoning_gym dataset name; the file path (source=file); the dataset id, folder or "
+        "data files (source=hf)",
     )
+    params: dict[str, Any] = Field(default_factory=dict, description="generator config (reasoning_gym kwargs)")
+    config: str | None = Field(None, description="hf: the dataset's configuration (subset) name")
+    revision: str | None = Field(None, description="hf: the dataset revision (a branch, tag or commit)")
+    train_split: str | None = Field(
+        None, description="hf: the split problems are drawn from (default: train, else the only split)"
+    )
+    eval_split: str | None = Field(
+        None,
+        description="hf: the held-out split evaluated on and never trained on (default: test, else validation; "
+        "without one, eval_size rows are held out of the train split as task.split says)",
+    )
+    columns: dict[Literal["question", "answer", "messages"], str] | None = Field(
+        None,
+        description="which field of a row is the question / answer / messages: a column name, or a sandboxed Jinja "
+        "template over the row ('{{ Body }} {{ Question }}'); default question/answer (or problem/solution, "
+        "messages)",
+    )
+    keep_columns: list[str] = Field(
+        default_factory=list, description="columns of the source rows carried into the generated rows (as extra)"
+    )
+    answer_type: Literal["number", "yes_no", "choice", "text", "json", "regex", "custom"] = Field(
+        "number",
+        description="how answers are extracted and compared: number, yes/no, choice letter A-J, short text, JSON, "
+        "a regex group, or a custom checker (task.answer holds each one's settings)",
+    )
+    answer: AnswerConfig = Field(default_factory=AnswerConfig, description="settings of the answer types")
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
     eval_size: int = Field(40, ge=1, description="held-out problems every model is evaluated on")
     seed: int = Field(0, description="generator seed; train and eval use disjoint seeds")
@@ -54,6 +107,25 @@ class TaskConfig(Strict):
         0.7, gt=0, le=1, description="synthetic: word 3-gram Jaccard at which a new problem counts as a near-duplicate"
     )
     seed_shots: int = Field(3, ge=1, le=16, description="synthetic: seed problems shown per request")
+
+    @model_validator(mode="after")
+    def _answer_settings(self):
+        a = self.answer
+        if self.answer_type == "regex" and not a.pattern:
+            raise ValueError(
+                "task.answer_type=regex needs task.answer.pattern (a regex whose first group is the answer)"
+            )
+        if self.answer_type == "custom" and not a.checker:
+            raise ValueError("task.answer_type=custom needs task.answer.checker ('module:function')")
+        if a.pattern is not None:
+            try:
+                if re.compile(a.pattern).groups < 1:
+                    raise ValueError(f"task.answer.pattern {a.pattern!r} has no group: wrap the answer in ( )")
+            except re.error as e:
+                raise ValueError(f"task.answer.pattern {a.pattern!r} is not a valid regex ({e})") from None
+        if a.checker is not None and not re.fullmatch(r"[\w.]+:[\w.]+", a.checker):
+            raise ValueError(f"task.answer.checker {a.checker!r} is not 'module:function' (e.g. mypkg.checks:grade)")
+        return self
 
 
 class Demo(Strict):
@@ -704,6 +776,13 @@ OPTIONAL_DEFAULTS = {
     "student.on_policy": None,
     "student.qat": None,
     "task.split": "order",
+    "task.answer": AnswerConfig().model_dump(mode="json"),
+    "task.config": None,
+    "task.revision": None,
+    "task.train_split": None,
+    "task.eval_split": None,
+    "task.columns": None,
+    "task.keep_columns": [],
     "export.gate_size": 0,
     "export.gate_rule": "accuracy",
     "export.int4_algorithm": "rtn",

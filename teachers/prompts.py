@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 from distill.core.errors import DistillError
-
-
-@cache
-def _env():
-    from jinja2 import StrictUndefined
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+from distill.core.templates import render_template
 
 
 def render(template: str, **values) -> str:
@@ -20,7 +11,7 @@ def render(template: str, **values) -> str:
     from jinja2 import TemplateError
 
     try:
-        return _env().from_string(template).render(**values)
+        return render_template(template, **values)
     except (TemplateError, TypeError) as e:  # TypeError: include/import with no loader (no filesystem)
         raise DistillError(
             f"prompt template {template!r} failed: {type(e).__name__}: {e}",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distill.core.answers import Task
 from distill.core.errors import DistillError
-from distill.core.problems import json_kind, normalize_question, parse_json_lines, parse_kojima_text, read_input
+from distill.core.readers import json_kind, normalize_question, parse_json_lines, parse_kojima_text, read_input
 
 WHAT = "replay file"
 

@@ -37,6 +37,11 @@ ROW_SCHEMA = pa.schema(
         ("teacher_token_ids", pa.list_(pa.int32())),
         ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
         ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+        # Provenance of the problem: its source (dataset id, split or file) and row index there, and the
+        # source columns task.keep_columns carries along (a JSON object, null when none are kept).
+        ("source", pa.string()),
+        ("source_row", pa.int64()),
+        ("extra", pa.string()),
     ]
 )
 
@@ -103,6 +108,45 @@ def select_training_rows(rows, cfg):
                 out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": [], **NO_TEACHER_TOKENS})
         rows = pa.Table.from_pylist(out, schema=ROW_SCHEMA)
     return rows, dropped
+
+
+def row_verdicts(rows, cfg) -> list[tuple[str, str | None]]:
+    """Per row (a table or dicts), what became of it and why: ``(verdict, reason)``.
+
+    Train rows follow ``select_training_rows`` rule by rule, in its order, so a page can say why a
+    row was dropped: ``failed`` (the teacher call failed: its error), ``unparsable`` (no answer: the
+    parse error) or ``wrong`` under keep-correct, ``filtered`` (low agreement, or rationale length
+    after the rationale choice), else ``kept`` (the reason counts the training rows it expands to).
+    Other rows are held out: ``failed``, ``eval-correct`` or ``eval-wrong``. Tests check the kept set
+    against ``select_training_rows``; change both together.
+    """
+    rows = rows.to_pylist() if hasattr(rows, "to_pylist") else list(rows)
+    choice = getattr(cfg, "rationale_choice", "first")
+    upper = cfg.max_rationale_words or float("inf")
+    out: list[tuple[str, str | None]] = []
+    for r in rows:
+        correct = bool(r.get("correct"))
+        unanswered = r.get("pred") is None
+        no_answer = f"no answer: {r.get('parse_error') or 'no parse error recorded'}"
+        if r.get("error") is not None:
+            out.append(("failed", r["error"]))
+        elif r.get("split") != "train":
+            verdict = "eval-correct" if correct else "eval-wrong"
+            out.append((verdict, None if correct else no_answer if unanswered else f"{r['pred']} ≠ gold {r.get('gold')}"))
+        elif cfg.keep == "correct" and not correct:
+            out.append(("unparsable", no_answer) if unanswered else ("wrong", f"{r['pred']} ≠ gold {r.get('gold')}"))
+        elif cfg.min_confidence > 0 and (r.get("confidence") or 0.0) < cfg.min_confidence:
+            out.append(("filtered", f"low agreement: {r.get('confidence') or 0.0:.2f} < {cfg.min_confidence:g}"))
+        else:
+            chosen = order_rationales(r, choice) if choice != "first" else r
+            words = len((chosen["rationale"] or "").split())
+            if (cfg.min_rationale_words or cfg.max_rationale_words) and not cfg.min_rationale_words <= words <= upper:
+                bound = f"< min {cfg.min_rationale_words}" if words < cfg.min_rationale_words else f"> max {upper}"
+                out.append(("filtered", f"length: {words} words {bound}"))
+            else:
+                extra = len((chosen.get("alternatives") or [])[: cfg.rationales_per_question - 1])
+                out.append(("kept", f"{1 + extra} training rows" if extra else None))
+    return out
 
 
 def latest_rows(tables: list):

@@ -68,8 +68,11 @@ class TeacherWorker:
             rows = self.teacher.rows(problems, self.task)
         else:
             rows = self.method(self.teacher, problems, self.cfg, self.task)
+        by_id = {p["id"]: p for p in problems}
         for r in rows:
             r["teacher"] = self.teacher.model_id
+            p = by_id[r["id"]]
+            r.update(source=p.get("source"), source_row=p.get("source_row"), extra=p.get("extra"))
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 

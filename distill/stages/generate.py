@@ -106,14 +106,9 @@ def _check_replay_coverage(path: str, records: list[dict], problems: list[dict],
 def _warn_capped_sizes(task, train: list[dict], evals: list[dict]) -> None:
     """A console warning when the task has fewer problems than ``task.train_size`` / ``task.eval_size``
     ask for: the run goes on with what there is, but never shrinks silently."""
-    from distill.core.problems import read_problem_file
-
     if task.source != "synthetic" and len(train) < task.train_size:
-        if task.source == "file":
-            rows = len(read_problem_file(task.name)) - len(evals)
-            where = f"{task.name} has {rows} rows after the eval split"
-            if rows != len(train):
-                where += f", {len(train)} of them distinct questions not in it"
+        if task.source in ("file", "hf"):
+            where = f"{task.name} has {len(train)} distinct questions outside the eval split"
         else:
             where = f"{task.source} {task.name} with these task.params gave {len(train)} distinct questions"
         _warn(f"task.train_size={task.train_size} but {where}: using {len(train)}")

@@ -262,7 +262,7 @@ def test_jsonl_of_bare_numbers_names_the_line(tmp_path):
 @pytest.mark.parametrize(
     "row,why",
     [
-        ({"question": "q"}, "line 2 lacks 'question' or 'answer'"),
+        ({"question": "q"}, "line 2 has no answer field (its fields: question)"),
         ({"question": None, "answer": "1"}, "line 2: 'question' is null, not text"),
         ({"question": "q", "answer": [1]}, "line 2: 'answer' is a list, not a value"),
         ({"sQuestion": "q", "lSolutions": []}, "line 2: lSolutions is not a non-empty list"),

@@ -103,7 +103,7 @@ def test_an_unknown_section_is_one_error_listing_the_sections(section):
     with pytest.raises(DistillError) as e:
         recipe_keys(section)
     assert e.value.problem == f"no recipe section '{section}'"
-    assert e.value.fix.startswith("sections: task, teacher, ")
+    assert e.value.fix.startswith("sections: task, task.answer, teacher, ")
     assert "student.on_policy" in e.value.fix and "\n" not in str(e.value)
 
 

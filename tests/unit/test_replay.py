@@ -8,7 +8,8 @@ from conftest import SHARED_DATA
 from distill.config import TaskConfig
 from distill.core.answers import Task
 from distill.core.errors import DistillError
-from distill.core.problems import load_problems, normalize_question, parse_kojima_log
+from distill.core.problems import load_problems
+from distill.core.readers import normalize_question, parse_kojima_log
 from distill.teachers.replay import ReplayTeacher, load_records
 
 LOGS = SHARED_DATA / "zero_shot_cot" / "teacher_logs"
