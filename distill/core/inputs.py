@@ -13,6 +13,7 @@ last two are a conversation's system turn and the turns before its last user tur
 from __future__ import annotations
 
 import difflib
+import glob
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,16 +157,14 @@ def _hf_splits(cfg) -> dict[str, Rows]:
             )
         data = _load(lambda d: d.load_from_disk(str(path)), what)
     elif path.is_file() or any(c in name for c in "*?["):
-        suffix = Path(name.split("*")[0] if path.is_file() else name).suffix or Path(name).suffix
-        builder = _DATA_FILES.get(suffix)
+        builder = _DATA_FILES.get(path.suffix)
         if builder is None:
             raise DistillError(
                 f"task.name {name} is not a data file datasets reads", f"use one of: {', '.join(sorted(_DATA_FILES))}"
             )
-        files = name if not path.is_file() else str(path)
-        if not path.is_file() and not sorted(Path().glob(name)) and not sorted(Path("/").glob(name.lstrip("/"))):
+        if not path.is_file() and not glob.glob(str(path)):
             raise DistillError(f"task.name {name} matches no file", "check the path or glob (relative to this folder)")
-        data = _load(lambda d: d.load_dataset(builder, data_files=files, **_csv(Path(suffix))), what)
+        data = _load(lambda d: d.load_dataset(builder, data_files=str(path), **_csv(path)), what)
     else:
         if path.is_absolute() or name.startswith((".", "~")):
             raise DistillError(f"dataset folder {name} does not exist", "fix task.name")
