@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from distill.core.answers import Task
@@ -21,15 +22,28 @@ from distill.teachers.backends.base import Decoding, GenerationRequest
 from distill.teachers.prompts import render
 
 
-def _messages(question: str, cfg, task: Task) -> list[dict]:
-    """System prompt, worked demonstrations (few-shot), then the question."""
-    m = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+def _system(cfg, p: dict | None = None) -> list[dict]:
+    """The system turn: the recipe's ``teacher.system_prompt`` and the problem's own (a conversation's
+    system turn is kept), joined into one message (chat templates take one)."""
+    parts = [t for t in (cfg.system_prompt, (p or {}).get("system")) if t]
+    return [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
+
+
+def _history(p: dict | None) -> list[dict]:
+    """The turns of a conversation before the last user turn, which the teacher answers."""
+    raw = (p or {}).get("history")
+    return json.loads(raw) if raw else []
+
+
+def _messages(question: str, cfg, task: Task, p: dict | None = None) -> list[dict]:
+    """System prompt, worked demonstrations (few-shot), the problem's earlier turns, then the question."""
+    m = _system(cfg, p)
     for d in cfg.demos if cfg.method in ("few_shot_cot", "self_consistency") else []:
         m += [
             {"role": "user", "content": render(cfg.prompt_template, question=d.question)},
             {"role": "assistant", "content": f"{cfg.trigger} {d.rationale.strip()}\n{task.answer_sentence(d.answer)}"},
         ]
-    return m + [{"role": "user", "content": render(cfg.prompt_template, question=question)}]
+    return m + _history(p) + [{"role": "user", "content": render(cfg.prompt_template, question=question)}]
 
 
 def scoring_prompt(teacher, question: str, cfg, task: Task) -> str:
@@ -141,7 +155,9 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
 
 def chain_of_thought(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
     """Zero-shot CoT, few-shot CoT or self-consistency per ``cfg.method``; one row per problem."""
-    prompts = [teacher.chat_prompt(_messages(p["question"], cfg, task), assistant_prefix=cfg.trigger) for p in problems]
+    prompts = [
+        teacher.chat_prompt(_messages(p["question"], cfg, task, p), assistant_prefix=cfg.trigger) for p in problems
+    ]
     if cfg.method == "self_consistency":
         samples = cfg.samples
         decoding = Decoding(
@@ -180,10 +196,11 @@ def _subquestions(text: str, question: str, limit: int) -> list[str]:
 def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
     """Decompose each problem, then answer its sub-questions one after another (batched across
     problems at each step), each answer feeding the next; the last answer is the prediction."""
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    system = [_system(cfg, p) for p in problems]
     question = [render(cfg.prompt_template, question=p["question"]) for p in problems]
     dec_prompts = [
-        teacher.chat_prompt(system + [{"role": "user", "content": DECOMPOSE.format(question=q)}]) for q in question
+        teacher.chat_prompt(s + [{"role": "user", "content": DECOMPOSE.format(question=q)}])
+        for s, q in zip(system, question)
     ]
     decomp = teacher.generate([GenerationRequest(p, Decoding(max_new_tokens=cfg.max_new_tokens)) for p in dec_prompts])
     plans = [_subquestions(c.text, q, cfg.max_subquestions) for c, q in zip(decomp, question)]
@@ -197,7 +214,7 @@ def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
         active = [i for i, plan in enumerate(plans) if step < len(plan)]
         prompts = [
             teacher.chat_prompt(
-                system
+                system[i]
                 + [
                     {
                         "role": "user",
@@ -257,7 +274,6 @@ def self_ask(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
     """One generation per problem in the self-ask scaffold (a worked demo as a previous chat turn,
     then the question); the follow-up chain is the rationale and "So the final answer is" the
     answer (stage 2 when it is missing)."""
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     demo = (cfg.demos[0].question, cfg.demos[0].rationale.strip(), cfg.demos[0].answer) if cfg.demos else SELF_ASK_DEMO
     shot = [
         {"role": "user", "content": render(cfg.prompt_template, question=demo[0])},
@@ -265,7 +281,10 @@ def self_ask(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
     ]
     prompts = [
         teacher.chat_prompt(
-            system + shot + [{"role": "user", "content": render(cfg.prompt_template, question=p["question"])}],
+            _system(cfg, p)
+            + shot
+            + _history(p)
+            + [{"role": "user", "content": render(cfg.prompt_template, question=p["question"])}],
             assistant_prefix=SELF_ASK_LEAD,
         )
         for p in problems

@@ -240,3 +240,25 @@ def test_nucleus_sampling_keeps_the_smallest_set_over_top_p():
     assert drawn == {0, 1}  # 0.5 < 0.6 needs the second token; the third is never drawn
     assert {int(t) for _ in range(50) for t in _sample(scores, 1.0, 0.4, g)} == {0}
     assert {int(t) for _ in range(300) for t in _sample(scores, 1.0, 1.0, g)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("method", ["zero_shot_cot", "self_ask", "least_to_most"])
+def test_a_conversation_prompt_keeps_its_system_turn_and_earlier_turns(tiny_teacher, method):
+    import json
+
+    from distill.teachers.methods import METHODS
+
+    p = {
+        "id": "train-000000",
+        "split": "train",
+        "question": "What is 2 + 2?",
+        "gold": "4",
+        "system": "Answer like a pirate.",
+        "history": json.dumps([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Ahoy."}]),
+    }
+    cfg = TeacherConfig(method=method, system_prompt="Be brief.", max_new_tokens=8, max_subquestions=1)
+    row = METHODS[method](TransformersBackend(tiny_teacher), [p], cfg, Task("number"))[0]
+    prompt = row["prompt"]
+    assert prompt.index("Be brief.\n\nAnswer like a pirate.") < prompt.index("What is 2 + 2?")
+    if method != "least_to_most":  # decomposition sees the system turn, not the chat so far
+        assert prompt.index("Hi there") < prompt.index("Ahoy.") < prompt.index("What is 2 + 2?")
