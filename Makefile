@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # Environment defaults (offline, no telemetry, one thread per process) are set by distill itself:
 # distill.core.env.set_env_defaults(), called by the CLI, the tests and the bench scripts.
 
-.PHONY: install models quickstart test test-slow bench chaos lint format clean
+.PHONY: install models browser quickstart test test-slow bench chaos lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,22 @@ models: $(VENV)/.models
 quickstart: install models
 	$(VENV)/bin/distill run recipes/quickstart.yaml
 
-test: install
+# Headless Chromium for the browser tests (tests/browser.py): installed quietly when missing and we are
+# root with apt-get; otherwise it says why and goes on (those tests skip). Never fails.
+CHROMIUM := chromium chromium-browser google-chrome
+browser:
+	@found=; for b in $(CHROMIUM); do command -v $$b >/dev/null 2>&1 && found=$$b && break; done; \
+	if [ -z "$$found" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  log=$${TMPDIR:-/tmp}/distill-apt-chromium.log; echo "browser: installing chromium with apt-get (log: $$log)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >"$$log" 2>&1 \
+	    && found=chromium || echo "browser: apt-get install chromium failed, see $$log; browser tests will skip"; \
+	elif [ -z "$$found" ]; then echo "browser: chromium missing and no root apt-get to install it; browser tests will skip"; fi; \
+	if [ -n "$$found" ]; then \
+	  if v=$$($$found --version 2>/dev/null); then echo "browser: $$v"; \
+	  else echo "browser: $$found does not run; browser tests will fail or skip"; fi; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q
 
 test-slow: install models

@@ -126,15 +126,17 @@ def row_verdicts(rows, cfg) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for r in rows:
         correct = bool(r.get("correct"))
-        unanswered = r.get("pred") is None
-        no_answer = f"no answer: {r.get('parse_error') or 'no parse error recorded'}"
+        miss = (
+            f"no answer: {r.get('parse_error') or 'no parse error recorded'}"
+            if r.get("pred") is None
+            else f"pred {r['pred']} ≠ gold {r.get('gold')}"
+        )
         if r.get("error") is not None:
             out.append(("failed", r["error"]))
         elif r.get("split") != "train":
-            verdict = "eval-correct" if correct else "eval-wrong"
-            out.append((verdict, None if correct else no_answer if unanswered else f"{r['pred']} ≠ gold {r.get('gold')}"))
+            out.append(("eval-correct", None) if correct else ("eval-wrong", miss))
         elif cfg.keep == "correct" and not correct:
-            out.append(("unparsable", no_answer) if unanswered else ("wrong", f"{r['pred']} ≠ gold {r.get('gold')}"))
+            out.append(("unparsable" if r.get("pred") is None else "wrong", miss))
         elif cfg.min_confidence > 0 and (r.get("confidence") or 0.0) < cfg.min_confidence:
             out.append(("filtered", f"low agreement: {r.get('confidence') or 0.0:.2f} < {cfg.min_confidence:g}"))
         else:
@@ -145,7 +147,9 @@ def row_verdicts(rows, cfg) -> list[tuple[str, str | None]]:
                 out.append(("filtered", f"length: {words} words {bound}"))
             else:
                 extra = len((chosen.get("alternatives") or [])[: cfg.rationales_per_question - 1])
-                out.append(("kept", f"{1 + extra} training rows" if extra else None))
+                notes = [f"{1 + extra} training rows"] if extra else []
+                notes += [] if correct else [f"{miss} (keep={cfg.keep})"]
+                out.append(("kept", "; ".join(notes) or None))
     return out
 
 
