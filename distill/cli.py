@@ -531,6 +531,62 @@ def _key_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+data_app = typer.Typer(
+    no_args_is_help=True, help="A run's generated data: export it for other trainers, inspect every row."
+)
+app.add_typer(data_app, name="data")
+
+RunDir = Annotated[Path, typer.Argument(help="run folder (runs/<name>) or its generate folder")]
+
+
+@data_app.command("export")
+def data_export(
+    run_dir: RunDir,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf (datasets.load_from_disk), messages (TRL SFTTrainer), sharegpt (Axolotl, LLaMA-Factory) or alpaca",
+        ),
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="folder to write (default: <run>/data/<format>)")] = None,
+    split: Annotated[str, typer.Option(help="train (the rows the student trains on), eval, or all")] = "all",
+    force: Annotated[bool, typer.Option("--force", help="replace the --out folder if it exists")] = False,
+) -> None:
+    """Export the teacher's rows as chat data other trainers read, each row with its provenance.
+
+    Train rows: the question as the user turn, the exact target the student trains on as the
+    assistant turn. Eval rows: the teacher's answer as the assistant turn (`correct` says if it is
+    right; none when it gave no answer). Written atomically: a failure leaves nothing behind."""
+
+    def go():
+        set_env_defaults()  # offline before datasets is imported
+        from distill.core.progress import console
+        from distill.data.export import export_data, summary_line
+
+        result = export_data(run_dir, fmt, out, split, force)
+        console.print(summary_line(result), highlight=False, soft_wrap=True, markup=False)
+
+    _guard(go)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    run_dir: RunDir,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file to write (default: <run>/generate/inspect.html)")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page showing every generated row and what became of it."""
+
+    def go():
+        from distill.data.inspect import write_inspect_page
+
+        print(write_inspect_page(run_dir, out))
+
+    _guard(go)
+
+
 def main() -> None:
     app()
 

@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "generate", "train", "export", "eval", "ablate", "infer", "serve", "jobs", "recipe")
+COMMANDS = ("run", "generate", "train", "export", "eval", "ablate", "infer", "serve", "jobs", "recipe", "data")
 
 
 def _cli(*args, cwd=ROOT):
