@@ -181,12 +181,21 @@ def export_record(row: dict, split: str, task, teacher: dict) -> dict:
         "source_row": row.get("source_row"),
         "extra": _extra(row),
         "teacher": row.get("teacher"),
-        "generation": {k: teacher.get(k) for k in GENERATION_KEYS},
+        "generation": generation(teacher),
         "tokens_in": tokens_in,
         "tokens_out": tokens_out,
         "cost": float(cost_of(tokens_in, tokens_out, prices)),
         "cached": row.get("cached"),
     }
+
+
+def generation(teacher: dict) -> dict:
+    """How the rows were decoded (``GENERATION_KEYS``): only self-consistency samples; every other
+    method decodes greedily, one path (temperature 0, top_p 1, whatever the recipe's sampling keys say)."""
+    g = {k: teacher.get(k) for k in GENERATION_KEYS}
+    if g["method"] != "self_consistency":
+        g.update(temperature=0.0, top_p=1.0, samples=1)
+    return g
 
 
 def _extra(row: dict):

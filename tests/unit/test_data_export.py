@@ -295,3 +295,9 @@ def test_cli_bad_run_is_one_error_line_and_exit_2(tmp_path):
     assert res.output.strip().splitlines() == [
         f"error: no run folder at {tmp_path / 'missing'} — pass a run folder such as runs/quickstart"
     ]
+
+
+def test_greedy_methods_record_greedy_decoding_whatever_the_sampling_keys_say():
+    greedy = export.generation({**TEACHER, "method": "zero_shot_cot"})
+    assert greedy == {"method": "zero_shot_cot", "temperature": 0.0, "top_p": 1.0, "samples": 1, "max_new_tokens": 256}
+    assert export.generation(TEACHER) == GENERATION
