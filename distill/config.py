@@ -123,6 +123,14 @@ class TaskConfig(Strict):
                     raise ValueError(f"task.answer.pattern {a.pattern!r} has no group: wrap the answer in ( )")
             except re.error as e:
                 raise ValueError(f"task.answer.pattern {a.pattern!r} is not a valid regex ({e})") from None
+        if a.json_schema is not None:
+            from jsonschema import SchemaError, validators
+
+            try:
+                validators.validator_for(a.json_schema).check_schema(a.json_schema)
+            except SchemaError as e:
+                where = "/".join(str(k) for k in e.absolute_path) or "its top level"
+                raise ValueError(f"task.answer.json_schema is not a valid JSON Schema at {where}: {e.message}") from None
         if a.checker is not None and not re.fullmatch(r"[\w.]+:[\w.]+", a.checker):
             raise ValueError(f"task.answer.checker {a.checker!r} is not 'module:function' (e.g. mypkg.checks:grade)")
         return self

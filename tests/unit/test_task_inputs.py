@@ -184,6 +184,7 @@ def test_answer_type_settings_are_checked_at_load():
         ("task.answer.pattern=abc", "has no group"),
         ("task.answer_type=custom", "needs task.answer.checker"),
         ("task.answer.checker=not a path", "is not 'module:function'"),
+        ("task.answer.json_schema={type: objekt}", "is not a valid JSON Schema at type: 'objekt' is not valid"),
     ]:
         with pytest.raises(DistillError, match=expect):
             load_recipe(None, [override])
