@@ -58,7 +58,7 @@ def main() -> None:
             args.run / "export" / "variants",
             f,
             problems,
-            Task(task.answer_type),
+            Task.from_config(task),
             recipe.student.eval_max_new_tokens,
             recipe.student.eval_batch_size,
             f,

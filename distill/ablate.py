@@ -170,7 +170,7 @@ def _ablate(recipe: Recipe, formats: tuple[str, ...], force: bool, resume: bool,
     gen_dir = run_dir / "generate"
     base = run_dir / "ablate"
     base.mkdir(exist_ok=True)
-    task = Task(recipe.task.answer_type)
+    task = Task.from_config(recipe.task)
     problems = read_eval_problems(gen_dir)
     gen = json.loads((gen_dir / "metrics.json").read_text())
 

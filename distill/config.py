@@ -130,7 +130,9 @@ class TaskConfig(Strict):
                 validators.validator_for(a.json_schema).check_schema(a.json_schema)
             except SchemaError as e:
                 where = "/".join(str(k) for k in e.absolute_path) or "its top level"
-                raise ValueError(f"task.answer.json_schema is not a valid JSON Schema at {where}: {e.message}") from None
+                raise ValueError(
+                    f"task.answer.json_schema is not a valid JSON Schema at {where}: {e.message}"
+                ) from None
         if a.checker is not None and not re.fullmatch(r"[\w.]+:[\w.]+", a.checker):
             raise ValueError(f"task.answer.checker {a.checker!r} is not 'module:function' (e.g. mypkg.checks:grade)")
         return self

@@ -25,15 +25,18 @@ def score(outputs: list[str], problems: list[dict], task: Task) -> tuple[dict, l
     """Accuracy (+ 95% CI) of ``outputs`` against ``problems``; returns (summary, per-example rows)."""
     rows = []
     for out, p in zip(outputs, problems):
-        ex = task.extract(out)
+        q = p["question"]
+        ex = task.extract(out, question=q)
+        correct, why = task.check(ex.answer, p["gold"], q) if ex.answer is not None else (False, ex.reason)
         rows.append(
             {
                 "id": p["id"],
-                "question": p["question"],
-                "gold": task.normalize_gold(p["gold"]),
+                "question": q,
+                "gold": task.normalize_gold(p["gold"], q),
                 "output": out,
                 "pred": ex.answer,
-                "correct": task.is_correct(ex.answer, p["gold"]),
+                "correct": correct,
+                "reason": why,
             }
         )
     return summarize(rows), rows

@@ -52,14 +52,17 @@ def scoring_prompt(teacher, question: str, cfg, task: Task) -> str:
     return teacher.chat_prompt(_messages(question, cfg, task))
 
 
-def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding: Decoding) -> list[list[dict]]:
-    """``samples`` reasoning paths per prompt (stage 1), answers read or asked for (stage 2)."""
+def _reason(
+    teacher, prompts: list[str], cfg, task: Task, samples: int, decoding: Decoding, questions: list[str]
+) -> list[list[dict]]:
+    """``samples`` reasoning paths per prompt (stage 1), answers read or asked for (stage 2); each
+    prompt's ``questions`` entry lets a choice answer name an option by its text."""
     reqs = [GenerationRequest(p, decoding, sample=s) for p in prompts for s in range(samples)]
     first = teacher.generate(reqs)
     paths = []
-    for r, c in zip(reqs, first):
+    for k, (r, c) in enumerate(zip(reqs, first)):
         rationale = c.text.strip()
-        ex = task.extract(rationale, fallback_last=False)
+        ex = task.extract(rationale, fallback_last=False, question=questions[k // samples])
         paths.append(
             {
                 "prompt": r.prompt,
@@ -71,6 +74,7 @@ def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding
                 "tokens_out": c.tokens_out,
                 "cached": c.cached,
                 "explicit": ex.explicit,
+                "reason": ex.reason,
                 "error": c.error,
                 "token_ids": c.token_ids,
                 "topk_ids": c.topk_ids,
@@ -97,8 +101,9 @@ def _reason(teacher, prompts: list[str], cfg, task: Task, samples: int, decoding
             p["tokens_out"] += c.tokens_out
             p["cached"] = p["cached"] and c.cached
             p["error"] = c.error
-            ex = task.extract(c.text)
+            ex = task.extract(c.text, question=questions[i // samples])
             p["pred"] = ex.answer if ex.answer is not None else p["pred"]
+            p["reason"] = ex.reason if p["pred"] is None else None
     return [paths[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
 
@@ -112,12 +117,20 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
         votes = Counter(x["pred"] for x in paths if x["pred"] is not None) if error is None else Counter()
         pred = max(votes, key=lambda a: (votes[a], -[x["pred"] for x in paths].index(a))) if votes else None
         chosen = next((x for x in paths if x["pred"] == pred), paths[0])
+        # No gold (synthesized problems): the vote is the label, its agreement the confidence.
+        gold = task.normalize_gold(p["gold"], p["question"]) if p.get("gold") is not None else pred
+        correct, why = task.check(pred, gold, p["question"]) if pred is not None else (False, None)
         if error:
             parse_error = f"teacher call failed: {error}"
+        elif pred is None:
+            reason = next((x.get("reason") for x in paths if x.get("reason")), None)
+            parse_error = (
+                f"no answer found in rationale or answer prompt ({reason})"
+                if reason
+                else ("no answer found in rationale or answer prompt")
+            )
         else:
-            parse_error = None if pred is not None else "no answer found in rationale or answer prompt"
-        # No gold (synthesized problems): the vote is the label, its agreement the confidence.
-        gold = task.normalize_gold(p["gold"]) if p.get("gold") is not None else pred
+            parse_error = why  # a wrong answer's reason worth keeping (a checker that raised)
         # Distinct other rationales reaching the same answer (Fine-tune-CoT "diverse reasoning").
         alternatives, seen = [], {" ".join(chosen["rationale"].split())}
         for x in paths:
@@ -136,7 +149,7 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
                 "answer_raw": chosen["answer_raw"],
                 "pred": pred,
                 "confidence": votes[pred] / len(paths) if pred is not None else 0.0,
-                "correct": pred is not None and pred == gold,
+                "correct": correct,
                 "alternatives": alternatives,
                 "parse_error": parse_error,
                 "error": error,
@@ -165,7 +178,8 @@ def chain_of_thought(teacher, problems: list[dict], cfg, task: Task) -> list[dic
         )
     else:
         samples, decoding = 1, Decoding(max_new_tokens=cfg.max_new_tokens, logprobs=cfg.topk_logprobs)
-    return _rows(problems, _reason(teacher, prompts, cfg, task, samples, decoding), task)
+    questions = [p["question"] for p in problems]
+    return _rows(problems, _reason(teacher, prompts, cfg, task, samples, decoding, questions), task)
 
 
 def zero_shot_cot(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
@@ -238,7 +252,7 @@ def least_to_most(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
                 errors[i], plans[i] = c.error, plans[i][: step + 1]  # stop this problem here
     paths = []
     for i in range(len(problems)):
-        ex = task.extract(last_answer[i])
+        ex = task.extract(last_answer[i], question=problems[i]["question"])
         paths.append(
             [
                 {
@@ -290,7 +304,8 @@ def self_ask(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
         for p in problems
     ]
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens)
-    return _rows(problems, _reason(teacher, prompts, cfg, task, 1, decoding), task)
+    questions = [p["question"] for p in problems]
+    return _rows(problems, _reason(teacher, prompts, cfg, task, 1, decoding, questions), task)
 
 
 METHODS.update({"least_to_most": least_to_most, "self_ask": self_ask})

@@ -100,8 +100,11 @@ class ReplayTeacher:
         out = []
         for p in problems:
             r = self.records.get(normalize_question(p["question"]))
-            pred = task.extract(str(r["answer"])).answer if r else None
-            gold = task.normalize_gold(p["gold"])
+            q = p["question"]
+            ex = task.extract(str(r["answer"]), question=q) if r else None
+            pred = ex.answer if ex else None
+            gold = task.normalize_gold(p["gold"], q)
+            correct, why = task.check(pred, gold, q) if pred is not None else (False, None)
             out.append(
                 {
                     "id": p["id"],
@@ -113,10 +116,10 @@ class ReplayTeacher:
                     "answer_raw": r.get("answer_raw", str(r["answer"])) if r else "",
                     "pred": pred,
                     "confidence": 1.0 if pred is not None else 0.0,
-                    "correct": task.is_correct(pred, p["gold"]),
-                    "parse_error": None
+                    "correct": correct,
+                    "parse_error": why
                     if pred is not None
-                    else (NO_RECORDING if not r else "recorded answer has no parsable value"),
+                    else (NO_RECORDING if not r else f"recorded answer has no parsable value ({ex.reason})"),
                     "finish_reason": "recorded",
                     "tokens_in": 0,
                     "tokens_out": 0,

@@ -47,13 +47,13 @@ def make_backend(cfg, model_path: str):
 class TeacherWorker:
     """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows."""
 
-    def __init__(self, model_path: str, teacher_cfg, answer_type: str, cache_path: str, cache_only: bool = False):
+    def __init__(self, model_path: str, teacher_cfg, task: Task, cache_path: str, cache_only: bool = False):
         import torch
 
         from distill.teachers.cache import CachedTeacher, CompletionCache
 
         self.cfg = teacher_cfg  # the recipe's teacher section (or any object with its fields)
-        self.task = Task(answer_type)
+        self.task = task  # answer extraction and checking (``Task.from_config(recipe.task)``)
         if self.cfg.model.startswith("replay:"):
             self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
             return

@@ -137,9 +137,12 @@ def _load(fn, what: str):
 def _load_fix(e: Exception) -> str:
     name = type(e).__name__
     if "NotFound" in name or "Connection" in name or "offline" in str(e).lower():
+        from datasets import config
+
         return (
-            "distill runs offline: a hub dataset must already be in the local Hugging Face cache (HF_HOME), or save "
-            "it once where the hub is reachable (load_dataset(...).save_to_disk(DIR)) and set task.name to DIR"
+            f"distill runs offline: a hub dataset must already be in the local Hugging Face cache "
+            f"({config.HF_DATASETS_CACHE}), or save it once where the hub is reachable "
+            "(load_dataset(...).save_to_disk(DIR)) and set task.name to DIR"
         )
     return "check task.name, task.config and task.revision, and that the files are readable data of one format"
 

@@ -52,7 +52,7 @@ def _weights_bytes(source: str) -> int | None:
     return sum(sizes) or None
 
 
-def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[dict], bool]:
+def split_problems(gen_dir: Path, split: str, task) -> tuple[list[dict], bool]:
     """(problems, teacher answers known) for ``split``: ``eval``, ``train`` (every train problem the
     teacher answered, kept or not) or a task file (.jsonl/.json/.log) of new problems."""
     import pyarrow.compute as pc
@@ -68,13 +68,16 @@ def split_problems(gen_dir: Path, split: str, answer_type: str) -> tuple[list[di
         return table.filter(pc.equal(table["split"], "train")).sort_by("id").to_pylist(), True
     if not Path(split).is_file():
         raise DistillError(f"split {split!r} is neither eval, train nor a file", "pass eval, train or a .jsonl path")
-    from distill.core.answers import Task
     from distill.core.problems import read_problem_file
 
-    task = Task(answer_type)
     rows = read_problem_file(split)
     return [
-        {"id": f"file-{i:06d}", "split": "file", "question": r["question"], "gold": task.normalize_gold(r["gold"])}
+        {
+            "id": f"file-{i:06d}",
+            "split": "file",
+            "question": r["question"],
+            "gold": task.normalize_gold(r["gold"], r["question"]),
+        }
         for i, r in enumerate(rows)
     ], False
 
@@ -155,8 +158,8 @@ def evaluate_stage(
 ) -> EvalResult:
     """Score each model in ``recipe.eval.models`` on ``split`` (eval, train or a task file); writes
     per-example outputs (``<model>.jsonl``) and ``scores.json``."""
-    task = Task(recipe.task.answer_type)
-    problems, teacher_known = split_problems(gen_dir, split, recipe.task.answer_type)
+    task = Task.from_config(recipe.task)
+    problems, teacher_known = split_problems(gen_dir, split, task)
     if not problems:
         raise DistillError(f"split {split!r} has no problems", "pick another split")
     scores: dict[str, dict] = {}

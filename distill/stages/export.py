@@ -140,7 +140,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     from distill.teachers.rows import read_eval_problems, read_rows
 
     cfg, student = recipe.export, recipe.student
-    task = Task(recipe.task.answer_type)
+    task = Task.from_config(recipe.task)
     variants_dir, bundle = out / "variants", out / "bundle"
     fp32 = variants_dir / FP32_FILE
     train_parquet = gen_dir / "dataset" / "train.parquet"

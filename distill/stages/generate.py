@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.core.answers import Task
 from distill.core.artifacts import ShardWriter, write_config, write_json, write_parquet
 from distill.core.errors import DistillError
 from distill.core.problems import load_problems
@@ -77,7 +78,7 @@ def _worker_kwargs(recipe, problems: list[dict] | None = None) -> dict:
     return dict(
         model_path="" if replay or remote else str(resolve_model(cfg.model, cfg.trust_remote_code, "teacher")),
         teacher_cfg=cfg,
-        answer_type=recipe.task.answer_type,
+        task=Task.from_config(recipe.task),
         cache_path=str(Path(recipe.cache).resolve()),
     )
 
@@ -101,6 +102,19 @@ def _check_replay_coverage(path: str, records: list[dict], problems: list[dict],
             f"[yellow]replay: {hits} of {len(problems)} questions have a recorded answer; the others are skipped[/]",
             soft_wrap=True,
         )
+
+
+def _check_golds(task: Task, problems: list[dict]) -> None:
+    """Every gold answer reads as the task's answer type, checked before any teacher call: a bad one is
+    one line naming its row, not a worker's error after the first paid batch."""
+    for p in problems:
+        if p.get("gold") is None:
+            continue
+        try:
+            task.normalize_gold(p["gold"], p["question"])
+        except DistillError as e:
+            where = f"{p['source']} row {p['source_row'] + 1}" if p.get("source") else f"problem {p['id']}"
+            raise DistillError(f"{where}: {e.problem}", e.fix) from None
 
 
 def _warn_capped_sizes(task, train: list[dict], evals: list[dict]) -> None:
@@ -135,6 +149,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     work = work or out
     cfg = recipe.teacher
     train, evals = load_problems(recipe.task)
+    _check_golds(Task.from_config(recipe.task).prepare(), train + evals)
     _warn_capped_sizes(recipe.task, train, evals)
     synthetic = recipe.task.source == "synthetic"  # its train problems are not written yet
     worker_kwargs = _worker_kwargs(recipe, None if synthetic else evals + train)  # before anything is written

@@ -213,7 +213,7 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     cfg = recipe.student
     rows = read_rows(gen_dir / "dataset" / "train.parquet", TRAIN_COLUMNS, "generate more data or relax teacher.keep")
     model, tokenizer = build_student(cfg, recipe.teacher.model)
-    task = Task(recipe.task.answer_type)
+    task = Task.from_config(recipe.task)
     if cfg.format == "kd":
         _check_kd(recipe, tokenizer, rows)
     dev = None

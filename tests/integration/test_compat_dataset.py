@@ -1,12 +1,20 @@
-"""The same recipe gives the same dataset bytes as on e892d24 (the generate stage, replayed teacher)."""
+"""The same recipe gives the same dataset bytes as on e892d24 (the generate stage, replayed teacher).
 
-import hashlib
+Since then the rows gained provenance columns (``source``, ``source_row``, ``extra``: issue #13),
+appended after every e892d24 column; without them the file is byte for byte e892d24's."""
+
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from compat import RECORDED, ROOT, frozen
 
 from distill.config import load_recipe
+from distill.core.artifacts import write_parquet
+from distill.teachers.rows import ROW_SCHEMA
+
+PROVENANCE = ("source", "source_row", "extra")
 
 pytestmark = pytest.mark.integration
 
@@ -25,5 +33,9 @@ def test_the_same_recipe_gives_the_same_dataset_bytes(tmp_path, monkeypatch):
     done = json.loads((recipe.run_dir / "generate" / "DONE.json").read_text())
     assert done["hash"] == next(h["stages"]["generate"] for h in RECORDED["hashes"] if h["recipe"] == recipe_file)
     for name, digest in RECORDED["datasets"][recipe_file].items():
-        data = (recipe.run_dir / "generate" / "dataset" / name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == digest, name
+        table = pq.read_table(recipe.run_dir / "generate" / "dataset" / name)
+        assert table.column_names[-3:] == list(PROVENANCE), name
+        assert set(table["source"].to_pylist()) == {recipe.task.name}  # the task file, as the recipe names it
+        before = pa.schema([f for f in ROW_SCHEMA if f.name not in PROVENANCE])  # e892d24's schema
+        rows = table.drop_columns(list(PROVENANCE)).to_pylist()
+        assert write_parquet(tmp_path / name, pa.Table.from_pylist(rows, schema=before)) == digest, name
