@@ -195,6 +195,20 @@ class TeacherConfig(Strict):
         description="keep up to K distinct rationales reaching the kept answer (diverse reasoning; "
         "needs self_consistency samples >= K)",
     )
+    vote: Literal["majority", "complexity"] = Field(
+        "majority",
+        description="self_consistency: majority vote over every path, or complexity (Fu et al. 2023): the vote "
+        "among the complex_k paths with the most reasoning steps (lines)",
+    )
+    complex_k: int = Field(
+        0, ge=0, le=64, description="vote=complexity: how many of the most complex paths vote (0 = the top half)"
+    )
+    demo_selection: Literal["all", "complex"] = Field(
+        "all",
+        description="few-shot prompts: every teacher.demos entry, or the num_demos with the most reasoning steps "
+        "from that pool (complex demonstrations, Fu et al. 2023)",
+    )
+    num_demos: int = Field(4, ge=1, le=32, description="demo_selection=complex: demonstrations picked from the pool")
     rationale_choice: Literal["first", "shortest", "mixed"] = Field(
         "first",
         description="which of a question's correct sampled paths train the student: first (sample order), "
@@ -799,6 +813,10 @@ OPTIONAL_DEFAULTS = {
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",
+    "teacher.vote": "majority",
+    "teacher.complex_k": 0,
+    "teacher.demo_selection": "all",
+    "teacher.num_demos": 4,
     "student.calculator": False,
 }
 

@@ -35,10 +35,27 @@ def _history(p: dict | None) -> list[dict]:
     return json.loads(raw) if raw else []
 
 
+def reasoning_steps(rationale: str) -> int:
+    """A chain's number of reasoning steps, as complexity-based prompting counts them: its non-empty lines."""
+    return sum(1 for line in rationale.splitlines() if line.strip())
+
+
+def demonstrations(cfg) -> list:
+    """The worked examples a few-shot prompt shows: every ``teacher.demos`` entry, or (``demo_selection:
+    complex``) the ``num_demos`` with the most reasoning steps, in pool order (ties: earlier first)."""
+    if cfg.method not in ("few_shot_cot", "self_consistency"):
+        return []
+    demos = list(cfg.demos)
+    if cfg.demo_selection == "complex":
+        ranked = sorted(range(len(demos)), key=lambda i: (-reasoning_steps(demos[i].rationale), i))
+        demos = [demos[i] for i in sorted(ranked[: cfg.num_demos])]
+    return demos
+
+
 def _messages(question: str, cfg, task: Task, p: dict | None = None) -> list[dict]:
     """System prompt, worked demonstrations (few-shot), the problem's earlier turns, then the question."""
     m = _system(cfg, p)
-    for d in cfg.demos if cfg.method in ("few_shot_cot", "self_consistency") else []:
+    for d in demonstrations(cfg):
         m += [
             {"role": "user", "content": render(cfg.prompt_template, question=d.question)},
             {"role": "assistant", "content": f"{cfg.trigger} {d.rationale.strip()}\n{task.answer_sentence(d.answer)}"},
@@ -107,15 +124,29 @@ def _reason(
     return [paths[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
 
-def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[dict]:
-    """One row per problem: majority answer over its paths, the first path reaching it, agreement."""
+def voters(paths: list[dict], vote: str = "majority", k: int = 0) -> list[dict]:
+    """The answered paths whose answers are counted: all of them, or (``complexity``) the ``k`` with the
+    most reasoning steps (0: the top half, at least one), ties broken by sample order."""
+    answered = [x for x in paths if x["pred"] is not None]
+    if vote != "complexity" or not answered:
+        return answered
+    keep = k or max(1, (len(answered) + 1) // 2)
+    ranked = sorted(range(len(answered)), key=lambda i: (-reasoning_steps(answered[i]["rationale"]), i))
+    return [answered[i] for i in sorted(ranked[:keep])]
+
+
+def _rows(problems: list[dict], groups: list[list[dict]], task: Task, cfg=None) -> list[dict]:
+    """One row per problem: the voted answer over its paths (``teacher.vote``), the first path reaching
+    it, the agreement among the paths that voted."""
+    vote, k = (cfg.vote, cfg.complex_k) if cfg is not None else ("majority", 0)
     rows = []
     for p, paths in zip(problems, groups):
         # A path whose teacher call failed for good fails the row (recorded, retried on resume):
         # a vote over fewer samples would differ from an uninterrupted run.
         error = next((x["error"] for x in paths if x.get("error")), None)
-        votes = Counter(x["pred"] for x in paths if x["pred"] is not None) if error is None else Counter()
-        pred = max(votes, key=lambda a: (votes[a], -[x["pred"] for x in paths].index(a))) if votes else None
+        counted = voters(paths, vote, k) if error is None else []
+        votes = Counter(x["pred"] for x in counted)
+        pred = max(votes, key=lambda a: (votes[a], -[x["pred"] for x in counted].index(a))) if votes else None
         chosen = next((x for x in paths if x["pred"] == pred), paths[0])
         # No gold (synthesized problems): the vote is the label, its agreement the confidence.
         gold = task.normalize_gold(p["gold"], p["question"]) if p.get("gold") is not None else pred
@@ -148,7 +179,9 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task) -> list[di
                 "rationale": chosen["rationale"],
                 "answer_raw": chosen["answer_raw"],
                 "pred": pred,
-                "confidence": votes[pred] / len(paths) if pred is not None else 0.0,
+                "confidence": votes[pred] / (len(counted) if vote == "complexity" else len(paths))
+                if pred is not None
+                else 0.0,
                 "correct": correct,
                 "alternatives": alternatives,
                 "parse_error": parse_error,
@@ -179,7 +212,7 @@ def chain_of_thought(teacher, problems: list[dict], cfg, task: Task) -> list[dic
     else:
         samples, decoding = 1, Decoding(max_new_tokens=cfg.max_new_tokens, logprobs=cfg.topk_logprobs)
     questions = [p["question"] for p in problems]
-    return _rows(problems, _reason(teacher, prompts, cfg, task, samples, decoding, questions), task)
+    return _rows(problems, _reason(teacher, prompts, cfg, task, samples, decoding, questions), task, cfg)
 
 
 def zero_shot_cot(teacher, problems: list[dict], cfg, task: Task) -> list[dict]:
