@@ -140,6 +140,39 @@ def generate(recipe: RecipeArg, overrides: Overrides = None, force: Force = Fals
     _stages(recipe, overrides, ("generate",), force)
 
 
+@app.command("plan")
+def plan_command(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    pilot: Annotated[
+        int,
+        typer.Option(
+            "--pilot",
+            min=0,
+            help="first run the teacher on N train problems (cached: the real run reuses them) and scale what "
+            "they measured: output tokens, stage-2 share, throughput",
+        ),
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON object instead of the table")] = False,
+) -> None:
+    """What the teacher will cost before any call: per step, calls, cache hits, tokens, cost and time.
+
+    Without --pilot nothing is paid and no weights load (the teacher's tokenizer only)."""
+
+    def go():
+        set_env_defaults()
+        from distill.config import load_recipe
+        from distill.plan import plan, print_plan
+
+        result = plan(load_recipe(recipe, overrides or []), pilot)
+        if as_json:
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        else:
+            print_plan(result)
+
+    _guard(go)
+
+
 @app.command()
 def train(recipe: RecipeArg, overrides: Overrides = None, force: Force = False, resume: Resume = True) -> None:
     """Fine-tune the student on the generated dataset (a killed run resumes from its checkpoint)."""
@@ -365,11 +398,20 @@ def jobs_submit(
     overrides: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
     store: Store = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what the job would cost (`distill plan`) and submit nothing")
+    ] = False,
 ) -> None:
     """Start the generate stage of a recipe in the background; prints the job id at once."""
 
     def go():
         set_env_defaults()
+        if dry_run:
+            from distill.config import load_recipe
+            from distill.plan import plan, print_plan
+
+            print_plan(plan(load_recipe(recipe, overrides or [])))
+            return
         from distill.jobs import store_path, submit
 
         path = store_path(store)

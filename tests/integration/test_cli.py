@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "generate", "train", "export", "eval", "ablate", "infer", "serve", "jobs", "recipe", "data")
+COMMANDS = ("run", "generate", "plan", "train", "export", "eval", "ablate", "infer", "serve", "jobs", "recipe", "data")
 
 
 def _cli(*args, cwd=ROOT):

@@ -47,7 +47,9 @@ def test_an_unknown_section_is_one_error_line_exit_2():
     res = _invoke("recipe", "keys", "nope")
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2
-    assert len(lines) == 1 and lines[0].startswith("error: no recipe section 'nope' — sections: task, task.answer, teacher")
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: no recipe section 'nope' — sections: task, task.answer, teacher"
+    )
 
 
 def test_an_unknown_key_on_the_command_line_points_at_recipe_keys(tmp_path, monkeypatch):
