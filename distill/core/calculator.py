@@ -9,6 +9,10 @@ text, so no annotation is needed in the training data — the teacher's own ``8 
 pattern. ``forced_text(text)`` returns what to write next, or None when the text does not end in an
 expression the calculator can read.
 
+Teachers that write LaTeX (``\\[ 3 \\text{ hours} + 5 \\text{ hours} = 8 \\text{ hours} \\]``,
+``\\frac{24}{3}``) are read too: on the line being written, ``\\text{…}`` unit labels, ``\\$`` and LaTeX
+spacing are blanked and ``\\frac{a}{b}`` is read as ``(a)/(b)`` before the expression is looked for.
+
 Model output is untrusted: the expression is parsed by a small recursive-descent parser over exact
 fractions (no ``eval``), bounded in length, digits, nesting and result size. Only ``+ - * / × ÷ ·``,
 ``\\times``, ``\\div``, ``\\cdot``, parentheses, unary minus and decimal numbers are read; an expression
@@ -41,6 +45,11 @@ _TOKEN = re.compile(r"\d+(?:\.\d+)?|[-+*/()]")
 # separator or a power makes the visible digits a fragment of something else ("x2 + 2 =",
 # "1,200 + 5 =", "2^3 + 1 =")
 _GLUED = re.compile(r"[\w,.^_]$")
+# LaTeX on the line being written: unit labels and spacing are blanked, fractions read as divisions
+_LATEX_LABEL = re.compile(r"\\(?:text|mathrm|textrm|textit|textbf|mbox)\s*\{[^{}\n]{0,80}\}")
+_LATEX_BLANK = re.compile(r"\\(?:[,;:! $]|q?quad\b|left\b|right\b)")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}\n]{1,80})\}\s*\{([^{}\n]{1,80})\}")
+LINE_CHARS = 400  # how much of the line being written is read for LaTeX
 
 
 class _Unreadable(ValueError):
@@ -55,9 +64,10 @@ def evaluate(expression: str) -> Fraction:
         expression = expression.replace(word, op)
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise _Unreadable("expression too long")
-    stripped = re.sub(r"\s+", "", expression)
-    tokens = _TOKEN.findall(stripped)
-    if "".join(tokens) != stripped or not tokens:
+    # Tokens are read with the spaces between them kept apart: "3 4 + 1" is two numbers side by side
+    # (unreadable), not 34 + 1.
+    tokens = _TOKEN.findall(expression)
+    if "".join(tokens) != re.sub(r"\s+", "", expression) or not tokens:
         raise _Unreadable("not an arithmetic expression")
     pos = 0
 
@@ -128,19 +138,29 @@ def forced_text(text: str) -> str | None:
     ``text`` (a model's output so far) must end in ``<expression> =`` with at least one operator
     between two numbers; the answer is the expression's value, with a leading space unless the text
     already ends in one: ``"so 8 + 2 ="`` → ``" 10"``, ``"(3 + 4) × 2 = "`` → ``"14"``."""
-    match = _TAIL.search(text[-(MAX_EXPRESSION_CHARS + 16) :])
+    line = _plain_latex(text[-LINE_CHARS:].rpartition("\n")[2]) if "\\" in text[-LINE_CHARS:] else text
+    match = _TAIL.search(line[-(MAX_EXPRESSION_CHARS + 16) :])
     if match is None:
         return None
     expression, spaces = match.group(1), match.group(2)
-    head = text[: len(text) - len(match.group(0))]
+    head = line[: len(line) - len(match.group(0))]
     glued = expression[:1] not in (" ", "\t") and _GLUED.search(head)
-    if glued or not re.search(r"\d\s*(?:[-+*/×÷·−]|\\times|\\div|\\cdot)\s*[-(]*\s*\d", expression):
+    if glued or not re.search(r"\d[\s)]*(?:[-+*/×÷·−]|\\times|\\div|\\cdot)[\s(]*-?[\s(]*\d", expression):
         return None
     try:
         value = evaluate(expression)
     except ValueError:  # _Unreadable, or a Fraction that would not parse
         return None
     return ("" if spaces else " ") + format_number(value)
+
+
+def _plain_latex(line: str) -> str:
+    """``line`` with LaTeX unit labels, ``\\$`` and spacing blanked and ``\\frac{a}{b}`` as ``(a)/(b)``
+    (the innermost fractions first, twice: a fraction of fractions is read, deeper ones are not)."""
+    line = _LATEX_BLANK.sub(" ", _LATEX_LABEL.sub(" ", line))
+    for _ in range(2):
+        line = _LATEX_FRAC.sub(r"(\1)/(\2)", line)
+    return line
 
 
 def continues_number(token: str) -> bool:

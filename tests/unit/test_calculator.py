@@ -42,6 +42,17 @@ from distill.core.calculator import CalculatorState, evaluate, forced_text, form
         ("(" * 12 + "1" + ")" * 12 + " + 1 =", None),  # past the nesting bound
         ("1 + (2 =", None),
         ("", None),
+        ("3 4 + 1 =", None),  # two numbers side by side, not 34 + 1
+        # LaTeX as the embedded teacher writes it: unit labels, currency, spacing and fractions
+        ("\\[ 3 \\text{ hours (Monday)} + 5 \\text{ hours (Tuesday)} =", " 8"),
+        ("\\text{Points} = \\frac{24 \\text{ pounds}}{3 \\text{ pounds per point}} =", " 8"),
+        ("8 \\text{ hours} \\times \\$6 \\text{ per hour} =", " 48"),
+        ("\\dfrac{3}{4} + 1 =", " 1.75"),
+        ("\\frac{\\frac{1}{2}}{4} =", " 0.125"),
+        ("\\left( 2 + 3 \\right) \\times 4 =", " 20"),
+        ("\\text{Points for Bianca} =", None),  # no expression, only a label
+        ("3 \\text{ boxes of } 4 + 1 =", None),  # a label between two numbers leaves them side by side
+        ("\\[ 8 + 2 = 10 \\]\n\\[ 10 \\text{ apples} - 4 =", " 6"),  # only the line being written
     ],
 )
 def test_forced_text(text, expected):
