@@ -474,15 +474,15 @@ def _total(stages: list[dict]) -> dict:
 
 def _budget_warnings(out: dict, recipe) -> None:
     """Warn where the estimate, or the token caps, reach a budget cap: the run would stop there
-    (resumable). The generate meter counts every row it gets back, cached ones too, and not
-    synthesis; the on-policy caps count the scoring tokens actually read."""
+    (resumable). The generate meter counts the rows it pays for (not cached ones, not synthesis);
+    the on-policy caps count the scoring tokens actually read."""
     cfg = recipe.teacher
     gen = [s for s in out["stages"] if s["stage"] == "generate"]
-    in_est = sum(s["tokens_in"]["estimate"] + s["tokens_in"]["cached"] for s in gen)
-    in_max = sum(s["tokens_in"]["max"] + s["tokens_in"]["cached"] for s in gen)
+    in_est = sum(s["tokens_in"]["estimate"] for s in gen)
+    in_max = sum(s["tokens_in"]["max"] for s in gen)
     # an output estimate nobody could make counts as none: the input alone may reach the cap
-    out_est = sum(s["tokens_out"]["estimate"] or 0 for s in gen) + sum(s["tokens_out"]["cached"] for s in gen)
-    out_max = sum(s["tokens_out"]["max"] + s["tokens_out"]["cached"] for s in gen)
+    out_est = sum(s["tokens_out"]["estimate"] or 0 for s in gen)
+    out_max = sum(s["tokens_out"]["max"] for s in gen)
     least = "at least " if any(s["tokens_out"]["estimate"] is None for s in gen) else ""
     checks = [
         ("generate", "teacher.max_tokens", cfg.max_tokens, in_est + out_est, in_max + out_max),
@@ -504,8 +504,7 @@ def _budget_warnings(out: dict, recipe) -> None:
         if est >= cap:
             out["warnings"].append(
                 f"{what}: {least if what == 'generate' else ''}{shown(est)} estimated {unit}, past {key}={cap:g} — "
-                "the run would stop at the cap (resumable"
-                + ("; the meter counts cached rows too)" if what == "generate" else ")")
+                "the run would stop at the cap (resumable)"
             )
         elif most >= cap:
             out["warnings"].append(

@@ -84,6 +84,10 @@ class GenerationMeter:
             "tokens_in": 0,
             "tokens_out": 0,
             "cached": 0,
+            # what this job paid for: rows not served from the cache (a resumed job counts its earlier
+            # attempts' paid rows again from their shards); the budget caps count only these
+            "paid_tokens_in": 0,
+            "paid_tokens_out": 0,
             "parse_errors": 0,
             "unrecorded": 0,  # replay: problems the recording lacks (skipped, not unparsable answers)
             "failed": 0,
@@ -103,6 +107,9 @@ class GenerationMeter:
         s["tokens_in"] += pc.sum(batch["tokens_in"]).as_py() or 0
         s["tokens_out"] += pc.sum(batch["tokens_out"]).as_py() or 0
         s["cached"] += pc.sum(batch["cached"]).as_py() or 0
+        paid = batch.filter(pc.invert(pc.fill_null(batch["cached"], False)))
+        s["paid_tokens_in"] += pc.sum(paid["tokens_in"]).as_py() or 0
+        s["paid_tokens_out"] += pc.sum(paid["tokens_out"]).as_py() or 0
         s["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
         if "parse_error" in batch.column_names:
             from distill.teachers.replay import NO_RECORDING
@@ -110,11 +117,17 @@ class GenerationMeter:
             s["unrecorded"] += pc.sum(pc.equal(batch["parse_error"], NO_RECORDING)).as_py() or 0
 
     def snapshot(self) -> dict:
-        """The counts, seconds so far and estimated cost."""
+        """The counts, seconds so far, the estimated cost of every row and what this job paid (``paid_cost``:
+        rows served from the cache were paid once, by whichever run first asked)."""
         import time
 
         s = self.stats
-        return {**s, "seconds": time.time() - self.t0, "cost": cost_of(s["tokens_in"], s["tokens_out"], self.cfg)}
+        return {
+            **s,
+            "seconds": time.time() - self.t0,
+            "cost": cost_of(s["tokens_in"], s["tokens_out"], self.cfg),
+            "paid_cost": cost_of(s["paid_tokens_in"], s["paid_tokens_out"], self.cfg),
+        }
 
     def status(self) -> str:
         """One progress-bar line: correct/done, failures, generation rate."""
@@ -137,9 +150,10 @@ class GenerationMeter:
                 "check the teacher model, its prompt (teacher.trigger, teacher.prompt_template), "
                 "task.answer_type and teacher.max_new_tokens; committed rows are kept",
             )
-        tokens = snap["tokens_in"] + snap["tokens_out"]
-        if (cfg.max_tokens and tokens >= cfg.max_tokens) or (cfg.max_cost and snap["cost"] >= cfg.max_cost):
+        tokens = snap["paid_tokens_in"] + snap["paid_tokens_out"]  # cached rows are free: never paid twice
+        if (cfg.max_tokens and tokens >= cfg.max_tokens) or (cfg.max_cost and snap["paid_cost"] >= cfg.max_cost):
             raise BudgetExceeded(
-                f"budget reached after {snap['rows']}/{snap['total']} rows ({tokens} tokens, cost {snap['cost']:.4f})",
+                f"budget reached after {snap['rows']}/{snap['total']} rows ({tokens} tokens paid, "
+                f"cost {snap['paid_cost']:.4f})",
                 "raise teacher.max_tokens / teacher.max_cost and resume; committed rows are kept",
             )

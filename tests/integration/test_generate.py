@@ -65,6 +65,18 @@ def test_budget_stop_then_resume_is_exactly_once(tmp_path, tiny_teacher, tiny_ta
     assert not work.exists()
 
 
+def test_rows_served_from_the_cache_spend_no_budget(tmp_path, tiny_teacher, tiny_task_cfg):
+    """A job whose rows are all in the completion cache pays nothing, so a tiny budget does not stop it."""
+    paid = run_stage(_recipe(tmp_path / "first", tiny_teacher, tiny_task_cfg), "generate").metrics
+    assert paid["paid_tokens_in"] == paid["tokens_in"] > 400 and paid["cached_rows"] == 0
+    again = _recipe(tmp_path / "first", tiny_teacher, tiny_task_cfg, max_tokens=400).model_copy(
+        update={"name": "again"}
+    )
+    metrics = run_stage(again, "generate").metrics
+    assert metrics["cached_rows"] == 18 and metrics["paid_tokens_in"] == metrics["paid_tokens_out"] == 0
+    assert metrics["tokens_in"] == paid["tokens_in"] and metrics["paid_cost"] == 0
+
+
 def test_no_parsable_answer_stops_early_with_the_reason(tmp_path, tiny_teacher, tiny_task_cfg):
     """A teacher that never states a parsable answer (here: numbers where choice letters are asked)
     is stopped after the first rows, not run to the end of the job."""
