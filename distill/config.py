@@ -52,6 +52,12 @@ class AnswerConfig(Strict):
         description="custom: a Python entry point 'module:function' called as function(answer, gold) -> bool "
         "(see the README); an exception marks the row wrong with the exception as its reason",
     )
+    timeout_s: float = Field(10.0, gt=0, le=600, description="code: wall-time limit of one sandboxed test run (s)")
+    memory_mb: int = Field(512, ge=64, description="code: address-space limit of the sandboxed run (MiB)")
+    max_processes: int = Field(
+        16, ge=1, description="code: processes the sandboxed run may have at once, itself included"
+    )
+    max_output_kb: int = Field(64, ge=1, description="code: stdout + stderr of the run (KiB) past which it is killed")
 
 
 class TaskConfig(Strict):
@@ -89,10 +95,11 @@ class TaskConfig(Strict):
     keep_columns: list[str] = Field(
         default_factory=list, description="columns of the source rows carried into the generated rows (as extra)"
     )
-    answer_type: Literal["number", "yes_no", "choice", "text", "json", "regex", "custom"] = Field(
+    answer_type: Literal["number", "yes_no", "choice", "text", "json", "regex", "custom", "code"] = Field(
         "number",
         description="how answers are extracted and compared: number, yes/no, choice letter A-J, short text, JSON, "
-        "a regex group, or a custom checker (task.answer holds each one's settings)",
+        "a regex group, a custom checker, or code (a Python solution the gold's tests run against in a sandbox; "
+        "task.answer holds each one's settings)",
     )
     answer: AnswerConfig = Field(default_factory=AnswerConfig, description="settings of the answer types")
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
@@ -801,6 +808,11 @@ OPTIONAL_DEFAULTS = {
     "student.qat": None,
     "task.split": "order",
     "task.answer": AnswerConfig().model_dump(mode="json"),
+    # the sandbox limits of code tasks, out of the hash of any other task that sets task.answer
+    "task.answer.timeout_s": 10.0,
+    "task.answer.memory_mb": 512,
+    "task.answer.max_processes": 16,
+    "task.answer.max_output_kb": 64,
     "task.config": None,
     "task.revision": None,
     "task.train_split": None,

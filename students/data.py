@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from distill.core.answers import Task
+from distill.core.code import without_solution
 
 PLACEHOLDER = "<<<DISTILL_QUESTION>>>"
 
@@ -42,7 +43,14 @@ def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think ste
     answer = row["pred"] if row.get("pred") is not None else row["gold"]
     if fmt == "label":
         return task.answer_sentence(answer)
-    return f"{trigger} {row['rationale'].strip()}\n{task.answer_sentence(answer)}"
+    return f"{trigger} {_rationale(row, task, answer)}\n{task.answer_sentence(answer)}"
+
+
+def _rationale(row: dict, task: Task, answer: str) -> str:
+    """The row's rationale, stripped; for code, without the solution block a teacher's output holds
+    (the answer sentence states it: the student learns to write it once)."""
+    rationale = row["rationale"].strip()
+    return without_solution(rationale, answer) if task.answer_type == "code" else rationale
 
 
 def build_examples(
@@ -122,7 +130,8 @@ def uld_example(tokenizer, prompt: str, row: dict, task: Task, max_length: int, 
     span is counted by tokenizing the target up to each boundary. No ``kd_ids``: ULD compares sorted
     probabilities, never token ids.
     """
-    rationale = row["rationale"].strip()
+    answer = row["pred"] if row.get("pred") is not None else row["gold"]
+    rationale = _rationale(row, task, answer)
     ex = tokenize_example(tokenizer, prompt, target_text(row, "rationale", task, trigger), max_length)
     p = len(tokenizer(prompt, add_special_tokens=False).input_ids)
     start = p + len(tokenizer(trigger, add_special_tokens=False).input_ids)

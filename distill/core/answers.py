@@ -15,6 +15,8 @@ so two outputs meaning the same answer give the same string (self-consistency co
   written as integers (``1.0`` → ``1``: the same JSON number).
 - regex: the first group of the pattern's last match, stripped.
 - custom: the text answer with nothing normalised (case kept).
+- code: the solution's Python code (the last ```python block), dedented and stripped; the gold is its tests
+  (``distill.core.code``), run with it in a sandboxed subprocess (``distill.core.sandbox``).
 
 Custom checkers (``task.answer.checker: "mypkg.checks:grade"``) are called as
 ``grade(answer: str, gold: str) -> bool``. ``answer`` is the extracted answer: what follows "the answer is"
@@ -47,9 +49,10 @@ from fractions import Fraction
 from functools import cached_property, lru_cache
 from typing import Any
 
+from distill.core.code import check_code, code_sentence, extract_code, require_sandbox, tests_source
 from distill.core.errors import DistillError
 
-ANSWER_TYPES = ("number", "yes_no", "choice", "text", "json", "regex", "custom")
+ANSWER_TYPES = ("number", "yes_no", "choice", "text", "json", "regex", "custom", "code")
 NORMALIZATIONS = ("case", "punctuation", "articles", "whitespace")
 MATCHES = ("exact", "contains", "f1")
 
@@ -650,7 +653,8 @@ def _verdict(value: Any) -> bool:
     return bool(value)
 
 
-_SETTINGS = ("tolerance", "normalize", "match", "f1_threshold", "json_schema", "pattern", "checker")
+_SANDBOX_LIMITS = ("timeout_s", "memory_mb", "max_processes", "max_output_kb")  # code
+_SETTINGS = ("tolerance", "normalize", "match", "f1_threshold", "json_schema", "pattern", "checker", *_SANDBOX_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -659,7 +663,8 @@ class Task:
 
     Only the settings of ``answer_type`` matter: ``tolerance`` (number: relative to the gold, 0 = equal),
     ``normalize`` / ``match`` / ``f1_threshold`` (text), ``json_schema`` (json), ``pattern`` (regex),
-    ``checker`` (custom). Invalid settings are a ``DistillError`` at construction; the schema is checked
+    ``checker`` (custom), ``timeout_s`` / ``memory_mb`` / ``max_processes`` / ``max_output_kb`` (code: the
+    sandbox's limits). Invalid settings are a ``DistillError`` at construction; the schema is checked
     and the pattern compiled there, once; the checker is imported on first use."""
 
     answer_type: str = "number"
@@ -670,6 +675,10 @@ class Task:
     json_schema: dict | None = field(default=None, hash=False)
     pattern: str | None = None
     checker: str | None = None
+    timeout_s: float = 10.0
+    memory_mb: int = 512
+    max_processes: int = 16
+    max_output_kb: int = 64
 
     @classmethod
     def from_config(cls, task_cfg) -> Task:
@@ -752,6 +761,8 @@ class Task:
         any teacher call rather than a worker's error; returns the task."""
         if self.answer_type == "custom":
             self._checker  # noqa: B018 - imports and checks the entry point
+        if self.answer_type == "code":
+            require_sandbox()
         return self
 
     @cached_property
@@ -796,6 +807,9 @@ class Task:
             return extract_text(text, fallback_last, self.normalize if t == "text" else ())
         if t == "json":
             return extract_json(text, fallback_last, self._validator)
+        if t == "code":
+            code, explicit = extract_code(text, fallback_last)
+            return Extraction(code, explicit=explicit) if code else Extraction(None, "no Python code block in output")
         last = None
         for last in self._regex.finditer(text):  # noqa: B007 - the last match is the answer
             pass
@@ -850,6 +864,8 @@ class Task:
                 ) from None
         if t == "regex":
             return str(gold).strip()
+        if t == "code":
+            return tests_source(gold)
         return gold if isinstance(gold, str) else str(gold)
 
     def is_correct(self, pred: str | None, gold, question: str | None = None) -> bool:
@@ -865,6 +881,8 @@ class Task:
         appear consecutively in the prediction's), or token F1 ≥ ``f1_threshold``. json: the prediction
         passes the schema; an empty gold accepts any valid answer, else every field of the gold must equal
         the prediction's (recursively; ``1 == 1.0``). regex: equal stripped strings. choice / yes_no: equal.
+        code: the solution and the gold's tests run to their end in the sandbox (the reason names the
+        failing test line or the limit hit).
 
         custom: ``grade(answer, gold)`` from ``task.answer.checker`` decides: ``answer`` is ``pred`` (the
         extracted text, case kept), ``gold`` the dataset's gold string as given. A bool is the verdict, a
@@ -884,6 +902,9 @@ class Task:
             return False, None
         if t == "json":
             return self._check_json(pred, gold)
+        if t == "code":
+            limits = {k: getattr(self, k) for k in _SANDBOX_LIMITS}
+            return check_code(pred, self.normalize_gold(gold), **limits)
         g = self.normalize_gold(gold, question)
         if t == "number":
             p, want = number_value(pred), number_value(g)
@@ -927,6 +948,8 @@ class Task:
         (a canonical answer). For regex answers, a string the pattern matches with ``answer`` as its
         group: "Therefore, the answer is <answer>.", else one written from the pattern, else the answer."""
         sentence = f"Therefore, the answer is {answer}."
+        if self.answer_type == "code":
+            return code_sentence(answer)
         if self.answer_type != "regex":
             return sentence
         for candidate in (sentence, _regex_instance(self._regex, answer), answer):

@@ -36,7 +36,7 @@ def read_problem_file(path: str) -> list[dict]:
 
 
 def _mapper(cfg) -> RowMapper:
-    return RowMapper(cfg.columns, cfg.keep_columns, structured_gold=cfg.answer_type == "json")
+    return RowMapper(cfg.columns, cfg.keep_columns, structured_gold=cfg.answer_type in ("json", "code"))
 
 
 def load_seeds(cfg) -> list[dict]:
