@@ -242,9 +242,13 @@ class TeacherConfig(Strict):
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="openai: environment variable holding the API key (keys never go in recipes)"
     )
-    concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight per worker")
-    requests_per_minute: float = Field(0, ge=0, description="openai: request rate cap per worker (0 = none)")
-    tokens_per_minute: float = Field(0, ge=0, description="openai: token rate cap per worker (0 = none)")
+    concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight across all the job's workers")
+    requests_per_minute: float = Field(
+        0, ge=0, description="openai: request rate cap across all the job's workers (0 = none)"
+    )
+    tokens_per_minute: float = Field(
+        0, ge=0, description="openai: token rate cap across all the job's workers (0 = none)"
+    )
     max_retries: int = Field(6, ge=0, le=50, description="openai: retries on 429/5xx/timeouts/dropped connections")
     request_timeout: float = Field(120.0, gt=0, description="openai: seconds before a request is retried")
     retry_base: float = Field(0.5, ge=0, description="openai: first backoff in seconds (doubles, full jitter)")

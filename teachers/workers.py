@@ -12,8 +12,9 @@ from distill.teachers.replay import ReplayTeacher
 from distill.teachers.rows import ROW_SCHEMA
 
 
-def make_backend(cfg, model_path: str):
-    """The backend a teacher config names: an OpenAI-compatible endpoint or a local model folder."""
+def make_backend(cfg, model_path: str, limits_bucket: str | None = None):
+    """The backend a teacher config names: an OpenAI-compatible endpoint or a local model folder.
+    ``limits_bucket``: the job's shared rate-limit bucket, for an endpoint called from Ray workers."""
     if cfg.model.startswith("openai:"):
         from distill.teachers.backends.openai import OpenAIBackend
 
@@ -28,6 +29,8 @@ def make_backend(cfg, model_path: str):
             max_retries=cfg.max_retries,
             timeout=cfg.request_timeout,
             retry_base=cfg.retry_base,
+            limits_bucket=limits_bucket,
+            workers=cfg.workers,
         )
     if cfg.engine == "vllm":
         from distill.teachers.backends.vllm import VLLMBackend
@@ -47,7 +50,15 @@ def make_backend(cfg, model_path: str):
 class TeacherWorker:
     """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows."""
 
-    def __init__(self, model_path: str, teacher_cfg, task: Task, cache_path: str, cache_only: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        teacher_cfg,
+        task: Task,
+        cache_path: str,
+        cache_only: bool = False,
+        limits_bucket: str | None = None,
+    ):
         import torch
 
         from distill.teachers.cache import CachedTeacher, CompletionCache
@@ -58,7 +69,7 @@ class TeacherWorker:
             self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
             return
         torch.set_num_threads(1)
-        backend = make_backend(self.cfg, model_path)
+        backend = make_backend(self.cfg, model_path, limits_bucket)
         self.teacher = CachedTeacher(backend, CompletionCache(cache_path), cache_only=cache_only)
         self.method = METHODS[self.cfg.method]
 
@@ -88,6 +99,10 @@ def run_teacher(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> Non
     if not todo:
         return
     if cfg.executor == "ray":
+        if cfg.model.startswith("openai:"):  # the endpoint's limits hold across all the actors
+            from distill.teachers.limits import job_bucket
+
+            worker_kwargs = {**worker_kwargs, "limits_bucket": job_bucket(cfg, worker_kwargs["cache_path"])}
         map_actor_pool(
             todo,
             TeacherWorker,

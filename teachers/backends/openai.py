@@ -2,7 +2,8 @@
 
 Async with a concurrency cap, requests-per-minute and tokens-per-minute limits, and retries with
 exponential backoff and full jitter on 429/5xx, timeouts, dropped connections and unreadable
-bodies; ``Retry-After`` is honoured. A request whose retries are spent comes back as a
+bodies; ``Retry-After`` is honoured. The limits hold for the whole job: Ray workers share one count
+(``distill.teachers.limits``), and a ``Retry-After`` on a 429 or 503 pauses every worker. A request whose retries are spent comes back as a
 ``Completion`` with ``error`` set (the row records why, the cache does not keep it, a resumed job
 asks again). The API key is read from an environment variable and never stored anywhere.
 
@@ -21,14 +22,15 @@ import json
 import os
 import random
 import time
-from collections import deque
 
 from distill.core.errors import DistillError
 from distill.teachers.backends.base import Completion, GenerationRequest, ScoreRequest, render_chat
+from distill.teachers.limits import SEND_MARGIN, Limits, LocalLimiter, lease_ttl, make_limiter
 
 CHAT_MARK = "\x02chat:"
 PREFIX_MARK = "\x1e"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+PAUSE_STATUS = {429, 503}  # the endpoint says "not now" to everyone: its Retry-After pauses every worker
 
 
 def encode_chat(messages: list[dict], assistant_prefix: str = "") -> str:
@@ -47,29 +49,11 @@ class AuthError(DistillError):
     """The endpoint refused the credentials: no row can succeed, so the job stops at once."""
 
 
-class RateLimiter:
-    """Requests-per-minute and tokens-per-minute caps over a sliding window (0 = no cap)."""
+class RateLimiter(LocalLimiter):
+    """Requests-per-minute and tokens-per-minute caps over a sliding window (0 = no cap), in process."""
 
     def __init__(self, rpm: float = 0, tpm: float = 0, window: float = 60.0):
-        self.rpm, self.tpm, self.window = rpm, tpm, window
-        self.events: deque[tuple[float, int]] = deque()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self, tokens: int) -> None:
-        if not self.rpm and not self.tpm:
-            return
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                while self.events and now - self.events[0][0] >= self.window:
-                    self.events.popleft()
-                used = sum(t for _, t in self.events)
-                ok_rpm = not self.rpm or len(self.events) < self.rpm
-                ok_tpm = not self.tpm or not self.events or used + tokens <= self.tpm
-                if ok_rpm and ok_tpm:
-                    self.events.append((now, tokens))
-                    return
-                await asyncio.sleep(max(0.01, self.window - (now - self.events[0][0])))
+        super().__init__(Limits(rpm, tpm, 0, window))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -108,7 +92,11 @@ class OpenAIBackend:
         retry_base: float = 0.5,
         retry_cap: float = 30.0,
         retry_after_cap: float = 300.0,
+        limits_bucket: str | None = None,
+        workers: int = 1,
     ):
+        """``limits_bucket``: the job's shared limit bucket (a Ray worker of a job of ``workers``);
+        without one the limits are counted in this process."""
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api = api
@@ -122,6 +110,9 @@ class OpenAIBackend:
         self.model_id = f"openai:{model}"
         self.rng = random.Random()
         self.stats = {"attempts": 0, "retries": 0, "failed": 0}
+        # One limiter for the backend's life: the window carries over from batch to batch.
+        self.limits = Limits(requests_per_minute, tokens_per_minute, concurrency, margin=SEND_MARGIN)
+        self.limiter = make_limiter(self.limits, lease_ttl(timeout), limits_bucket, workers)
 
     def _headers(self) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -165,15 +156,20 @@ class OpenAIBackend:
         finish = choice.get("finish_reason") or "stop"
         return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)), finish)
 
-    async def _one(self, session, limiter, sem, path: str, body: dict, estimate: int, parse) -> Completion:
-        """POST ``body`` to ``path`` with retries; ``parse(payload)`` turns the reply into a Completion."""
+    async def _one(self, session, sem, path: str, body: dict, estimate: int, parse) -> Completion:
+        """POST ``body`` to ``path`` with retries; ``parse(payload)`` turns the reply into a Completion.
+
+        Each attempt takes a lease from the limiter (every attempt counts at the endpoint) and gives it
+        back with the reply's real token usage; a 429/503's ``Retry-After`` pauses the limiter, so the
+        retry, and every other worker's next request, waits it out there."""
         import aiohttp
 
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             wait = None
             async with sem:
-                await limiter.acquire(estimate)
+                lease = await self.limiter.acquire(estimate)
+                used = None
                 self.stats["attempts"] += 1
                 try:
                     async with session.post(self.base_url + path, json=body, headers=self._headers()) as resp:
@@ -186,13 +182,18 @@ class OpenAIBackend:
                         if resp.status in RETRY_STATUS:
                             last = f"HTTP {resp.status}: {raw[:200].decode(errors='replace')}"
                             wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                            if wait is not None and resp.status in PAUSE_STATUS:
+                                self.limiter.pause(min(wait, self.retry_after_cap))
+                                wait = 0.0  # the limiter holds the retry until then
                         elif resp.status >= 400:  # the request itself is wrong: retrying cannot help
                             detail = raw[:300].decode(errors="replace")
                             self.stats["failed"] += 1
                             return Completion("", 0, 0, "error", error=f"HTTP {resp.status}: {detail}")
                         else:
                             try:
-                                return parse(json.loads(raw))
+                                c = parse(json.loads(raw))
+                                used = (c.tokens_in + c.tokens_out) or None  # no usage: keep the estimate
+                                return c
                             except (ValueError, KeyError, IndexError, TypeError) as e:
                                 last = f"unreadable response body ({type(e).__name__}: {str(e)[:80]})"
                 except AuthError:
@@ -201,6 +202,8 @@ class OpenAIBackend:
                     last = f"timed out after {self.timeout:g}s"
                 except (aiohttp.ClientError, ConnectionError) as e:
                     last = f"{type(e).__name__}: {str(e)[:120]}"
+                finally:
+                    self.limiter.release(lease, used)
             if attempt < self.max_retries:
                 self.stats["retries"] += 1
                 if wait is not None:
@@ -212,21 +215,23 @@ class OpenAIBackend:
         return Completion("", 0, 0, "error", error=f"{last} (after {self.max_retries + 1} attempts)")
 
     async def _run(self, calls: list[tuple]) -> list[Completion]:
-        """Every ``(path, body, estimated tokens, parse)`` call, at most ``concurrency`` in flight."""
+        """Every ``(path, body, estimated tokens, parse)`` call, at most ``concurrency`` in flight here
+        (and, through the limiter, in the whole job)."""
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        limiter = RateLimiter(self.rpm, self.tpm)
         sem = asyncio.Semaphore(self.concurrency)
         connector = aiohttp.TCPConnector(limit=self.concurrency)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            tasks = [asyncio.ensure_future(self._one(session, limiter, sem, *call)) for call in calls]
+            tasks = [asyncio.ensure_future(self._one(session, sem, *call)) for call in calls]
             try:
                 return list(await asyncio.gather(*tasks))
             except BaseException:
                 for t in tasks:
                     t.cancel()
                 raise
+            finally:
+                self.limiter.flush()  # the last releases, before this event loop ends
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Complete every request concurrently (at most ``concurrency`` in flight)."""
