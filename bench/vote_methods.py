@@ -27,7 +27,7 @@ def main() -> None:
     from distill.export.gate import paired_changes, paired_gap
     from distill.students.evaluate import wilson_interval
     from distill.teachers.backends.base import Decoding
-    from distill.teachers.methods import _messages, _reason, voters
+    from distill.teachers.methods import _messages, _reason, voted, voters
     from distill.teachers.workers import TeacherWorker
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,8 +55,7 @@ def main() -> None:
         for p, paths in zip(batch, groups):
             gold = task.normalize_gold(p["gold"], p["question"])
             for vote, k in (("majority", 0), ("complexity", args.k)):
-                counted = [x["pred"] for x in voters(paths, vote, k)]
-                pred = max(counted, key=lambda a: (counted.count(a), -counted.index(a))) if counted else None
+                pred = voted([x["pred"] for x in voters(paths, vote, k)])
                 results[vote].append(pred is not None and task.is_correct(pred, gold, p["question"]))
         print(f"{start + len(batch)}/{len(evals)} problems", file=sys.stderr)
     n = len(evals)

@@ -135,6 +135,12 @@ def voters(paths: list[dict], vote: str = "majority", k: int = 0) -> list[dict]:
     return [answered[i] for i in sorted(ranked[:keep])]
 
 
+def voted(preds: list[str]) -> str | None:
+    """The most frequent answer of ``preds`` (ties: the one reached first), None when there is none."""
+    votes = Counter(preds)
+    return max(votes, key=lambda a: (votes[a], -preds.index(a))) if votes else None
+
+
 def _rows(problems: list[dict], groups: list[list[dict]], task: Task, cfg=None) -> list[dict]:
     """One row per problem: the voted answer over its paths (``teacher.vote``), the first path reaching
     it, the agreement among the paths that voted."""
@@ -145,8 +151,8 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task, cfg=None) 
         # a vote over fewer samples would differ from an uninterrupted run.
         error = next((x["error"] for x in paths if x.get("error")), None)
         counted = voters(paths, vote, k) if error is None else []
-        votes = Counter(x["pred"] for x in counted)
-        pred = max(votes, key=lambda a: (votes[a], -[x["pred"] for x in counted].index(a))) if votes else None
+        preds = [x["pred"] for x in counted]
+        pred = voted(preds)
         chosen = next((x for x in paths if x["pred"] == pred), paths[0])
         # No gold (synthesized problems): the vote is the label, its agreement the confidence.
         gold = task.normalize_gold(p["gold"], p["question"]) if p.get("gold") is not None else pred
@@ -155,11 +161,7 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task, cfg=None) 
             parse_error = f"teacher call failed: {error}"
         elif pred is None:
             reason = next((x.get("reason") for x in paths if x.get("reason")), None)
-            parse_error = (
-                f"no answer found in rationale or answer prompt ({reason})"
-                if reason
-                else ("no answer found in rationale or answer prompt")
-            )
+            parse_error = "no answer found in rationale or answer prompt" + (f" ({reason})" if reason else "")
         else:
             parse_error = why  # a wrong answer's reason worth keeping (a checker that raised)
         # Distinct other rationales reaching the same answer (Fine-tune-CoT "diverse reasoning").
@@ -179,7 +181,7 @@ def _rows(problems: list[dict], groups: list[list[dict]], task: Task, cfg=None) 
                 "rationale": chosen["rationale"],
                 "answer_raw": chosen["answer_raw"],
                 "pred": pred,
-                "confidence": votes[pred] / (len(counted) if vote == "complexity" else len(paths))
+                "confidence": preds.count(pred) / (len(counted) if vote == "complexity" else len(paths))
                 if pred is not None
                 else 0.0,
                 "correct": correct,
