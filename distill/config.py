@@ -571,11 +571,11 @@ class ExportConfig(Strict):
     """ONNX export, quantized variants, the quality gate that picks one, and the bundle."""
 
     enabled: bool = True
-    variants: list[Literal["int8", "int8_static", "int8_dynamic", "int4", "fp16"]] = Field(
+    variants: list[Literal["int8", "int8_static", "int8_dynamic", "int4", "int4_mixed", "fp16"]] = Field(
         default_factory=lambda: ["int8", "int4"],
         description="variants tried besides fp32: int8 (blockwise MatMulNBits, int8 compute), int8_static "
         "(QDQ, calibrated on the distilled dataset), int8_dynamic (per-channel quantize_dynamic), int4 "
-        "(MatMulNBits), fp16",
+        "(MatMulNBits), int4_mixed (int4 with the most sensitive projection groups in int8), fp16",
     )
     attention: Literal["auto", "fused", "generic"] = Field(
         "auto",
@@ -614,10 +614,24 @@ class ExportConfig(Strict):
         0.0, ge=0, le=1, description="SmoothQuant migration strength folded into weights before export (0 = off)"
     )
     block_size: int = Field(32, ge=16, description="quantization block size for int8/int4 (power of two)")
-    int4_algorithm: Literal["rtn", "hqq"] = Field(
+    int4_algorithm: Literal["rtn", "hqq", "kquant", "gptq"] = Field(
         "rtn",
-        description="int4 weights: rtn (round to nearest, symmetric) or hqq (half-quadratic: each block's scale "
-        "and zero point fitted to the weights, no calibration data)",
+        description="int4 weights: rtn (round to nearest), hqq (half-quadratic: each block's scale and zero point "
+        "fitted to the weights), kquant (llama.cpp's k-quant scale search, with zero points), or gptq (column by "
+        "column, the rounding error compensated through the layer inputs' Hessian on calibration_examples rows of "
+        "the distilled data)",
+    )
+    int4_symmetric: bool = Field(
+        True, description="int4 rtn: a symmetric grid (no zero points; hqq, kquant and gptq always fit them)"
+    )
+    int4_mixed_groups: Literal["auto"] | list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(
+        "auto",
+        description="int4_mixed: projection groups kept in int8; auto: the most sensitive ones by a sweep on the "
+        "distilled data (each group alone in int4, top-1 agreement with fp32) while the file stays within "
+        "int4_mixed_max_size",
+    )
+    int4_mixed_max_size: float = Field(
+        0.2, gt=0, le=1, description="int4_mixed_groups=auto: the largest int4_mixed file, as a share of fp32's size"
     )
     keep_fp32_nodes: list[str] = Field(
         default_factory=list,
@@ -722,7 +736,7 @@ class Recipe(Strict):
     def _qat_needs_int4(self):
         if self.student.qat is None:
             return self
-        if "int4" not in self.export.variants or not self.export.enabled:
+        if not {"int4", "int4_mixed"} & set(self.export.variants) or not self.export.enabled:
             raise ValueError(
                 "student.qat trains for the int4 export: add int4 to export.variants or set student.qat=null"
             )
@@ -735,6 +749,11 @@ class Recipe(Strict):
             raise ValueError(
                 f"student.qat trains for the round-to-nearest int4 grid, export.int4_algorithm={self.export.int4_algorithm} "
                 "fits another: set export.int4_algorithm=rtn or student.qat=null"
+            )
+        if not self.export.int4_symmetric:
+            raise ValueError(
+                "student.qat trains for the symmetric int4 grid, export.int4_symmetric=false adds zero points: "
+                "set export.int4_symmetric=true or student.qat=null"
             )
         return self
 
@@ -826,6 +845,9 @@ OPTIONAL_DEFAULTS = {
     "export.gate_size": 0,
     "export.gate_rule": "accuracy",
     "export.int4_algorithm": "rtn",
+    "export.int4_symmetric": True,
+    "export.int4_mixed_groups": "auto",
+    "export.int4_mixed_max_size": 0.2,
     "student.lr_sweep": {"candidates": [5e-5, 1e-4, 2e-4, 4e-4], "steps": 0},
     "teacher.topk_logprobs": 0,
     "teacher.rationale_choice": "first",

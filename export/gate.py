@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Fallback order when nothing smaller passes: int4 → int8 → fp16 → fp32 (smallest first).
-SIZE_ORDER = ["int4", "int8", "int8_static", "int8_dynamic", "fp16", "fp32"]
+# Tie order between variants of equal size (smallest kind first): int4 → int4_mixed → int8 → fp16 → fp32.
+SIZE_ORDER = ["int4", "int4_mixed", "int8", "int8_static", "int8_dynamic", "fp16", "fp32"]
 
 
 @dataclass

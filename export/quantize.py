@@ -97,6 +97,18 @@ def linear_groups(model_path: Path, n_layers: int | None = None) -> dict[str, li
     return groups
 
 
+def group_weight_counts(model_path: Path, groups: Mapping[str, list[str]]) -> dict[str, int]:
+    """Number of weights in each group's MatMuls (read from the initializers' shapes, no data loaded)."""
+    import math
+
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    dims = {i.name: math.prod(i.dims) for i in m.graph.initializer}
+    weight = matmul_weights(model_path)
+    return {g: sum(dims[weight[n]] for n in nodes) for g, nodes in groups.items()}
+
+
 def tied_head_matmuls(model_path: Path) -> list[str]:
     """MatMul nodes whose weight is ``Transpose(initializer)`` (a tied LM head)."""
     import onnx
@@ -117,45 +129,49 @@ def quantize_weight_only(
     node_block_sizes: dict[str, int] | None = None,
     embed_block_size: int | None = None,
     algorithm: str = "rtn",
+    feeds: list[dict] | None = None,
+    node_bits: dict[str, int] | None = None,
+    symmetric: bool = True,
 ) -> dict:
     """Blockwise weight-only quantization of constant-weight MatMuls to ``MatMulNBits``.
 
-    ``algorithm``: ``rtn`` rounds each block to the nearest of a symmetric grid; ``hqq`` (half-quadratic
+    ``algorithm``: ``rtn`` rounds each block to the nearest step of its grid; ``hqq`` (half-quadratic
     quantization, onnxruntime's ``HQQWeightOnlyQuantConfig``) fits each block's scale and zero point to
-    minimise the weight error, with no calibration data (asymmetric).
+    minimise the weight error, with no calibration data (asymmetric); ``kquant`` (llama.cpp's k-quant
+    search, ``KQuantWeightOnlyQuantConfig``) searches each block's scale and zero point (asymmetric);
+    ``gptq`` (``GPTQWeightOnlyQuantConfig``) quantizes each matrix column by column, pushing the
+    rounding error onto the columns not yet rounded through the inverse Hessian of the layer's inputs
+    on ``feeds`` (calibration prompts and targets of the distilled data).
 
     ``accuracy_level`` 4 computes with int8 (activations quantized per block at run time); 0/1
-    dequantize to fp32. ``node_block_sizes`` gives some nodes their own block size;
-    ``embed_block_size`` that of the tied embedding / LM head (default ``block_size``). Returns the
-    config used (saved next to the model).
+    dequantize to fp32. ``node_block_sizes`` gives some nodes their own block size, ``node_bits``
+    their own width (int4_mixed: the sensitive ones in 8 bits; rtn only); ``embed_block_size`` that of
+    the tied embedding / LM head (default ``block_size``). ``symmetric``: an rtn grid without zero
+    points (the other algorithms always fit them). Returns the config used (saved next to the model).
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    if algorithm not in WEIGHT_ONLY_ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r}: one of {', '.join(WEIGHT_ONLY_ALGORITHMS)}")
+    if algorithm == "gptq" and not feeds:
+        raise ValueError("int4 gptq needs calibration feeds (prompts and targets of the distilled data)")
     model = onnx.load(str(src))
     per_node = dict(node_block_sizes or {})
-    all_nodes = set(matmul_nodes(src))
-    for size in sorted({block_size, *per_node.values()}):
-        mine = {n for n in all_nodes if per_node.get(n, block_size) == size}
-        algo = None
+    widths = dict(node_bits or {})
+    if widths and algorithm != "rtn":
+        raise ValueError(f"per-node bit widths (int4_mixed) are built with rtn, not {algorithm}")
+    nodes = [n for n in matmul_nodes(src) if n not in set(exclude)]
+    if algorithm in ("rtn", "hqq"):
+        for b, size in sorted({(widths.get(n, bits), per_node.get(n, block_size)) for n in nodes}):
+            mine = {n for n in nodes if (widths.get(n, bits), per_node.get(n, block_size)) == (b, size)}
+            skip = sorted((set(nodes) - mine) | set(exclude))
+            model = _matmul_nbits(model, b, size, accuracy_level, symmetric, skip, algorithm)
         if algorithm == "hqq":
-            from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
-
-            algo = HQQWeightOnlyQuantConfig(block_size=size, bits=bits)
-        quantizer = MatMulNBitsQuantizer(
-            model,
-            bits=bits,
-            block_size=size,
-            is_symmetric=True,
-            accuracy_level=accuracy_level,
-            nodes_to_exclude=sorted(set(exclude) | (all_nodes - mine)),
-            algo_config=algo,
+            _set_accuracy_level(model, accuracy_level)  # HQQ writes none: the kernel would compute in fp32
+    else:
+        model = _neural_compressor(
+            model, nodes, bits, block_size, per_node, accuracy_level, symmetric, algorithm, feeds
         )
-        quantizer.process()
-        model = quantizer.model.model
-    if algorithm == "hqq":
-        _set_accuracy_level(model, accuracy_level)  # HQQ writes none: the kernel would compute in fp32
     embed_block = embed_block_size or block_size
     shared = share_quantized_embedding(model, embed_block, accuracy_level)
     save_model(model, dst)
@@ -168,11 +184,85 @@ def quantize_weight_only(
         "bits": bits,
         "block_size": block_size,
         "node_block_sizes": per_node,
-        "symmetric": algorithm == "rtn",
+        "node_bits": widths,
+        "symmetric": symmetric and algorithm == "rtn",
         "algorithm": algorithm,
+        "calibration_feeds": len(feeds or []) if algorithm == "gptq" else 0,
         "accuracy_level": accuracy_level,
         "nodes_kept_fp32": sorted(exclude),
     }
+
+
+def _matmul_nbits(model, bits: int, block_size: int, accuracy_level: int, symmetric: bool, skip, algorithm: str):
+    """One ``MatMulNBitsQuantizer`` pass (rtn or hqq) over every constant-weight MatMul not in ``skip``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=list(skip),
+        algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if algorithm == "hqq" else None,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _neural_compressor(model, nodes, bits, block_size, per_node, accuracy_level, symmetric, algorithm, feeds):
+    """k-quant or GPTQ through the functions onnxruntime's ``KQuantWeightOnlyQuantConfig`` /
+    ``GPTQWeightOnlyQuantConfig`` run (``onnxruntime.quantization.neural_compressor``), given one
+    config per node: its block size, and ``fp32`` for the nodes left alone (the quantizer's own GPTQ
+    path ignores ``nodes_to_exclude``)."""
+    import contextlib
+    import io
+
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq_quantize, rtn_quantize
+
+    if bits != 4:
+        raise ValueError(f"{algorithm} writes 4-bit MatMulNBits only, not {bits}-bit")
+    mine = set(nodes)
+    # Asymmetric for both: k-quant always fits a zero point, and onnxruntime's GPTQ re-rounds its result
+    # on a symmetric grid of another convention than its search's (on the tiny test model its logit error
+    # was 1.3x round-to-nearest's symmetric, 0.8x asymmetric).
+    scheme = "asym"
+    config: dict = {
+        n.name: {"bits": 4, "group_size": per_node.get(n.name, block_size), "scheme": scheme}
+        if n.name in mine
+        else "fp32"
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+    }
+    if scheme == "asym":  # their 4-bit zero points are packed two to a byte across rows: each row needs an even count
+        inits = {i.name: i for i in model.graph.initializer}
+        for n in model.graph.node:
+            if n.name in mine and n.input[1] in inits:
+                k, size = inits[n.input[1]].dims[0], per_node.get(n.name, block_size)
+                if -(-k // size) % 2:
+                    raise ValueError(
+                        f"{algorithm} int4 needs an even number of blocks per column: {n.name} has "
+                        f"{k} inputs in blocks of {size}; pick another block size"
+                    )
+    # Their topological sort starts from every graph input's consumers and fails on an input nothing
+    # reads (``position_ids`` of a graph whose attention computes positions itself): set those aside.
+    inputs = list(model.graph.input)
+    read = {i for n in model.graph.node for i in n.input}
+    unused = {i.name for i in inputs if i.name not in read}
+    del model.graph.input[:]
+    model.graph.input.extend(i for i in inputs if i.name not in unused)
+    with contextlib.redirect_stdout(io.StringIO()):  # both print a progress bar per MatMul
+        if algorithm == "kquant":
+            out = rtn_quantize(model, config, algorithm="k_quant", accuracy_level=accuracy_level).model
+        else:
+            loader = (({k: v for k, v in feed.items() if k not in unused}, None) for feed in feeds)
+            out = gptq_quantize(
+                model, loader, config, n_samples=-1, blocksize=128, percdamp=0.01, accuracy_level=accuracy_level
+            ).model
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    return out
 
 
 def _set_accuracy_level(model, level: int) -> None:
@@ -263,13 +353,14 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     return {"preset": "fp16", "keep_io_types": True}
 
 
-PRESETS = ("int8", "int4", "int8_dynamic", "int8_static", "fp16")
+PRESETS = ("int8", "int4", "int4_mixed", "int8_dynamic", "int8_static", "fp16")
 CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
-WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq")
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq", "kquant", "gptq")
 # The settings each preset reads: what ``to_dict`` saves and its named constructor takes.
 _SETTINGS = {
     "int8": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32"),
-    "int4": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32", "algorithm"),
+    "int4": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32", "algorithm", "symmetric"),
+    "int4_mixed": ("block_size", "group_block_sizes", "embed_block_size", "keep_fp32", "int8_groups"),
     "int8_dynamic": ("keep_fp32", "keep_groups"),
     "int8_static": ("keep_groups", "calibrate_method", "embed_block_size", "keep_fp32"),
     "fp16": (),
@@ -300,7 +391,9 @@ class QuantPreset:
     keep_fp32: tuple[str, ...] = ()  # MatMul node names left fp32
     keep_groups: tuple[str, ...] = ()  # int8_dynamic/int8_static: projection groups left fp32
     calibrate_method: str = "MinMax"  # int8_static: activation range calibration
-    algorithm: str = "rtn"  # int8/int4: rtn (round to nearest, symmetric) or hqq (fitted scale and zero point)
+    algorithm: str = "rtn"  # int8/int4: rtn (round to nearest), hqq, kquant (fitted scale and zero point) or gptq
+    symmetric: bool = True  # int4 rtn: a grid without zero points
+    int8_groups: tuple[str, ...] = ()  # int4_mixed: projection groups kept in blockwise int8
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -309,14 +402,15 @@ class QuantPreset:
             raise ValueError(f"algorithm {self.algorithm!r}: one of {', '.join(WEIGHT_ONLY_ALGORITHMS)}")
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise ValueError(f"calibrate_method {self.calibrate_method!r}: one of {', '.join(CALIBRATE_METHODS)}")
-        unknown = set(self.keep_groups) - set(LINEAR_GROUPS)
-        if unknown:
-            raise ValueError(f"keep_groups: unknown groups {sorted(unknown)} (one of {', '.join(LINEAR_GROUPS)})")
+        for name in ("keep_groups", "int8_groups"):
+            unknown = set(getattr(self, name)) - set(LINEAR_GROUPS)
+            if unknown:
+                raise ValueError(f"{name}: unknown groups {sorted(unknown)} (one of {', '.join(LINEAR_GROUPS)})")
 
     @property
     def bits(self) -> int:
         """Weight bits: 4 for int4, 8 for the int8 presets, 16 for fp16."""
-        return {"int4": 4, "fp16": 16}.get(self.preset, 8)
+        return {"int4": 4, "int4_mixed": 4, "fp16": 16}.get(self.preset, 8)
 
     @classmethod
     def int8(
@@ -337,13 +431,33 @@ class QuantPreset:
         embed_block_size: int | None = 64,
         keep_fp32: Iterable[str] = (),
         algorithm: str = "rtn",
+        symmetric: bool = True,
     ) -> QuantPreset:
-        """Weight-only blockwise int4 (``MatMulNBits`` bits=4), the tied embedding shared as int8."""
-        return cls._weight_only("int4", block_size, group_block_sizes, embed_block_size, keep_fp32, algorithm)
+        """Weight-only blockwise int4 (``MatMulNBits`` bits=4), the tied embedding shared as int8;
+        ``algorithm`` rtn, hqq, kquant or gptq (calibrated: ``make_variant`` needs feeds)."""
+        symmetric = symmetric and algorithm == "rtn"  # hqq, k-quant and gptq always fit zero points
+        return cls._weight_only(
+            "int4", block_size, group_block_sizes, embed_block_size, keep_fp32, algorithm, symmetric=symmetric
+        )
+
+    @classmethod
+    def int4_mixed(
+        cls,
+        int8_groups: Iterable[str],
+        block_size: int = 32,
+        group_block_sizes: Mapping[str, int] | Iterable[tuple[str, int]] = MLP_BLOCKS,
+        embed_block_size: int | None = 64,
+        keep_fp32: Iterable[str] = (),
+    ) -> QuantPreset:
+        """int4 (round to nearest) except ``int8_groups``, kept in blockwise int8 — the groups a
+        sensitivity sweep on the distilled data finds most hurt by int4 (``sensitivity.int4_group_sweep``)."""
+        return cls._weight_only(
+            "int4_mixed", block_size, group_block_sizes, embed_block_size, keep_fp32, int8_groups=tuple(int8_groups)
+        )
 
     @classmethod
     def _weight_only(
-        cls, preset, block_size, group_block_sizes, embed_block_size, keep_fp32, algorithm="rtn"
+        cls, preset, block_size, group_block_sizes, embed_block_size, keep_fp32, algorithm="rtn", **more
     ) -> QuantPreset:
         return cls(
             preset,
@@ -352,6 +466,7 @@ class QuantPreset:
             embed_block_size=embed_block_size,
             keep_fp32=tuple(keep_fp32),
             algorithm=algorithm,
+            **more,
         )
 
     @classmethod
@@ -386,7 +501,7 @@ class QuantPreset:
     def to_dict(self) -> dict:
         """``{"preset": ..., <the settings this preset reads>}``, JSON-ready (weight-only presets add ``bits``)."""
         d: dict = {"preset": self.preset}
-        if self.preset in ("int8", "int4"):
+        if self.preset in ("int8", "int4", "int4_mixed"):
             d["bits"] = self.bits
         for name in _SETTINGS[self.preset]:
             value = getattr(self, name)
@@ -413,14 +528,29 @@ def make_variant(preset: QuantPreset, src: Path, dst: Path, feeds: list[dict] | 
     """Write ``preset``'s variant of ``src`` to ``dst`` and the config that produced it beside it
     (``quant_config_file``); returns that config: the quantizer's record (nodes kept fp32, block size
     per node, tied embedding, ...) and ``preset.to_dict()``. Projection groups resolve to node names by
-    ``linear_groups`` (none on an unknown layout). ``feeds``: calibration inputs, int8_static only."""
+    ``linear_groups`` (none on an unknown layout). ``feeds``: calibration inputs (int8_static, int4 gptq)."""
     groups = linear_groups(src)
     kept = [*preset.keep_fp32, *(n for g in preset.keep_groups for n in groups.get(g, []))]
-    if preset.preset in ("int8", "int4"):
+    if preset.preset in ("int8", "int4", "int4_mixed"):
         blocks = {n: b for g, b in preset.group_block_sizes for n in groups.get(g, [])}
+        if preset.int8_groups and not all(groups.get(g) for g in preset.int8_groups):
+            raise ValueError("int4_mixed needs the projection groups of a known layout (linear_groups found none)")
         record = quantize_weight_only(
-            src, dst, preset.bits, preset.block_size, 4, kept, blocks, preset.embed_block_size, preset.algorithm
+            src,
+            dst,
+            preset.bits,
+            preset.block_size,
+            4,
+            kept,
+            blocks,
+            preset.embed_block_size,
+            preset.algorithm,
+            feeds=feeds if preset.algorithm == "gptq" else None,
+            node_bits={n: 8 for g in preset.int8_groups for n in groups[g]},
+            symmetric=preset.symmetric,
         )
+        if preset.int8_groups:
+            record["int8_groups"] = list(preset.int8_groups)
     elif preset.preset == "int8_dynamic":
         record = quantize_dynamic_int8(src, dst, kept)
     elif preset.preset == "int8_static":

@@ -84,6 +84,47 @@ def static_int8_sweep(
     return group_sensitivity(fp32, builders, held_out)
 
 
+def int4_group_sweep(fp32: Path, held_out: list[dict], preset) -> list[dict]:
+    """The sweep behind ``int4_mixed``: each projection group of ``quantize.linear_groups`` alone in
+    ``preset``'s int4 (rtn, its block sizes; everything else fp32, the tied embedding shared int8 in
+    every row alike), then every group; top-1 agreement with fp32 on ``held_out`` feeds, and
+    ``int8_extra_bytes``: what keeping the group in int8 instead costs (half a byte per weight).
+    Rows of ``group_sensitivity``, most sensitive first."""
+    from functools import partial
+
+    from distill.export.quantize import group_weight_counts, linear_groups, quantize_weight_only
+
+    groups = {g: nodes for g, nodes in linear_groups(fp32).items() if g != "lm_head"}
+    every = [n for nodes in groups.values() for n in nodes]
+    blocks = {n: b for g, b in preset.group_block_sizes for n in groups.get(g, [])}
+    common = dict(
+        bits=4, block_size=preset.block_size, node_block_sizes=blocks, embed_block_size=preset.embed_block_size
+    )
+    builders: dict[str, Callable[[Path, Path], object]] = {
+        g: partial(quantize_weight_only, exclude=[n for n in every if n not in set(nodes)], **common)
+        for g, nodes in groups.items()
+    }
+    builders["all"] = partial(quantize_weight_only, exclude=list(preset.keep_fp32), **common)
+    rows = group_sensitivity(fp32, builders, held_out)
+    counts = group_weight_counts(fp32, groups)
+    for r in rows:
+        r["int8_extra_bytes"] = counts.get(r["group"], 0) // 2
+    return rows
+
+
+def pick_int8_groups(rows: list[dict], int4_bytes: int, max_bytes: float) -> list[str]:
+    """The groups ``int4_mixed`` keeps in int8: most sensitive first (lowest solo top-1 agreement),
+    each taken while the variant stays within ``max_bytes`` (``int4_bytes``: the all-int4 file)."""
+    chosen, size = [], int4_bytes
+    for r in rows:
+        if r["group"] == "all":
+            continue
+        if size + r["int8_extra_bytes"] <= max_bytes:
+            chosen.append(r["group"])
+            size += r["int8_extra_bytes"]
+    return chosen
+
+
 def sensitive_groups(rows: list[dict], threshold: float) -> list[str]:
     """Groups whose solo agreement is below ``threshold`` (candidates to keep in higher precision)."""
     return [r["group"] for r in rows if r["group"] != "all" and r["top1_agreement"] < threshold]

@@ -73,7 +73,10 @@ def quant_presets(cfg) -> dict:
     }
     return {
         "int8": QuantPreset.int8(**weight_only),
-        "int4": QuantPreset.int4(**weight_only, algorithm=cfg.int4_algorithm),
+        "int4": QuantPreset.int4(**weight_only, algorithm=cfg.int4_algorithm, symmetric=cfg.int4_symmetric),
+        "int4_mixed": QuantPreset.int4_mixed(
+            [] if cfg.int4_mixed_groups == "auto" else cfg.int4_mixed_groups, **weight_only
+        ),
         "int8_dynamic": QuantPreset.int8_dynamic(keep_fp32=cfg.keep_fp32_nodes),
         "int8_static": QuantPreset.int8_static(
             keep_groups=cfg.static_keep_groups,
@@ -83,6 +86,21 @@ def quant_presets(cfg) -> dict:
         ),
         "fp16": QuantPreset.fp16(),
     }
+
+
+def _mixed_preset(preset, fp32: Path, held_out: list[dict], max_bytes: float):
+    """``preset`` with the int8 groups the sweep picks (``sensitivity.pick_int8_groups``), and the record
+    of the choice: the sweep rows, the groups, what they cost in bytes."""
+    from dataclasses import replace
+
+    from distill.export.sensitivity import int4_group_sweep, pick_int8_groups
+
+    rows = int4_group_sweep(fp32, held_out, preset)
+    int4_bytes = next(r["bytes"] for r in rows if r["group"] == "all")
+    chosen = pick_int8_groups(rows, int4_bytes, max_bytes)
+    extra = sum(r["int8_extra_bytes"] for r in rows if r["group"] in chosen)
+    record = {"sweep": rows, "int8_groups": chosen, "int8_extra_bytes": extra, "max_bytes": int(max_bytes)}
+    return replace(preset, int8_groups=tuple(chosen)), record
 
 
 def _gate_split(recipe, gen_dir: Path, eval_problems: list[dict]) -> tuple[list[dict], str]:
@@ -179,7 +197,9 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     }
     presets = quant_presets(cfg)
     calib, held_out = [], []
-    if "int8_static" in cfg.variants or cfg.sensitivity:
+    gptq = "int4" in cfg.variants and cfg.int4_algorithm == "gptq"
+    mixed_sweep = "int4_mixed" in cfg.variants and cfg.int4_mixed_groups == "auto"
+    if "int8_static" in cfg.variants or cfg.sensitivity or gptq or mixed_sweep:
         n = cfg.calibration_examples
         ids = calibration_ids(
             tokenizer, train_parquet, student.format, task, n + HELD_OUT_FEEDS, student.max_length, student.kd.loss
@@ -193,6 +213,16 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
         with console.status("sensitivity sweep of int8_static (one group at a time)"):
             emb = cfg.embed_block_size or cfg.block_size
             metrics["sensitivity"] = static_int8_sweep(fp32, calib, held_out, cfg.calibrate_method, emb)
+    if mixed_sweep:
+        with console.status("int4_mixed: sensitivity sweep (each projection group alone in int4)"):
+            presets["int4_mixed"], metrics["int4_mixed"] = _mixed_preset(
+                presets["int4_mixed"], fp32, held_out, cfg.int4_mixed_max_size * metrics["fp32_bytes"]
+            )
+        chosen = metrics["int4_mixed"]["int8_groups"]
+        console.print(
+            f"int4_mixed: {', '.join(chosen) or 'no group'} kept in int8 "
+            f"(+{metrics['int4_mixed']['int8_extra_bytes'] / 1e6:.1f} MB over int4)"
+        )
     questions = [p["question"] for p in problems[:VERIFY_PROMPTS]]
     results: list[VariantResult] = []
     quant_configs: dict[str, dict] = {}

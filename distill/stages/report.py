@@ -238,6 +238,17 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             from distill.export.sensitivity import markdown_table
 
             lines += ["", markdown_table(exp["sensitivity"], "int8_static").rstrip()]
+        if exp.get("int4_mixed"):
+            from distill.export.sensitivity import markdown_table
+
+            mixed = exp["int4_mixed"]
+            lines += [
+                "",
+                f"`int4_mixed` keeps {', '.join(mixed['int8_groups']) or 'no group'} in int8 "
+                f"(+{mixed['int8_extra_bytes'] / 1e6:.1f} MB over int4, budget {mixed['max_bytes'] / 1e6:.0f} MB).",
+                "",
+                markdown_table(mixed["sweep"], "int4").rstrip(),
+            ]
     if loss_file.exists():
         best = stage_metrics.get("train", {}).get("best_step")
         _plot_loss(json.loads(loss_file.read_text()), plots / "loss.png", dev, best)

@@ -1,6 +1,7 @@
 """`distill run` end to end on tiny real models through a session-scoped local Ray cluster."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -204,3 +205,36 @@ def test_export_static_int8_sensitivity_and_ort_format(first_run, recipe_file, t
     assert ort_out == OnnxGenerator(bundle).generate(["1 + 2 ="], 6)
     card = open(f"{bundle}/README.md").read()
     assert "| int8_static |" in card and "Sensitivity of `int8_static`" in card
+
+
+def test_export_int4_mixed_from_the_sweep_and_calibrated_gptq(first_run, recipe_file):
+    """The export stage with int4_mixed (groups picked by the int4 sweep on the distilled data, within
+    the size budget) and GPTQ int4 calibrated on the training rows: both are gated like any variant."""
+    from distill.config import load_recipe
+    from distill.stages.export import export_stage
+
+    src = f"{first_run['output_dir']}/tiny"
+    recipe = load_recipe(
+        recipe_file,
+        [
+            "student.qat=null",  # the phase trains for rtn's grid; gptq fits its own
+            "export.variants=[int4,int4_mixed]",
+            "export.int4_algorithm=gptq",
+            "export.block_size=16",
+            "export.group_block_sizes={}",
+            "export.int4_mixed_max_size=0.5",
+            "export.calibration_examples=4",
+        ],
+    )
+    out = recipe_file.parent / "mixed_export"
+    result = export_stage(recipe, Path(f"{src}/train"), Path(f"{src}/generate"), out)
+    m = result.metrics
+    rows = {r["preset"]: r for r in m["variants"]}
+    assert set(rows) == {"fp32", "int4", "int4_mixed"} and not any(r["error"] for r in rows.values())
+    mixed = m["int4_mixed"]
+    assert [r["group"] for r in mixed["sweep"]][-1] == "all" and mixed["int8_groups"]
+    assert rows["int4"]["bytes"] < rows["int4_mixed"]["bytes"] <= mixed["max_bytes"] + 1024
+    qcfg = json.loads((out / "variants" / "quantization_configs.json").read_text())
+    assert qcfg["int4"]["algorithm"] == "gptq" and qcfg["int4"]["calibration_feeds"] == 4
+    assert qcfg["int4_mixed"]["int8_groups"] == mixed["int8_groups"]
+    assert all(r["decision"] for r in m["variants"] if r["preset"] != "fp32")
