@@ -1,10 +1,14 @@
-"""int4 round-to-nearest vs HQQ on a trained student (issue #16): size, next-token agreement with the
-fp32 ONNX model and mean logit error, teacher-forced over held-out examples of the distilled data.
+"""int4 algorithms on a trained student (issue #16): round to nearest, HQQ, k-quant, GPTQ and
+int4_mixed — size, next-token agreement with the fp32 ONNX model and mean logit error, teacher-forced
+over held-out examples of the distilled data.
 
     python bench/int4_algorithms.py runs/<name>/train/model runs/<name>/generate/dataset/eval.parquet
 
 Every variant is built from the same fp32 export by ``make_variant``, exactly as the export stage
-builds it, and scored on the same sequences in the same run (ratios against fp32 only).
+builds it, and scored on the same sequences in the same run (ratios against fp32 only). GPTQ is
+calibrated, and int4_mixed's groups are swept, on training rows (``--train``, default the
+``train.parquet`` beside the rows file: 32 calibration and 16 sweep examples, as the export stage
+takes them), never on the scored rows.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> int:
     from distill.export.calibration import feeds_for
     from distill.export.onnx_export import export_decoder, kv_shape
     from distill.export.quantize import QuantPreset, make_variant
+    from distill.export.sensitivity import int4_group_sweep, pick_int8_groups
     from distill.students.data import build_examples
     from distill.students.models import load_student
 
@@ -38,6 +43,8 @@ def main() -> int:
     ap.add_argument("model", type=Path, help="a trained student folder (runs/<name>/train/model)")
     ap.add_argument("rows", type=Path, help="a dataset Parquet file with question/rationale/gold (held-out rows)")
     ap.add_argument("--examples", type=int, default=24)
+    ap.add_argument("--train", type=Path, help="training rows for calibration (default: train.parquet beside rows)")
+    ap.add_argument("--max-size", type=float, default=0.2, help="int4_mixed: the largest file, as a share of fp32")
     ap.add_argument("--max-length", type=int, default=256)
     args = ap.parse_args()
 
@@ -51,11 +58,34 @@ def main() -> int:
         export_decoder(model, tmp / "model.onnx")
         files = {"fp32": "model.onnx"}
         seconds = {}
-        for name, preset in (("int4 rtn", QuantPreset.int4()), ("int4 hqq", QuantPreset.int4(algorithm="hqq"))):
-            file = f"model.{name.replace(' ', '_')}.onnx"
+        train = args.train or args.rows.with_name("train.parquet")
+        train_rows = [r for r in pq.read_table(train).to_pylist() if r.get("rationale")][:48]
+        train_ids = [
+            e["input_ids"] for e in build_examples(tokenizer, train_rows, "rationale", Task("number"), args.max_length)
+        ]
+        calib = feeds_for(tmp / "model.onnx", train_ids[:32], kv_heads, head_dim)
+        sweep_feeds = feeds_for(tmp / "model.onnx", train_ids[32:], kv_heads, head_dim)
+        t0 = time.time()
+        sweep = int4_group_sweep(tmp / "model.onnx", sweep_feeds, QuantPreset.int4())
+        int4_bytes = next(r["bytes"] for r in sweep if r["group"] == "all")
+        chosen = pick_int8_groups(sweep, int4_bytes, args.max_size * model_bytes(tmp, "model.onnx"))
+        sweep_s = time.time() - t0
+        presets = {
+            "int4 rtn": QuantPreset.int4(),
+            "int4 hqq": QuantPreset.int4(algorithm="hqq"),
+            "int4 kquant": QuantPreset.int4(algorithm="kquant"),
+            "int4 gptq": QuantPreset.int4(algorithm="gptq"),
+            f"int4_mixed ({'+'.join(chosen) or 'none'} int8)": QuantPreset.int4_mixed(chosen),
+        }
+        for name, preset in presets.items():
+            file = f"model.{len(files)}.onnx"
             t0 = time.time()
-            make_variant(preset, tmp / "model.onnx", tmp / file)
+            make_variant(preset, tmp / "model.onnx", tmp / file, calib)
             seconds[name], files[name] = time.time() - t0, file
+        seconds[next(reversed(presets))] += sweep_s
+        print("int4 sweep (each group alone in int4, top-1 agreement on the sweep rows):")
+        for r in sweep:
+            print(f"  {r['group']}: {r['top1_agreement']:.1%}, int8 costs +{r['int8_extra_bytes'] / 1e6:.1f} MB")
         feeds = feeds_for(tmp / "model.onnx", [e["input_ids"] for e in examples], kv_heads, head_dim)
         targets = [np.array(e["labels"][1:]) != -100 for e in examples]  # positions predicting a target token
 

@@ -169,9 +169,7 @@ def quantize_weight_only(
         if algorithm == "hqq":
             _set_accuracy_level(model, accuracy_level)  # HQQ writes none: the kernel would compute in fp32
     else:
-        model = _neural_compressor(
-            model, nodes, bits, block_size, per_node, accuracy_level, symmetric, algorithm, feeds
-        )
+        model = _neural_compressor(model, nodes, bits, block_size, per_node, accuracy_level, algorithm, feeds)
     embed_block = embed_block_size or block_size
     shared = share_quantized_embedding(model, embed_block, accuracy_level)
     save_model(model, dst)
@@ -211,11 +209,11 @@ def _matmul_nbits(model, bits: int, block_size: int, accuracy_level: int, symmet
     return quantizer.model.model
 
 
-def _neural_compressor(model, nodes, bits, block_size, per_node, accuracy_level, symmetric, algorithm, feeds):
+def _neural_compressor(model, nodes, bits, block_size, per_node, accuracy_level, algorithm, feeds):
     """k-quant or GPTQ through the functions onnxruntime's ``KQuantWeightOnlyQuantConfig`` /
     ``GPTQWeightOnlyQuantConfig`` run (``onnxruntime.quantization.neural_compressor``), given one
     config per node: its block size, and ``fp32`` for the nodes left alone (the quantizer's own GPTQ
-    path ignores ``nodes_to_exclude``)."""
+    path ignores ``nodes_to_exclude``). ``per_node`` is updated in place with the block sizes used."""
     import contextlib
     import io
 
@@ -226,25 +224,29 @@ def _neural_compressor(model, nodes, bits, block_size, per_node, accuracy_level,
     mine = set(nodes)
     # Asymmetric for both: k-quant always fits a zero point, and onnxruntime's GPTQ re-rounds its result
     # on a symmetric grid of another convention than its search's (on the tiny test model its logit error
-    # was 1.3x round-to-nearest's symmetric, 0.8x asymmetric).
-    scheme = "asym"
+    # was 1.3x round-to-nearest's symmetric, 0.8x asymmetric). Their 4-bit zero points are packed two to
+    # a byte across columns, right only when each column has an even number of blocks: a node with an
+    # odd count takes half the block size (SmolLM2's 576 inputs: 9 blocks of 64, 18 of 32).
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name in mine and n.input[1] in inits:
+            k, size = inits[n.input[1]].dims[0], per_node.get(n.name, block_size)
+            while -(-k // size) % 2 and size > 16:
+                size //= 2
+            if -(-k // size) % 2:
+                raise ValueError(
+                    f"{algorithm} int4 needs an even number of blocks per column: {n.name} has {k} inputs "
+                    f"in blocks of {size}; pick another block size"
+                )
+            if size != per_node.get(n.name, block_size):
+                per_node[n.name] = size
     config: dict = {
-        n.name: {"bits": 4, "group_size": per_node.get(n.name, block_size), "scheme": scheme}
+        n.name: {"bits": 4, "group_size": per_node.get(n.name, block_size), "scheme": "asym"}
         if n.name in mine
         else "fp32"
         for n in model.graph.node
         if n.op_type == "MatMul"
     }
-    if scheme == "asym":  # their 4-bit zero points are packed two to a byte across rows: each row needs an even count
-        inits = {i.name: i for i in model.graph.initializer}
-        for n in model.graph.node:
-            if n.name in mine and n.input[1] in inits:
-                k, size = inits[n.input[1]].dims[0], per_node.get(n.name, block_size)
-                if -(-k // size) % 2:
-                    raise ValueError(
-                        f"{algorithm} int4 needs an even number of blocks per column: {n.name} has "
-                        f"{k} inputs in blocks of {size}; pick another block size"
-                    )
     # Their topological sort starts from every graph input's consumers and fails on an input nothing
     # reads (``position_ids`` of a graph whose attention computes positions itself): set those aside.
     inputs = list(model.graph.input)
