@@ -327,10 +327,11 @@ def _gptq(model, config: dict, feeds: list[dict], accuracy_level: int):
             zero_point=zp if scheme == "asym" else None,
             accuracy_level=accuracy_level,
         )
+        shared = m.get_initializer_share_num(node.input[1])  # counted while this node still reads it
         m.add_initializers(inits)
         m.remove_node(node)
         m.add_node(q_node)
-        if m.get_initializer_share_num(node.input[1]) == 1:
+        if shared == 1:
             m.remove_initializer(weight_tensor)
     m.topological_sort()
     return m.model

@@ -238,6 +238,10 @@ def test_calibrated_int4_gptq_and_kquant(fp32, feeds):
     kq = make_variant(QuantPreset.int4(algorithm="kquant", **blocks16), fp32, out / "model.int4kq.onnx")
     assert (gptq["algorithm"], gptq["calibration_feeds"], gptq["symmetric"]) == ("gptq", len(feeds), False)
     assert (kq["algorithm"], kq["symmetric"]) == ("kquant", False)
+    from distill.export.bundle import model_bytes
+
+    sizes = {f: model_bytes(out, f) for f in ("model.onnx", "model.int4.onnx", "model.int4gptq.onnx")}
+    assert sizes["model.int4gptq.onnx"] < 0.5 * sizes["model.onnx"], sizes  # the fp32 weights are gone
     projections = {n for nodes in linear_groups(fp32).values() for n in nodes}
     for file in ("model.int4gptq.onnx", "model.int4kq.onnx"):
         bits = _bits(out / file)
