@@ -35,7 +35,7 @@ def main() -> int:
     from distill.export.calibration import feeds_for
     from distill.export.onnx_export import export_decoder, kv_shape
     from distill.export.quantize import QuantPreset, make_variant
-    from distill.export.sensitivity import int4_group_sweep, pick_int8_groups
+    from distill.export.sensitivity import int4_mixed_choice
     from distill.students.data import build_examples
     from distill.students.models import load_student
 
@@ -66,9 +66,10 @@ def main() -> int:
         calib = feeds_for(tmp / "model.onnx", train_ids[:32], kv_heads, head_dim)
         sweep_feeds = feeds_for(tmp / "model.onnx", train_ids[32:], kv_heads, head_dim)
         t0 = time.time()
-        sweep = int4_group_sweep(tmp / "model.onnx", sweep_feeds, QuantPreset.int4())
-        int4_bytes = next(r["bytes"] for r in sweep if r["group"] == "all")
-        chosen = pick_int8_groups(sweep, int4_bytes, args.max_size * model_bytes(tmp, "model.onnx"))
+        choice = int4_mixed_choice(
+            tmp / "model.onnx", sweep_feeds, QuantPreset.int4(), args.max_size * model_bytes(tmp, "model.onnx")
+        )
+        sweep, chosen = choice["sweep"], choice["int8_groups"]
         sweep_s = time.time() - t0
         presets = {
             "int4 rtn": QuantPreset.int4(),

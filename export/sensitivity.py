@@ -125,6 +125,17 @@ def pick_int8_groups(rows: list[dict], int4_bytes: int, max_bytes: float) -> lis
     return chosen
 
 
+def int4_mixed_choice(fp32: Path, held_out: list[dict], preset, max_bytes: float) -> dict:
+    """What ``int4_mixed`` keeps in int8 under a ``max_bytes`` file budget: ``int4_group_sweep`` on
+    ``held_out``, then ``pick_int8_groups``. Returns the record the report shows: the sweep rows, the
+    groups, what keeping them costs in bytes, the budget."""
+    rows = int4_group_sweep(fp32, held_out, preset)
+    int4_bytes = next(r["bytes"] for r in rows if r["group"] == "all")
+    chosen = pick_int8_groups(rows, int4_bytes, max_bytes)
+    extra = sum(r["int8_extra_bytes"] for r in rows if r["group"] in chosen)
+    return {"sweep": rows, "int8_groups": chosen, "int8_extra_bytes": extra, "max_bytes": int(max_bytes)}
+
+
 def sensitive_groups(rows: list[dict], threshold: float) -> list[str]:
     """Groups whose solo agreement is below ``threshold`` (candidates to keep in higher precision)."""
     return [r["group"] for r in rows if r["group"] != "all" and r["top1_agreement"] < threshold]

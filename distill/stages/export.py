@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from distill.core.artifacts import write_config, write_json, write_text
@@ -88,21 +88,6 @@ def quant_presets(cfg) -> dict:
     }
 
 
-def _mixed_preset(preset, fp32: Path, held_out: list[dict], max_bytes: float):
-    """``preset`` with the int8 groups the sweep picks (``sensitivity.pick_int8_groups``), and the record
-    of the choice: the sweep rows, the groups, what they cost in bytes."""
-    from dataclasses import replace
-
-    from distill.export.sensitivity import int4_group_sweep, pick_int8_groups
-
-    rows = int4_group_sweep(fp32, held_out, preset)
-    int4_bytes = next(r["bytes"] for r in rows if r["group"] == "all")
-    chosen = pick_int8_groups(rows, int4_bytes, max_bytes)
-    extra = sum(r["int8_extra_bytes"] for r in rows if r["group"] in chosen)
-    record = {"sweep": rows, "int8_groups": chosen, "int8_extra_bytes": extra, "max_bytes": int(max_bytes)}
-    return replace(preset, int8_groups=tuple(chosen)), record
-
-
 def _gate_split(recipe, gen_dir: Path, eval_problems: list[dict]) -> tuple[list[dict], str]:
     """(problems, "gate" | "eval"): ``export.gate_size`` problems the student never trained or was
     evaluated on, or the evaluation split when that is 0 or the task has no other problems."""
@@ -150,7 +135,7 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
     from distill.export.gate import VariantResult, choose, score_variants
     from distill.export.onnx_export import PADDING_SIDE, export_decoder, kv_shape
     from distill.export.quantize import make_variant
-    from distill.export.sensitivity import static_int8_sweep
+    from distill.export.sensitivity import int4_mixed_choice, static_int8_sweep
     from distill.export.smooth import calibration_texts, smooth_on_texts, smoothable
     from distill.export.table import variant_rich_table
     from distill.export.verify import verify
@@ -215,10 +200,11 @@ def export_stage(recipe, train_dir: Path, gen_dir: Path, out: Path) -> ExportRes
             metrics["sensitivity"] = static_int8_sweep(fp32, calib, held_out, cfg.calibrate_method, emb)
     if mixed_sweep:
         with console.status("int4_mixed: sensitivity sweep (each projection group alone in int4)"):
-            presets["int4_mixed"], metrics["int4_mixed"] = _mixed_preset(
-                presets["int4_mixed"], fp32, held_out, cfg.int4_mixed_max_size * metrics["fp32_bytes"]
+            metrics["int4_mixed"] = int4_mixed_choice(
+                fp32, held_out, presets["int4_mixed"], cfg.int4_mixed_max_size * metrics["fp32_bytes"]
             )
         chosen = metrics["int4_mixed"]["int8_groups"]
+        presets["int4_mixed"] = replace(presets["int4_mixed"], int8_groups=tuple(chosen))
         console.print(
             f"int4_mixed: {', '.join(chosen) or 'no group'} kept in int8 "
             f"(+{metrics['int4_mixed']['int8_extra_bytes'] / 1e6:.1f} MB over int4)"

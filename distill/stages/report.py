@@ -234,13 +234,11 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             "",
             variant_markdown(exp["variants"]).rstrip(),
         ]
-        if exp.get("sensitivity"):
-            from distill.export.sensitivity import markdown_table
+        from distill.export.sensitivity import markdown_table
 
+        if exp.get("sensitivity"):
             lines += ["", markdown_table(exp["sensitivity"], "int8_static").rstrip()]
         if exp.get("int4_mixed"):
-            from distill.export.sensitivity import markdown_table
-
             mixed = exp["int4_mixed"]
             lines += [
                 "",
