@@ -290,6 +290,24 @@ class TeacherConfig(Strict):
         return self
 
 
+class TeacherEntry(TeacherConfig):
+    """One teacher of several (recipe key ``teachers``): a whole teacher section, plus the name its rows
+    carry and when it is asked."""
+
+    name: str | None = Field(
+        None, description="what its rows' teacher column and the report call it (default: its model string)"
+    )
+    when: Literal["always", "unsolved"] = Field(
+        "always",
+        description="always: it answers every problem; unsolved: only the problems no earlier teacher in the list "
+        "solved (a row their filters keep) — a cheap teacher first, an expensive one for the rest",
+    )
+
+    def section(self) -> TeacherConfig:
+        """The plain teacher section of this entry (without name and when)."""
+        return TeacherConfig.model_validate(self.model_dump(exclude={"name", "when"}))
+
+
 class LoraSettings(Strict):
     """LoRA adapters (PEFT) trained instead of the full weights; merged into them before saving."""
 
@@ -711,6 +729,17 @@ class Recipe(Strict):
     cache: str = Field(".distill/cache.sqlite", description="teacher completion cache (never pay twice)")
     task: TaskConfig = Field(default_factory=TaskConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: list[TeacherEntry] | None = Field(
+        None,
+        description="several teachers instead of one (each a whole teacher section plus name and when), asked in "
+        "order; every question keeps one rationale, chosen by teachers_pick (null = the one teacher section)",
+    )
+    teachers_pick: Literal["correct", "vote"] = Field(
+        "correct",
+        description="with teachers: which teacher's rationale a question keeps: correct (the first teacher in list "
+        "order whose row its filters keep) or vote (the answer most teachers gave, ties to the earlier teacher; the "
+        "first teacher reaching it whose row is kept)",
+    )
     student: StudentConfig = Field(default_factory=StudentConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -721,6 +750,50 @@ class Recipe(Strict):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("name must be a plain folder name (no '/', not starting with '.')")
         return v
+
+    @model_validator(mode="after")
+    def _one_teacher_or_several(self):
+        """With ``teachers``, ``teacher`` is its first entry's section (what training, evaluation and the
+        export read as "the teacher"); set explicitly as well it is refused."""
+        if self.teachers is None:
+            if "teachers_pick" in self.model_fields_set:
+                raise ValueError("teachers_pick chooses among several teachers: set teachers: [...] or drop it")
+            return self
+        if "teacher" in self.model_fields_set:
+            raise ValueError(
+                "set teacher or teachers, not both: move the teacher section's keys into the first entry of "
+                "teachers (each entry is a whole teacher section)"
+            )
+        if not self.teachers:
+            raise ValueError("teachers is empty: list at least one teacher, or drop teachers and use teacher")
+        if self.teachers[0].when == "unsolved":
+            raise ValueError(
+                "teachers[0].when=unsolved: the first teacher answers every problem (none is unsolved before it); "
+                "set teachers[0].when=always, or put a when: always teacher first"
+            )
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.teachers):
+            name = t.name or t.model
+            if name in seen:
+                raise ValueError(
+                    f"teachers[{seen[name]}] and teachers[{i}] are both called {name!r}: give teachers[{i}].name "
+                    "a name of its own (rows record which teacher wrote them)"
+                )
+            seen[name] = i
+            if t.name is None:
+                t.name = name
+        if self.student.format == "kd" and len(self.teachers) > 1:
+            raise ValueError(
+                "student.format=kd learns one teacher's log-probabilities: use one teacher, or another student.format"
+            )
+        self.__dict__["teacher"] = self.teachers[0].section()  # not an assignment: it would validate again
+        return self
+
+    @property
+    def teacher_entries(self) -> list[TeacherEntry]:
+        """The teachers generation asks, in order: ``teachers``, or the one ``teacher`` section as a list of
+        one (without a name: its rows keep the model's id as their teacher, as they always did)."""
+        return list(self.teachers) if self.teachers else [TeacherEntry.model_validate(self.teacher.model_dump())]
 
     @model_validator(mode="after")
     def _kd_needs_logprobs(self):
@@ -771,7 +844,12 @@ class Recipe(Strict):
         return Path(self.output_dir) / self.name
 
     def dump(self) -> dict:
-        return self.model_dump(mode="json")
+        """The recipe as JSON-ready data that loads back to this recipe: with several teachers the
+        ``teacher`` section (their first) is left out, with one the ``teachers`` keys are."""
+        data = self.model_dump(mode="json")
+        for key in ("teacher",) if self.teachers is not None else ("teachers", "teachers_pick"):
+            data.pop(key)
+        return data
 
     @model_validator(mode="after")
     def _synthetic_needs_votes(self):
@@ -856,7 +934,13 @@ OPTIONAL_DEFAULTS = {
     "teacher.demo_selection": "all",
     "teacher.num_demos": 4,
     "student.calculator": False,
+    "teachers": None,
+    "teachers_pick": "correct",
 }
+
+# Lists whose items hash as a section: each entry of ``teachers`` is a teacher section (its batch size
+# or worker count does not count either).
+ITEM_SECTIONS = {"teachers": "teacher"}
 
 # The recipe path of each section model, so a section hashes alone as it does inside the recipe.
 SECTIONS: dict[type[BaseModel], str] = {
@@ -886,7 +970,7 @@ def content_hash(data: BaseModel | dict, path: str | None = None) -> str:
             key = f"{at}.{k}" if at else k
             if key in NON_SEMANTIC or (key in OPTIONAL_DEFAULTS and v == OPTIONAL_DEFAULTS[key]):
                 continue
-            out[k] = strip(v, key)
+            out[k] = [strip(i, ITEM_SECTIONS[key]) for i in v] if key in ITEM_SECTIONS and v else strip(v, key)
         return out
 
     return hashlib.sha256(json.dumps(strip(data, path or ""), sort_keys=True).encode()).hexdigest()[:16]
@@ -896,13 +980,14 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        for ann in (field.annotation, *typing.get_args(field.annotation)):  # a section, or an optional one
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                keys += _all_keys(ann, prefix + name + ".")
+        section, _ = _section_of(field.annotation)  # a section, an optional one, or a list's items
+        if section is not None:
+            keys += _all_keys(section, prefix + name + ".")
     return keys
 
 
 def _suggest(key: str) -> str:
+    key = ".".join(p for p in key.split(".") if not p.isdigit())  # teachers.1.modle is near teachers.model
     close = difflib.get_close_matches(key, _all_keys(Recipe), n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'?" if close else "see `distill run --help` and recipes/ for valid keys"
 
@@ -933,10 +1018,25 @@ def _set_override(data: dict, override: str) -> None:
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):  # an entry of a list of sections: teachers.1.model
+            node = _list_item(node, p, key)
+        else:
+            node = node.setdefault(p, {})
+        if not isinstance(node, (dict, list)):
             raise DistillError(f"override {key!r}: {p} is not a section", _suggest(key))
+    if isinstance(node, list):
+        raise DistillError(f"override {key!r}: {parts[-2]} is a list", f"name an entry: {parts[-2]}.0.<key>")
     node[parts[-1]] = value
+
+
+def _list_item(items: list, index: str, key: str):
+    """The entry ``index`` (a number) of a list of sections an override ``key`` goes through."""
+    if not index.isdigit() or int(index) >= len(items):
+        raise DistillError(
+            f"override {key!r}: {index} is not an entry of that list ({len(items)} entr{'y' if len(items) == 1 else 'ies'})",
+            f"number the entry from 0 to {len(items) - 1}",
+        )
+    return items[int(index)]
 
 
 def _format_error(err: ValidationError) -> DistillError:

@@ -65,13 +65,16 @@ class RunResult:
 def stage_hash(recipe: Recipe, stage: str) -> str:
     """Content hash of everything that determines a stage's output (upstream stages included)."""
     parts = {"task": recipe.task, "teacher": recipe.teacher}
+    if recipe.teachers is not None:  # several teachers: each one, its order and when, and the pick count
+        parts["teachers"] = [t.model_dump(mode="json") for t in recipe.teachers]
+        parts["teachers_pick"] = recipe.teachers_pick
     if stage in ("train", "export", "evaluate"):
         parts["student"] = recipe.student
     if stage in ("export", "evaluate"):
         parts["export"] = recipe.export
     if stage == "evaluate":
         parts["eval"] = recipe.eval
-    return content_hash({k: v.model_dump(mode="json") for k, v in parts.items()})
+    return content_hash({k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in parts.items()})
 
 
 def is_done(folder: Path, digest: str) -> bool:

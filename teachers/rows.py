@@ -153,6 +153,95 @@ def row_verdicts(rows, cfg) -> list[tuple[str, str | None]]:
     return out
 
 
+def solved_ids(rows, cfg) -> set[str]:
+    """Ids of the rows (a table) that ``cfg``'s filters keep (``select_training_rows``, on any split):
+    the problems this teacher solved, which a later ``when: unsolved`` teacher is not asked."""
+    kept, _ = select_training_rows(rows, cfg)
+    return set(kept["id"].to_pylist()) & set(rows["id"].to_pylist())  # not the ``<id>#k`` extra rows
+
+
+def pick_correct(rows: list[dict | None], kept: list[bool]) -> tuple[int, bool]:
+    """``teachers_pick=correct``: (the first teacher in list order whose row its filters keep, True);
+    when none is kept, (0, False): the first teacher's row stands for the question, kept by nobody."""
+    k = next((i for i, x in enumerate(kept) if x), None)
+    return (k, True) if k is not None else (0, False)
+
+
+def pick_vote(rows: list[dict | None], kept: list[bool]) -> tuple[int, bool]:
+    """``teachers_pick=vote``: the answer most teachers gave (ties: the one an earlier teacher gave),
+    then (the first teacher reaching it whose row is kept, True), else (the first reaching it, False);
+    with no answer at all, as ``pick_correct``."""
+    from distill.teachers.methods import voted
+
+    answered = [(i, r["pred"]) for i, r in enumerate(rows) if r and r.get("error") is None and r.get("pred")]
+    vote = voted([pred for _, pred in answered])
+    if vote is None:
+        return pick_correct(rows, kept)
+    reach = [i for i, pred in answered if pred == vote]
+    k = next((i for i in reach if kept[i]), None)
+    return (k, True) if k is not None else (reach[0], False)
+
+
+# teachers_pick → picker(rows, kept) -> (teacher index, kept): rows[i] is teacher i's row of one question
+# (None when it was not asked), kept[i] whether its filters keep it. A judged pick is one more picker,
+# built with the judge's scores of these rows.
+PICKS = {"correct": pick_correct, "vote": pick_vote}
+
+
+def combine_teachers(tables: list, cfgs: list, pick: str) -> dict:
+    """Several teachers' rows (``latest_rows`` tables, the first teacher's holding every problem) as
+    one row per problem and the training rows, the question by question choice ``PICKS[pick]`` makes.
+
+    Returns ``rows`` (the chosen, or standing-in, row per problem, by id), ``train`` (the chosen
+    teachers' kept train rows, ``select_training_rows`` per teacher with its own filters), ``filtered``
+    (rows each filter dropped, summed over teachers; ``not_picked``: kept rows another teacher's row
+    replaced), and per teacher ``solved`` (problems its filters keep), ``picked`` (questions whose row
+    is its own, kept) and ``train_rows`` (its rows in ``train``). One teacher is a list of one: its
+    table and kept rows come back as they are."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kept_train, filtered, solved = [], {}, []
+    for table, cfg in zip(tables, cfgs):
+        is_train = pc.equal(table["split"], "train")
+        kept, dropped = select_training_rows(table.filter(is_train), cfg)
+        kept_train.append(kept)
+        for name, n in dropped.items():
+            filtered[name] = filtered.get(name, 0) + n
+        solved.append(set(kept["id"].to_pylist()) | solved_ids(table.filter(pc.invert(is_train)), cfg))
+    ids = tables[0]["id"].to_pylist()
+    by_teacher = [{r["id"]: r for r in t.to_pylist()} for t in tables] if len(tables) > 1 else [{}]
+    picker = PICKS[pick]
+    choice = {i: picker([m.get(i) for m in by_teacher], [i in s for s in solved]) for i in ids}
+
+    def question(i: str) -> str:  # the problem a training row's id (``<id>`` or ``<id>#k``) belongs to
+        return i if i in choice else i.rsplit("#", 1)[0]
+
+    def chosen_by(k: int, table):  # the rows of ``table`` (teacher k's) whose question chose teacher k
+        mine = [choice[question(i)] == (k, True) for i in table["id"].to_pylist()]
+        return table.filter(pa.array(mine, pa.bool_()))
+
+    parts = [chosen_by(k, t) for k, t in enumerate(kept_train)]
+    if len(tables) == 1:
+        rows, train = tables[0], parts[0]
+    else:
+        rows = pa.Table.from_pylist([by_teacher[choice[i][0]][i] for i in ids], schema=ROW_SCHEMA)
+        train = pa.concat_tables(parts)
+        place = {i: n for n, i in enumerate(ids)}
+        keys = [(place[question(i)], 0 if i in place else int(i.rsplit("#", 1)[1])) for i in train["id"].to_pylist()]
+        train = train.take(sorted(range(len(keys)), key=keys.__getitem__))  # by question, its ``#k`` rows after it
+        filtered["not_picked"] = sum(t.num_rows for t in kept_train) - train.num_rows
+    picked = [sum(1 for c in choice.values() if c == (k, True)) for k in range(len(tables))]
+    return {
+        "rows": rows,
+        "train": train,
+        "filtered": filtered,
+        "solved": [len(s) for s in solved],
+        "picked": picked,
+        "train_rows": [p.num_rows for p in parts],
+    }
+
+
 def latest_rows(tables: list):
     """One row per id, the last committed one winning (a failed row is replaced by its retry), by id."""
     import pyarrow as pa

@@ -80,8 +80,9 @@ class TeacherWorker:
         else:
             rows = self.method(self.teacher, problems, self.cfg, self.task)
         by_id = {p["id"]: p for p in problems}
+        name = getattr(self.cfg, "name", None) or self.teacher.model_id  # one of several teachers: its name
         for r in rows:
-            r["teacher"] = self.teacher.model_id
+            r["teacher"] = name
             p = by_id[r["id"]]
             r.update(source=p.get("source"), source_row=p.get("source_row"), extra=p.get("extra"))
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)

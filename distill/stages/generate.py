@@ -17,7 +17,7 @@ from distill.core.problems import load_problems
 from distill.core.progress import console, progress_bar
 from distill.core.sources import resolve_model
 from distill.teachers.budget import GenerationMeter, count_failures, failures_text
-from distill.teachers.rows import ROW_SCHEMA, latest_rows, select_training_rows
+from distill.teachers.rows import ROW_SCHEMA, combine_teachers, latest_rows, solved_ids
 from distill.teachers.workers import run_teacher
 
 
@@ -62,11 +62,10 @@ def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], d
     return train, stats
 
 
-def _worker_kwargs(recipe, problems: list[dict] | None = None) -> dict:
-    """What each ``TeacherWorker`` is built from; a replay file or model source is checked here, in the
-    driver, so a bad one is one line before any worker starts. With ``problems`` a replay file must
-    also answer some of them (``_check_replay_coverage``)."""
-    cfg = recipe.teacher
+def _worker_kwargs(recipe, cfg, problems: list[dict] | None = None) -> dict:
+    """What each ``TeacherWorker`` of teacher ``cfg`` is built from; a replay file or model source is
+    checked here, in the driver, so a bad one is one line before any worker starts. With ``problems`` a
+    replay file must also answer some of them (``_check_replay_coverage``)."""
     replay, remote = cfg.model.startswith("replay:"), cfg.model.startswith("openai:")
     if replay:
         from distill.teachers.replay import load_records
@@ -135,69 +134,45 @@ def _warn(message: str) -> None:
 
 
 def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> GenerateResult:
-    """Run the teacher over train + eval problems into ``out``; returns counts and teacher accuracy.
+    """Run the teachers over train + eval problems into ``out``; returns counts and teacher accuracy.
 
-    Shards are committed to ``work`` (default ``out``) as they complete; a run over the same ``work``
-    folder skips every problem already in a committed, checksum-valid shard — exactly once across
-    kills. ``on_progress(stats)`` is called after every batch.
+    One teacher, or several in order (``recipe.teachers``; one is a list of one): each answers every
+    problem, or (``when: unsolved``) those no earlier teacher solved, into shards of its own, and
+    every question keeps the row ``recipe.teachers_pick`` chooses. Shards are committed to ``work``
+    (default ``out``) as they complete; a run over the same ``work`` folder skips every problem
+    already in a committed, checksum-valid shard of that teacher — exactly once across kills.
+    ``on_progress(stats)`` is called after every batch.
     """
-    import shutil
-
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     work = work or out
-    cfg = recipe.teacher
+    teachers = recipe.teacher_entries
+    several = len(teachers) > 1
     train, evals = load_problems(recipe.task)
     _check_golds(Task.from_config(recipe.task).prepare(), train + evals)
     _warn_capped_sizes(recipe.task, train, evals)
     synthetic = recipe.task.source == "synthetic"  # its train problems are not written yet
-    worker_kwargs = _worker_kwargs(recipe, None if synthetic else evals + train)  # before anything is written
+    # every teacher's model or replay file is checked before anything is written
+    kwargs = [_worker_kwargs(recipe, t, None if synthetic else evals + train) for t in teachers]
     synthesis = None
     if synthetic:
-        train, synthesis = _synthesize(recipe, worker_kwargs, evals)
+        train, synthesis = _synthesize(recipe, kwargs[0], evals)
     problems = evals + train  # eval first: the teacher's score is known early
-    writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=cfg.shard_rows)
-    meter = GenerationMeter(len(problems), cfg)
-    done_ids: set[str] = set()
-    for table in writer.resume():
-        table = table.filter(pc.is_null(table["error"]))  # rows whose teacher call failed are retried
-        meter.count(table)
-        done_ids.update(table["id"].to_pylist())
-    todo = [p for p in problems if p["id"] not in done_ids]
-    if done_ids:
-        console.print(f"generate: {len(done_ids)} rows already committed, {len(todo)} to go")
-    console.print(
-        f"[bold]generate[/] {len(train)} train + {len(evals)} eval problems, teacher {cfg.model}, "
-        f"{cfg.workers} {cfg.executor} worker(s)"
-    )
-    with progress_bar("generate", len(problems)) as advance:
-        advance(len(done_ids))
-
-        def on_batch(batch: pa.Table) -> None:
-            writer.add(batch)
-            meter.count(batch)
-            advance(batch.num_rows, meter.status())
-            if on_progress:
-                on_progress(meter.snapshot())
-            try:
-                meter.check()
-            except DistillError:
-                writer.flush()  # what was paid for is committed before the job stops
-                raise
-
-        if todo:
-            run_teacher(todo, worker_kwargs, cfg, on_batch)
-    shards = writer.close()
-
-    import pyarrow.parquet as pq
-
-    if work != out:
-        shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
-        shutil.copy2(work / "shards.json", out / "shards.json")
-    table = latest_rows([pq.read_table(out / "shards" / s["file"]) for s in shards])
-    if table.num_rows != len(problems) or set(table["id"].to_pylist()) != {p["id"] for p in problems}:
-        raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
+    asked: list[list[dict]] = []
+    tables, meters, shards = [], [], []
+    for k, t in enumerate(teachers):
+        mine = problems if t.when == "always" else _unsolved(problems, tables, teachers[:k])
+        folder = Path("teachers", _folder_name(k, t)) if several else Path()
+        table, meter, shards = _ask(t, mine, work / folder, out / folder, kwargs[k], on_progress, several)
+        asked.append(mine)
+        tables.append(table)
+        meters.append(meter)
+    combined = combine_teachers(tables, teachers, recipe.teachers_pick)
+    table = combined["rows"]
+    if several:  # the chosen rows are the run's shards (what eval --split train and data inspect read)
+        writer = ShardWriter(out / "shards", out / "shards.json", ROW_SCHEMA, rows_per_shard=recipe.teacher.shard_rows)
+        writer.add(table)
+        shards = writer.close()
     failed = table.filter(pc.is_valid(table["error"]))
     answered = table.filter(pc.is_null(table["error"]))
     if not failed.num_rows and pc.count(answered["pred"]).as_py() == 0:
@@ -205,8 +180,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
             "the teacher gave no parsable answer for any problem",
             "check the teacher model, its prompt (teacher.trigger) and teacher.max_new_tokens",
         )
+    train_rows, filtered = combined["train"], combined["filtered"]
     is_train = pc.equal(table["split"], "train")
-    train_rows, filtered = select_training_rows(table.filter(is_train), recipe.teacher)
     eval_rows = table.filter(pc.invert(is_train))
     failed_train = pc.sum(pc.equal(failed["split"], "train")).as_py() or 0
     if train_rows.num_rows == 0 and not failed_train:  # with failed train rows a rerun may keep some
@@ -218,6 +193,11 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     write_parquet(out / "dataset" / "eval.parquet", eval_rows)
     teacher = _teacher_eval_score(eval_rows)
     failures = count_failures(failed["error"].to_pylist())
+    snaps = [m.snapshot() for m in meters]
+    total = {
+        k: sum(m.stats[k] for m in meters)
+        for k in ("tokens_in", "tokens_out", "paid_tokens_in", "paid_tokens_out", "cached")
+    }
     metrics = {
         "problems": len(problems),
         "train_problems": len(train),
@@ -229,13 +209,13 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "teacher_eval_accuracy": teacher["accuracy"],
         "teacher_eval_n": teacher["n"],
         "teacher_eval_ci95": teacher["ci95"],
-        "tokens_in": meter.stats["tokens_in"],
-        "tokens_out": meter.stats["tokens_out"],
-        "estimated_cost": meter.snapshot()["cost"],
-        "paid_tokens_in": meter.stats["paid_tokens_in"],
-        "paid_tokens_out": meter.stats["paid_tokens_out"],
-        "paid_cost": meter.snapshot()["paid_cost"],
-        "cached_rows": meter.stats["cached"],
+        "tokens_in": total["tokens_in"],
+        "tokens_out": total["tokens_out"],
+        "estimated_cost": sum(s["cost"] for s in snaps),
+        "paid_tokens_in": total["paid_tokens_in"],
+        "paid_tokens_out": total["paid_tokens_out"],
+        "paid_cost": sum(s["paid_cost"] for s in snaps),
+        "cached_rows": total["cached"],
         "parse_errors": answered.num_rows - pc.count(answered["pred"]).as_py(),
         "partial": failed.num_rows > 0,
         "failed_rows": failed.num_rows,
@@ -243,18 +223,154 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "failed_eval_rows": failed.num_rows - failed_train,
         "failures": failures[:10],
         "failure_reasons": [f["reason"] for f in failures[:10]],
-        "seconds": meter.snapshot()["seconds"],
+        "seconds": sum(s["seconds"] for s in snaps),
         "teacher_model": recipe.teacher.model,
         "shards": shards,
     }
+    if several:
+        metrics["teachers_pick"] = recipe.teachers_pick
+        metrics["teachers"] = [
+            _teacher_metrics(t, rows, mine, snap, combined, k, train_rows.num_rows)
+            for k, (t, rows, mine, snap) in enumerate(zip(teachers, tables, asked, snaps))
+        ]
     write_json(out / "metrics.json", metrics)
-    write_config(
-        out, "generate", {"task": recipe.task.model_dump(), "teacher": recipe.teacher.model_dump()}, recipe.dump()
-    )
+    stage_config = {"task": recipe.task.model_dump(), "teacher": recipe.teacher.model_dump()}
+    if several:
+        stage_config.update(teachers=[t.model_dump() for t in teachers], teachers_pick=recipe.teachers_pick)
+    write_config(out, "generate", stage_config, recipe.dump())
     console.print(_summary_line(metrics), highlight=False, soft_wrap=True)
+    for line in _teacher_lines(metrics.get("teachers", [])):
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
     return GenerateResult(
         out, train_rows.num_rows, eval_rows.num_rows, teacher["accuracy"], metrics, failed_rows=failed.num_rows
     )
+
+
+def _ask(cfg, problems: list[dict], work: Path, out: Path, worker_kwargs: dict, on_progress, named: bool):
+    """One teacher answers ``problems`` into its shards under ``work`` (copied to ``out``), skipping the
+    problems a committed, checksum-valid shard already holds; returns (its rows, one per problem,
+    by id; its ``GenerationMeter``; the shard manifest). ``named``: progress carries its name."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=cfg.shard_rows)
+    meter = GenerationMeter(len(problems), cfg)
+    done_ids: set[str] = set()
+    for table in writer.resume():
+        table = table.filter(pc.is_null(table["error"]))  # rows whose teacher call failed are retried
+        meter.count(table)
+        done_ids.update(table["id"].to_pylist())
+    todo = [p for p in problems if p["id"] not in done_ids]
+    if done_ids:
+        console.print(f"generate: {len(done_ids)} rows already committed, {len(todo)} to go")
+    label = cfg.name if named else None
+    who = f"teacher {label} ({cfg.model}, when: {cfg.when})" if named else f"teacher {cfg.model}"
+    console.print(
+        f"[bold]generate[/] {_split_counts(problems)}, {who}, {cfg.workers} {cfg.executor} worker(s)",
+        highlight=False,
+    )
+    with progress_bar(f"generate {label}" if named else "generate", len(problems)) as advance:
+        advance(len(done_ids))
+
+        def on_batch(batch: pa.Table) -> None:
+            writer.add(batch)
+            meter.count(batch)
+            advance(batch.num_rows, meter.status())
+            if on_progress:
+                on_progress({**meter.snapshot(), "teacher": label} if named else meter.snapshot())
+            try:
+                meter.check()
+            except DistillError:
+                writer.flush()  # what was paid for is committed before the job stops
+                raise
+
+        if todo:
+            run_teacher(todo, worker_kwargs, cfg, on_batch)
+    shards = writer.close()
+    if work != out:
+        shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
+        shutil.copy2(work / "shards.json", out / "shards.json")
+    table = latest_rows([pq.read_table(out / "shards" / s["file"]) for s in shards])
+    if table.num_rows != len(problems) or set(table["id"].to_pylist()) != {p["id"] for p in problems}:
+        raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
+    return table, meter, shards
+
+
+def _split_counts(problems: list[dict]) -> str:
+    """``12 train + 6 eval problems`` of a problem list."""
+    n_train = sum(1 for p in problems if p["split"] == "train")
+    return f"{n_train} train + {len(problems) - n_train} eval problems"
+
+
+def _unsolved(problems: list[dict], tables: list, cfgs: list) -> list[dict]:
+    """The problems no earlier teacher solved (a row its filters keep), for a ``when: unsolved``
+    teacher. A problem an earlier teacher's call failed on is not asked either: that teacher retries
+    it first on the rerun, and may solve it."""
+    import pyarrow.compute as pc
+
+    decided: set[str] = set()
+    for table, cfg in zip(tables, cfgs):
+        decided |= solved_ids(table, cfg) | set(table.filter(pc.is_valid(table["error"]))["id"].to_pylist())
+    return [p for p in problems if p["id"] not in decided]
+
+
+def _folder_name(k: int, cfg) -> str:
+    """Teacher ``k``'s shard folder under ``teachers/``: its place and its name, made path-safe."""
+    import re
+
+    return f"{k}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name or cfg.model).strip("-.")[:48]
+
+
+def _teacher_metrics(cfg, rows, asked: list[dict], snap: dict, combined: dict, k: int, train_rows: int) -> dict:
+    """One teacher's figures for the report: what it was asked, its accuracy, how much of the dataset
+    it wrote, tokens and cost (at its own prices)."""
+    import pyarrow.compute as pc
+
+    is_train = pc.equal(rows["split"], "train")
+    scored = rows.filter(pc.and_(is_train, pc.and_(pc.is_null(rows["error"]), pc.is_valid(rows["gold"]))))
+    right = pc.sum(pc.fill_null(scored["correct"], False)).as_py() or 0
+    ev = _teacher_eval_score(rows.filter(pc.invert(is_train)))
+    return {
+        "name": cfg.name,
+        "model": cfg.model,
+        "when": cfg.when,
+        "asked": len(asked),
+        "train_asked": sum(1 for p in asked if p["split"] == "train"),
+        "train_accuracy": right / scored.num_rows if scored.num_rows else None,
+        "eval_accuracy": ev["accuracy"],
+        "eval_n": ev["n"],
+        "eval_ci95": ev["ci95"],
+        "solved": combined["solved"][k],
+        "picked": combined["picked"][k],
+        "train_rows_kept": combined["train_rows"][k],
+        "kept_share": combined["train_rows"][k] / train_rows if train_rows else 0.0,
+        "tokens_in": snap["tokens_in"],
+        "tokens_out": snap["tokens_out"],
+        "cost": snap["cost"],
+        "paid_tokens_in": snap["paid_tokens_in"],
+        "paid_tokens_out": snap["paid_tokens_out"],
+        "paid_cost": snap["paid_cost"],
+        "cached_rows": snap["cached"],
+        "failed_rows": snap["failed"],
+        "seconds": snap["seconds"],
+    }
+
+
+def _teacher_lines(teachers: list[dict]) -> list[str]:
+    """One console line per teacher of several: asked, accuracy, share of the dataset, tokens, cost."""
+
+    def pct(x):
+        return "—" if x is None else f"{x:.1%}"
+
+    return [
+        f"  teacher {t['name']} ({t['when']}): asked {t['asked']}, train accuracy {pct(t['train_accuracy'])}, "
+        f"eval accuracy {pct(t['eval_accuracy'])}, kept {t['train_rows_kept']} rows "
+        f"({t['kept_share']:.0%} of the dataset), {t['tokens_in'] + t['tokens_out']} tokens, cost {t['cost']:.4f}"
+        for t in teachers
+    ]
 
 
 def _teacher_eval_score(eval_rows) -> dict:

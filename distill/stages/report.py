@@ -60,6 +60,31 @@ def partial_lines(stage_metrics: dict) -> list[str]:
     ]
 
 
+def teacher_lines(gen: dict) -> list[str]:
+    """With several teachers, a table of each one: problems asked, accuracy where there is gold, rows it
+    wrote into the dataset and their share, tokens and cost, so a teacher's worth is next to its price."""
+    if len(gen.get("teachers") or []) < 2:
+        return []
+
+    def pct(x):
+        return "—" if x is None else f"{x:.1%}"
+
+    lines = [
+        "",
+        f"Teachers (a question keeps {'the first kept rationale in list order' if gen.get('teachers_pick') == 'correct' else 'the rationale of the answer most teachers gave'}; "
+        "an `unsolved` teacher is asked only what the teachers before it did not solve):",
+        "",
+        "| teacher | when | asked | train accuracy | eval accuracy | rows kept | share of dataset | tokens in | tokens out | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in gen["teachers"]:
+        lines.append(
+            f"| {t['name']} | {t['when']} | {t['asked']} | {pct(t['train_accuracy'])} | {pct(t['eval_accuracy'])} "
+            f"| {t['train_rows_kept']} | {t['kept_share']:.0%} | {t['tokens_in']} | {t['tokens_out']} | {t['cost']:.4f} |"
+        )
+    return lines
+
+
 def _plot_loss(losses: list[dict], path: Path, dev: list[dict] = (), best_step: int | None = None) -> None:
     """Training loss per step; with a dev split also the dev loss, and dev accuracy on a second axis."""
     import matplotlib
@@ -220,6 +245,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             f"{gen.get('cached_rows')} rows served from the cache"
             + (f", {gen['failed_rows']} rows FAILED." if gen.get("failed_rows") else "."),
         ]
+        lines += teacher_lines(gen)
     lines += training_lines(stage_metrics.get("train", {}), dev)
     exp = stage_metrics.get("export", {})
     if exp:
