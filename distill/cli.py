@@ -357,8 +357,22 @@ def serve(
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     max_batch: Annotated[int, typer.Option(min=1, help="requests generated together")] = 32,
     batch_window_ms: Annotated[float, typer.Option(min=0, help="how long to gather a batch")] = 10.0,
+    # Test-facing faults of the Batch API (hidden): batches that expire, lines that fail, batches that wait.
+    batch_expire_after: Annotated[
+        int, typer.Option(min=0, hidden=True, help="a batch expires after answering this many lines (0 = never)")
+    ] = 0,
+    batch_fail_lines: Annotated[
+        str, typer.Option(hidden=True, help="HTTP statuses the first batch lines get, comma-separated (500,400)")
+    ] = "",
+    batch_start_delay: Annotated[
+        float, typer.Option(min=0, hidden=True, help="seconds a new batch stays validating before it runs")
+    ] = 0.0,
+    batch_faults_control: Annotated[
+        bool, typer.Option(hidden=True, help="let tests set these faults while serving: POST /_batch_faults")
+    ] = False,
 ) -> None:
-    """Serve a local teacher as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions)."""
+    """Serve a local teacher as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions,
+    and the Batch API: /v1/files, /v1/batches)."""
 
     def go():
         set_env_defaults()
@@ -375,12 +389,32 @@ def serve(
 
         if dtype not in ("float32", "bfloat16"):
             raise DistillError(f"--dtype {dtype} is not supported", "use float32 or bfloat16")
-        run_server(model, host, port, token_env, name, dtype, max_batch, batch_window_ms, on_ready=ready)
+        from distill.teachers.serve import BatchFaults
+
+        statuses = [s.strip() for s in batch_fail_lines.split(",") if s.strip()]
+        if not all(s.isdigit() and 100 <= int(s) <= 599 for s in statuses):
+            raise DistillError(f"--batch-fail-lines {batch_fail_lines} is not a list of HTTP statuses", "e.g. 500,400")
+        faults = BatchFaults(batch_expire_after, tuple(int(s) for s in statuses), batch_start_delay)
+        run_server(
+            model,
+            host,
+            port,
+            token_env,
+            name,
+            dtype,
+            max_batch,
+            batch_window_ms,
+            on_ready=ready,
+            faults=faults,
+            faults_control=batch_faults_control,
+        )
 
     _guard(go)
 
 
-jobs_app = typer.Typer(no_args_is_help=True, help="Generation jobs: submit, watch, cancel, resume.")
+jobs_app = typer.Typer(
+    no_args_is_help=True, help="Generation jobs: submit (queued), watch, pause, resume, cancel; the queue's limit."
+)
 app.add_typer(jobs_app, name="jobs")
 
 Store = Annotated[

@@ -153,6 +153,26 @@ class Demo(Strict):
     answer: str
 
 
+class BatchSettings(Strict):
+    """teacher.api=batch: the chat requests go through the endpoint's Batch API (``/v1/files`` +
+    ``/v1/batches``), billed at half price by providers and answered within the completion window."""
+
+    poll_seconds: float = Field(30.0, gt=0, le=3600, description="seconds between two status polls of a batch")
+    completion_window: str = Field(
+        "24h", pattern=r"^[1-9][0-9]*h$", description="how long the endpoint has to finish a batch (OpenAI: 24h)"
+    )
+    max_requests: int = Field(
+        50000, ge=1, le=50000, description="requests per batch file (OpenAI's cap); more go in several batches"
+    )
+    rounds: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="batches a request may go through: one missing from an expired batch's results or failing "
+        "retryably goes in the next; after the last the row fails with the reason (a resumed job retries it)",
+    )
+
+
 class TeacherConfig(Strict):
     """The large model that writes chain-of-thought rationales."""
 
@@ -238,7 +258,12 @@ class TeacherConfig(Strict):
     )
     # OpenAI-compatible HTTP teachers (model: openai:<served model name>)
     base_url: str | None = Field(None, description="openai: endpoint, e.g. http://127.0.0.1:8000/v1")
-    api: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions or /completions")
+    api: Literal["chat", "completions", "batch"] = Field(
+        "chat",
+        description="openai: /chat/completions, /completions, or batch: the chat requests through the endpoint's "
+        "Batch API (teacher.batch)",
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="openai with api=batch: the Batch API")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="openai: environment variable holding the API key (keys never go in recipes)"
     )
@@ -275,6 +300,15 @@ class TeacherConfig(Strict):
     def _endpoint_for_openai(self):
         if self.model.startswith("openai:") and not self.base_url:
             raise ValueError("an openai: teacher needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_for_openai(self):
+        if self.api == "batch" and not self.model.startswith("openai:"):
+            raise ValueError(
+                "teacher.api=batch sends the requests through an OpenAI-compatible endpoint's Batch API: "
+                "set teacher.model=openai:<served model name> and teacher.base_url"
+            )
         return self
 
     @model_validator(mode="after")
@@ -886,6 +920,7 @@ NON_SEMANTIC = frozenset(
         "teacher.max_retries",
         "teacher.request_timeout",
         "teacher.retry_base",
+        "teacher.batch",  # how often a batch is polled, how big it is: not what the teacher answers
         "student.batch_size",
         "student.micro_batch_size",
         "student.eval_batch_size",

@@ -12,9 +12,32 @@ from distill.teachers.replay import ReplayTeacher
 from distill.teachers.rows import ROW_SCHEMA
 
 
-def make_backend(cfg, model_path: str, limits_bucket: str | None = None):
-    """The backend a teacher config names: an OpenAI-compatible endpoint or a local model folder.
-    ``limits_bucket``: the job's shared rate-limit bucket, for an endpoint called from Ray workers."""
+def make_backend(cfg, model_path: str, limits_bucket: str | None = None, cache=None):
+    """The backend a teacher config names: an OpenAI-compatible endpoint (live, or its Batch API) or a
+    local model folder. ``limits_bucket``: the job's shared rate-limit bucket, for an endpoint called
+    from Ray workers; ``cache``: the ``CompletionCache`` a batch teacher records its batches in."""
+    if cfg.model.startswith("openai:") and cfg.api == "batch":
+        from distill.teachers.backends.batch import BatchBackend
+
+        return BatchBackend(
+            cfg.model.removeprefix("openai:"),
+            cfg.base_url,
+            store=cache.path if cache is not None else None,
+            keep=cache.put_many if cache is not None else None,
+            api_key_env=cfg.api_key_env,
+            max_retries=cfg.max_retries,
+            timeout=cfg.request_timeout,
+            retry_base=cfg.retry_base,
+            poll_seconds=cfg.batch.poll_seconds,
+            completion_window=cfg.batch.completion_window,
+            max_requests=cfg.batch.max_requests,
+            rounds=cfg.batch.rounds,
+            concurrency=cfg.concurrency,
+            requests_per_minute=cfg.requests_per_minute,
+            tokens_per_minute=cfg.tokens_per_minute,
+            limits_bucket=limits_bucket,
+            workers=cfg.workers,
+        )
     if cfg.model.startswith("openai:"):
         from distill.teachers.backends.openai import OpenAIBackend
 
@@ -69,8 +92,9 @@ class TeacherWorker:
             self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
             return
         torch.set_num_threads(1)
-        backend = make_backend(self.cfg, model_path, limits_bucket)
-        self.teacher = CachedTeacher(backend, CompletionCache(cache_path), cache_only=cache_only)
+        cache = CompletionCache(cache_path)
+        backend = make_backend(self.cfg, model_path, limits_bucket, cache)
+        self.teacher = CachedTeacher(backend, cache, cache_only=cache_only)
         self.method = METHODS[self.cfg.method]
 
     def __call__(self, batch) -> pa.Table:
