@@ -3,10 +3,17 @@ result with an uninterrupted run of the same recipe, row for row and byte for by
 
     python bench/chaos.py --kills 20            # `make chaos`
     python bench/chaos.py --kills 5 --executor ray
+    python bench/chaos.py --queue 20 --kills 10  # `make chaos`: the queue, its scheduler killed instead
 
 A kill lands at a uniformly random time after each (re)start — during start-up, model loading,
 generation or a shard commit alike. Prints kills survived, rows lost, duplicate rows and whether
 the canonical dataset bytes match; exits 1 on any loss or difference.
+
+With ``--queue N``: N jobs (each its own run folder) through the queue at ``--max-running`` (2) at a
+time while the queue's scheduler, not a runner, is SIGKILLed ``--kills`` times at random moments; half
+the restarts come from a user's next ``distill jobs list``, half from the next runner to finish. Prints
+kills, how many runners claimed each job (must be 1), the most jobs running at once (must be ≤ the
+limit), and the wall time against the same queue undisturbed; exits 1 on any job run twice, lost or failed.
 """
 
 from __future__ import annotations
@@ -43,13 +50,28 @@ def _job(job_id: str, cwd: Path) -> dict:
 
 
 def _wait_end(job_id: str, cwd: Path, timeout: float = 900) -> dict:
+    from distill.jobs import FINAL_STATES
+
     t0 = time.time()
     while time.time() - t0 < timeout:
         s = _job(job_id, cwd)
-        if s["state"] not in ("queued", "running"):
+        if s["state"] in FINAL_STATES:
             return s
         time.sleep(0.1)
     raise RuntimeError(f"job {job_id} did not finish")
+
+
+def _wait_running(job_id: str, cwd: Path, timeout: float = 300) -> dict:
+    """Until the queued (resumed) job's runner has claimed it, or the job ended."""
+    from distill.jobs import FINAL_STATES
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        s = _job(job_id, cwd)
+        if s["state"] == "running" or s["state"] in FINAL_STATES:
+            return s
+        time.sleep(0.02)
+    raise RuntimeError(f"job {job_id} did not start")
 
 
 def canonical(run_dir: Path) -> tuple[bytes, list[str]]:
@@ -71,7 +93,11 @@ def main() -> int:
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-delay", type=float, default=6.0, help="longest wait before a kill, seconds")
+    p.add_argument("--queue", type=int, default=0, help="soak the queue with this many jobs instead (see above)")
+    p.add_argument("--max-running", type=int, default=2, help="--queue: jobs running at once")
     args = p.parse_args()
+    if args.queue:
+        args.problems = min(args.problems, 24)  # many short jobs: the scheduler's moments are what is tested
     rng = random.Random(args.seed)
 
     from tiny import train_tiny_teacher
@@ -117,10 +143,14 @@ def main() -> int:
     straight_s = time.time() - t0
     print(f"uninterrupted run: {straight_s:.0f}s", flush=True)
 
+    if args.queue:
+        return queue_soak(args, rng, work, yaml.safe_load((work / "straight" / "recipe.yaml").read_text()))
+
     cwd = work / "killed"
     job = _cli("jobs", "submit", "recipe.yaml", cwd=cwd).stdout.strip()
     kills = 0
     while kills < args.kills:
+        _wait_running(job, cwd)
         # Half the kills at a random time after the (re)start (start-up, model load, anything), half
         # once a random number of further rows is committed (mid-generation, around shard commits).
         t_start = time.time()
@@ -172,6 +202,86 @@ def main() -> int:
         )
     )
     return 0 if final["state"] == "done" and lost == 0 and dupes == 0 and same and kills == args.kills else 1
+
+
+def _drain(cwd: Path, ids: list[str], rng, kills: int, max_delay: float) -> tuple[int, float]:
+    """Wait until every job of ``ids`` ended, SIGKILLing the scheduler ``kills`` times at random moments;
+    returns (kills done, seconds)."""
+    from distill.jobs import FINAL_STATES, JobStore, scheduler_pid
+
+    store = JobStore(cwd / ".distill" / "jobs.sqlite")
+    done = 0
+    t0 = time.time()
+    while not all(store.get(j)["state"] in FINAL_STATES for j in ids):
+        pid = scheduler_pid(store)
+        if pid and done < kills:
+            time.sleep(rng.uniform(0, max_delay))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            done += 1
+            running = sum(store.get(j)["state"] in ("starting", "running") for j in ids)
+            print(f"scheduler kill {done:2d}: {time.time() - t0:.1f}s in, {running} jobs running", flush=True)
+            if rng.random() < 0.5:
+                _cli("jobs", "list", cwd=cwd)  # a user's next command starts it again
+        elif pid is None:
+            time.sleep(1.0)
+            if scheduler_pid(store) is None:
+                _cli("jobs", "list", cwd=cwd)  # nothing but a user would wake it
+        time.sleep(0.2)
+    return done, time.time() - t0
+
+
+def queue_soak(args, rng, work: Path, recipe: dict) -> int:
+    """``--queue N``: the same N jobs through an undisturbed queue and through one whose scheduler is killed."""
+    import yaml
+
+    from distill.jobs import JobStore
+
+    results = {}
+    for name, kills in (("undisturbed", 0), ("killed", args.kills)):
+        cwd = work / f"queue-{name}"
+        cwd.mkdir()
+        (cwd / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        assert _cli("jobs", "queue", "--max-running", str(args.max_running), cwd=cwd).returncode == 0
+        ids = [
+            _cli("jobs", "submit", "recipe.yaml", f"name=q{i:02d}", cwd=cwd).stdout.strip() for i in range(args.queue)
+        ]
+        done, seconds = _drain(cwd, ids, rng, kills, args.max_delay)
+        jobs = [JobStore(cwd / ".distill" / "jobs.sqlite").get(j) for j in ids]
+        starts = [
+            sum(line.endswith(f"started job {j['id']}") for line in Path(j["log"]).read_text().splitlines())
+            for j in jobs
+        ]
+        events = sorted([(j["started"] or 0, 1) for j in jobs] + [(j["finished"] or 0, -1) for j in jobs])
+        most = now = 0
+        for _, step in events:
+            now += step
+            most = max(most, now)
+        results[name] = {
+            "kills": done,
+            "jobs_done": sum(j["state"] == "done" for j in jobs),
+            "runners_per_job": sorted(set(starts)),
+            "most_running_at_once": most,
+            "wall_s": round(seconds, 1),
+        }
+        print(json.dumps({name: results[name]}), flush=True)
+    k, u = results["killed"], results["undisturbed"]
+    print(
+        json.dumps(
+            {
+                "queue_jobs": args.queue,
+                "max_running": args.max_running,
+                "wall_ratio": round(k["wall_s"] / u["wall_s"], 2),
+            }
+        )
+    )
+    ok = all(
+        r["jobs_done"] == args.queue and r["runners_per_job"] == [1] and r["most_running_at_once"] <= args.max_running
+        for r in results.values()
+    )
+    return 0 if ok and k["kills"] == args.kills else 1
 
 
 if __name__ == "__main__":

@@ -435,8 +435,13 @@ def jobs_submit(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print what the job would cost (`distill plan`) and submit nothing")
     ] = False,
+    priority: Annotated[int, typer.Option(help="queue order: higher starts first (same priority: oldest first)")] = 0,
+    after: Annotated[
+        list[str] | None, typer.Option("--after", help="start only once this job is done (repeatable)")
+    ] = None,
 ) -> None:
-    """Start the generate stage of a recipe in the background; prints the job id at once."""
+    """Queue the generate stage of a recipe; prints the job id at once. The queue's scheduler starts it
+    when fewer than `distill jobs queue --max-running` jobs run and its --after jobs are done."""
 
     def go():
         set_env_defaults()
@@ -449,7 +454,7 @@ def jobs_submit(
         from distill.jobs import store_path, submit
 
         path = store_path(store)
-        print(submit(recipe, overrides or [], address, path))
+        print(submit(recipe, overrides or [], address, path, priority=priority, after=after or []))
         if path.absolute().parent.parent != Path.cwd().absolute():  # found above here, or chosen: say where
             print(f"job recorded in {path}", file=sys.stderr)
 
@@ -463,10 +468,15 @@ def jobs_list(store: Store = None) -> None:
     def go():
         import shutil
 
-        from distill.jobs import JobStore, list_lines, store_path
+        from distill.jobs import JobStore, list_lines, store_path, wake
 
         path = store_path(store)
-        jobs = JobStore(path).all() if path.exists() else []  # listing never creates a store
+        if path.exists():  # listing never creates a store
+            js = JobStore(path)
+            wake(js)  # a scheduler killed with jobs still queued is started again
+            jobs = js.all()
+        else:
+            jobs = []
         width = shutil.get_terminal_size((80, 24)).columns
         print("\n".join(list_lines(jobs, width)) if jobs else f"no jobs in {path}")
 
@@ -478,17 +488,20 @@ def jobs_status(job_id: str, store: Store = None) -> None:
     """Rows done / failed / remaining, tokens, estimated cost and rate, runner pid, elapsed time and ETA."""
 
     def go():
-        from distill.jobs import JobStore, status_lines, store_path, timing_lines
+        from distill.jobs import JobStore, status_lines, store_path, timing_lines, wake
 
-        job = JobStore(store_path(store), create=False).get(job_id)
-        print("\n".join(status_lines(job) + timing_lines(job)))
+        js = JobStore(store_path(store), create=False)
+        job = js.get(job_id)
+        wake(js)
+        print("\n".join(status_lines(job, jobs=js.all()) + timing_lines(job)))
 
     _guard(go)
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, store: Store = None) -> None:
-    """Stop a running job; committed rows and cached completions are kept for `resume`."""
+    """Stop a running job, or take a queued one off the queue; committed rows and cached completions are
+    kept for `resume`."""
 
     def go():
         from distill.jobs import cancel, status_lines, store_path
@@ -498,9 +511,21 @@ def jobs_cancel(job_id: str, store: Store = None) -> None:
     _guard(go)
 
 
+@jobs_app.command("pause")
+def jobs_pause(job_id: str, store: Store = None) -> None:
+    """Hold a job: a queued one does not start, a running one stops (rows kept) and waits; `resume` releases it."""
+
+    def go():
+        from distill.jobs import pause, status_lines, store_path
+
+        print("\n".join(status_lines(pause(job_id, store_path(store)))))
+
+    _guard(go)
+
+
 @jobs_app.command("resume")
 def jobs_resume(job_id: str, store: Store = None) -> None:
-    """Continue a cancelled, failed or budget-stopped job where it stopped."""
+    """Put a paused, cancelled, failed or budget-stopped job back in the queue; it continues where it stopped."""
 
     def go():
         set_env_defaults()
@@ -508,6 +533,27 @@ def jobs_resume(job_id: str, store: Store = None) -> None:
 
         resume(job_id, store_path(store))
         print(job_id)
+
+    _guard(go)
+
+
+@jobs_app.command("queue")
+def jobs_queue(
+    max_running: Annotated[
+        int | None, typer.Option("--max-running", min=1, help="how many jobs may run at once (kept in the store)")
+    ] = None,
+    store: Store = None,
+) -> None:
+    """The queue: the limit on jobs running at once, what runs, and what waits in which order and why."""
+
+    def go():
+        from distill.jobs import JobStore, queue_lines, store_path, wake
+
+        js = JobStore(store_path(store), create=max_running is not None)
+        if max_running is not None:
+            js.set_max_running(max_running)
+        wake(js)
+        print("\n".join(queue_lines(js)))
 
     _guard(go)
 

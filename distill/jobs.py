@@ -3,17 +3,36 @@
 The job store is SQLite: ``--store PATH``, else ``$DISTILL_JOB_STORE``, else the nearest
 ``.distill/jobs.sqlite`` from the current folder up (so any subfolder of a project sees its jobs),
 else ``./.distill/jobs.sqlite``, created by the first ``submit``. ``submit`` validates
-the recipe, records the job and starts a detached runner process (``python -m distill.jobs <id>``),
-which runs the generate stage and writes its progress to the store after every batch. Cancelling
+the recipe and enqueues the job; the queue's scheduler (below) starts a detached runner process
+(``python -m distill.jobs <id>``), which runs the generate stage and writes its progress to the store
+after every batch. Cancelling
 sends SIGTERM to the runner's process group; committed shards and the completion cache survive, so
 ``resume`` continues without paying for or duplicating a row. The runner holds its run folder's lock
 (``distill.core.locks``, naming the job): a submission onto a folder a live process holds is refused
 before it gets an id, and a runner that loses a race for the folder fails with the holder's name
 without touching the folder.
+
+The queue: at most ``max_running`` jobs run at once (``distill jobs queue --max-running N``, kept in
+the store; default 1, as a generation job on the embedded teacher uses every core), the next by
+priority (higher first), then by submission; a job given ``--after ID`` waits until that job is done;
+a paused job waits until resumed; a job whose run folder another job of the store is using waits for
+it. One scheduler process per store (``python -m distill.jobs --scheduler STORE``) starts them: it
+holds ``jobs/scheduler.lock`` beside the store (an ``fcntl.flock``, dropped by the kernel however it
+ends), is started on demand by ``submit``/``resume`` and by every ``distill jobs`` command and runner
+exit that finds queued jobs without one, and exits when nothing queued can start. Each job starts
+exactly once, even when the scheduler is killed at any point: the scheduler claims a job
+(``queued`` → ``starting``, one atomic UPDATE) before it spawns its runner, and the runner claims it
+again (``starting`` → ``running``, with its own pid) before anything else; a runner that loses that
+claim exits without touching the job. A ``starting`` job whose runner never appeared (the scheduler
+died between its claim and the spawn) goes back to the queue after ``STARTING_TIMEOUT`` seconds.
+The job store suffices as the queue (a maintained queue such as huey would add a second database
+and a worker daemon for what one SQLite table and one lock do here); on a Ray cluster, Ray's own
+scheduling decides where a job's actors run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -31,6 +50,11 @@ STORE = Path(".distill") / "jobs.sqlite"
 STORE_ENV = "DISTILL_JOB_STORE"
 LEGACY_STORE_ENV = "DISTILL_JOBS_DB"  # the variable's earlier name, still honoured
 FINAL_STATES = ("done", "partial", "budget", "failed", "cancelled")  # a runner sets no other after these
+WAITING_STATES = ("queued", "paused")  # not started yet, or stopped by `pause` and waiting for `resume`
+ACTIVE_STATES = ("starting", "running")  # counted against max_running
+STARTING_TIMEOUT = 15.0  # seconds a claimed job may wait for its runner before it is queued again
+MAX_START_ATTEMPTS = 3  # runners that died before claiming their job: then the job fails
+SCHEDULER_POLL = 0.2  # seconds between the scheduler's looks at the queue
 
 
 def find_store(start: Path | None = None) -> Path:
@@ -55,7 +79,21 @@ def store_path(store: str | Path | None = None) -> Path:
 # Columns added after the first release: a store written before them gets them on open (NULL in old rows).
 # name: the recipe's name after overrides; cancelled_by: who asked for the stop and when (the runner
 # writes it to the log); start_rows: rows already done when the current run started (the ETA's base).
-ADDED_COLUMNS = {"name": "TEXT", "cancelled_by": "TEXT", "start_rows": "INTEGER"}
+# priority/after: the queue's order and dependencies; claimed/attempts: when the scheduler claimed the job
+# and how many runners it spawned for it; stop_as: the state a SIGTERM'd runner records ("paused" for
+# `pause`, else "cancelled"); estimate: the plan's calls, tokens, cost and time, made before the first call.
+ADDED_COLUMNS = {
+    "name": "TEXT",
+    "cancelled_by": "TEXT",
+    "start_rows": "INTEGER",
+    "priority": "INTEGER",
+    "after": "TEXT",
+    "claimed": "REAL",
+    "attempts": "INTEGER",
+    "stop_as": "TEXT",
+    "estimate": "TEXT",
+}
+DEFAULT_MAX_RUNNING = 1
 
 
 class JobStore:
@@ -84,6 +122,7 @@ class JobStore:
                     pid INTEGER, created REAL, started REAL, finished REAL, error TEXT, progress TEXT, log TEXT,
                     cwd TEXT, name TEXT, cancelled_by TEXT, start_rows INTEGER)"""
             )
+            self.db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
             self._add_columns()
         except (OSError, sqlite3.Error) as e:
             raise DistillError(
@@ -102,13 +141,34 @@ class JobStore:
                     if "duplicate column" not in str(e):
                         raise
 
-    def add(self, recipe: str, overrides: list[str], address: str | None, run_dir: str, name: str | None = None) -> str:
+    def add(
+        self,
+        recipe: str,
+        overrides: list[str],
+        address: str | None,
+        run_dir: str,
+        name: str | None = None,
+        priority: int = 0,
+        after: list[str] | tuple = (),
+    ) -> str:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         log = str((self.path.parent / "jobs" / f"{job_id}.log").resolve())
         self.db.execute(
-            "INSERT INTO jobs (id, recipe, overrides, address, run_dir, state, created, progress, log, cwd, name) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?, '{}', ?, ?, ?)",
-            (job_id, recipe, json.dumps(overrides), address, run_dir, time.time(), log, os.getcwd(), name),
+            "INSERT INTO jobs (id, recipe, overrides, address, run_dir, state, created, progress, log, cwd, name, "
+            "priority, after, attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, '{}', ?, ?, ?, ?, ?, 0)",
+            (
+                job_id,
+                recipe,
+                json.dumps(overrides),
+                address,
+                run_dir,
+                time.time(),
+                log,
+                os.getcwd(),
+                name,
+                priority,
+                json.dumps(list(after)),
+            ),
         )
         return job_id
 
@@ -119,6 +179,9 @@ class JobStore:
         job = dict(row)
         job["overrides"] = json.loads(job["overrides"])
         job["progress"] = json.loads(job["progress"] or "{}")
+        job["after"] = json.loads(job.get("after") or "[]")
+        job["priority"] = job.get("priority") or 0
+        job["estimate"] = json.loads(job["estimate"]) if job.get("estimate") else None
         if job["state"] == "running" and job["pid"] and not pid_alive(job["pid"]):
             job["state"] = "failed"  # the runner died without saying so (kill -9, reboot)
             job["error"] = job["error"] or "runner process disappeared; `distill jobs resume` continues it"
@@ -128,15 +191,39 @@ class JobStore:
         return [self.get(r["id"]) for r in self.db.execute("SELECT id FROM jobs ORDER BY created")]
 
     def update(self, job_id: str, **fields) -> None:
-        if "progress" in fields:
-            fields["progress"] = json.dumps(fields["progress"])
+        self.update_if(job_id, None, **fields)
+
+    def update_if(self, job_id: str, states: tuple[str, ...] | None, **fields) -> bool:
+        """Set ``fields`` on the job, only while its state is one of ``states`` (None: any); one
+        atomic UPDATE, so of several processes making the same move exactly one succeeds."""
+        for key in ("progress", "estimate"):
+            if key in fields and fields[key] is not None:
+                fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+        where, args = "id = ?", [job_id]
+        if states is not None:
+            where += f" AND state IN ({', '.join('?' * len(states))})"
+            args += list(states)
+        return self.db.execute(f"UPDATE jobs SET {sets} WHERE {where}", (*fields.values(), *args)).rowcount == 1
+
+    def max_running(self) -> int:
+        row = self.db.execute("SELECT value FROM settings WHERE key = 'max_running'").fetchone()
+        return int(row["value"]) if row else DEFAULT_MAX_RUNNING
+
+    def set_max_running(self, n: int) -> None:
+        if n < 1:
+            raise DistillError(f"--max-running {n} is below 1", "pass a whole number of jobs, 1 or more")
+        self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('max_running', ?)", (str(n),))
 
 
-def start_runner(store: JobStore, job_id: str) -> int:
-    """Start the detached runner for ``job_id``; returns its pid."""
+def start_runner(store: JobStore, job_id: str) -> int | None:
+    """Claim the queued ``job_id`` (``queued`` → ``starting``) and start its detached runner; returns its
+    pid, or None when another scheduler claimed the job first. The runner itself moves the job to
+    ``running``; the scheduler only starts runners within ``max_running``."""
     job = store.get(job_id)
+    if not store.update_if(job_id, ("queued",), state="starting", claimed=time.time(), pid=None):
+        return None
+    store.db.execute("UPDATE jobs SET attempts = COALESCE(attempts, 0) + 1 WHERE id = ?", (job_id,))
     Path(job["log"]).parent.mkdir(parents=True, exist_ok=True)
     with open(job["log"], "ab") as log:
         proc = subprocess.Popen(
@@ -148,32 +235,205 @@ def start_runner(store: JobStore, job_id: str) -> int:
             start_new_session=True,  # its own process group: cancel reaches Ray workers too
             env={**os.environ, "COLUMNS": "120"},
         )
-    store.update(
-        job_id,
-        state="running",
-        pid=proc.pid,
-        started=time.time(),
-        finished=None,
-        error=None,
-        cancelled_by=None,
-        start_rows=job["progress"].get("rows", 0),  # a resumed run's rate counts only its own rows
-    )
+    store.update_if(job_id, ("starting",), pid=proc.pid)  # the runner may have claimed it already
     return proc.pid
 
 
-def submit(recipe_path: Path, overrides: list[str], address: str | None = None, store: Path | None = None) -> str:
-    """Validate the recipe, record the job, start its runner; returns the job id at once.
+def submit(
+    recipe_path: Path,
+    overrides: list[str],
+    address: str | None = None,
+    store: Path | None = None,
+    priority: int = 0,
+    after: list[str] | tuple = (),
+) -> str:
+    """Validate the recipe and enqueue the job; returns its id at once (the scheduler starts it when a
+    slot is free, its ``after`` jobs are done and no other job of the store uses its run folder).
 
-    Refused (``RunFolderBusy``) while a live process holds the recipe's run folder."""
+    Refused (``RunFolderBusy``) while a live process holds the recipe's run folder; refused when an
+    ``after`` id is not a job of this store."""
     from distill.config import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     ensure_free(recipe.run_dir)
     jobs = JobStore(store)
+    for dep in after:
+        jobs.get(dep)  # one clear line naming an unknown id
     run_dir = str(recipe.run_dir.resolve())
-    job_id = jobs.add(str(Path(recipe_path).resolve()), overrides, address, run_dir, name=recipe.name)
-    start_runner(jobs, job_id)
+    job_id = jobs.add(
+        str(Path(recipe_path).resolve()), overrides, address, run_dir, name=recipe.name, priority=priority, after=after
+    )
+    ensure_scheduler(jobs)
     return job_id
+
+
+# --- the queue ---------------------------------------------------------------------------------------
+
+
+def _blocked_by(job: dict, by_id: dict[str, dict]) -> list[str]:
+    """The ``after`` jobs ``job`` still waits for (not done; an id no longer in the store counts as done)."""
+    return [dep for dep in job["after"] if dep in by_id and by_id[dep]["state"] != "done"]
+
+
+def queue_order(jobs: list[dict]) -> list[dict]:
+    """The queued jobs in the order the scheduler will consider them: priority (higher first), then
+    submission time."""
+    queued = [j for j in jobs if j["state"] == "queued"]
+    return sorted(queued, key=lambda j: (-(j["priority"] or 0), j["created"] or 0, j["id"]))
+
+
+def waiting_reason(job: dict, jobs: list[dict]) -> str | None:
+    """Why a queued job is not started yet (None for one that starts when a slot is free)."""
+    by_id = {j["id"]: j for j in jobs}
+    blocked = _blocked_by(job, by_id)
+    if blocked:
+        return "after " + ", ".join(f"{dep} ({by_id[dep]['state']})" for dep in blocked)
+    holder = next(
+        (j for j in jobs if j["id"] != job["id"] and j["state"] in ACTIVE_STATES and j["run_dir"] == job["run_dir"]),
+        None,
+    )
+    return f"run folder in use by job {holder['id']}" if holder else None
+
+
+def schedule_once(store: JobStore) -> list[str]:
+    """One look at the queue: queue again the claimed jobs whose runner never appeared, then start the
+    queued jobs that may start, within ``max_running``. Returns the ids started."""
+    now = time.time()
+    for job in store.all():
+        if job["state"] != "starting" or now - (job["claimed"] or 0) < STARTING_TIMEOUT:
+            continue
+        if _is_runner(job["pid"], job["id"]):
+            continue  # spawned and alive: it claims the job in a moment
+        if (job["attempts"] or 0) >= MAX_START_ATTEMPTS:
+            store.update_if(
+                job["id"],
+                ("starting",),
+                state="failed",
+                finished=now,
+                error=f"{job['attempts']} runners died before starting; see the log {job['log']}",
+            )
+        else:
+            store.update_if(job["id"], ("starting",), state="queued", pid=None)
+    started: list[str] = []
+    jobs = store.all()
+    slots = store.max_running() - sum(j["state"] in ACTIVE_STATES for j in jobs)
+    for job in queue_order(jobs):
+        if slots <= 0:
+            break
+        if waiting_reason(job, jobs) is None and start_runner(store, job["id"]):
+            started.append(job["id"])
+            slots -= 1
+            jobs = store.all()
+    return started
+
+
+def _can_progress(jobs: list[dict]) -> bool:
+    """Whether the scheduler has work: a queued job that may start now or once an active job ends, or a
+    claimed job still waiting for its runner. Jobs that wait only on paused or ended jobs need a user."""
+    if any(j["state"] == "starting" for j in jobs):
+        return True
+    queued = queue_order(jobs)
+    if not queued:
+        return False
+    if any(j["state"] in ACTIVE_STATES for j in jobs):
+        return True
+    return any(waiting_reason(j, jobs) is None for j in queued)
+
+
+def _scheduler_lock_path(store_file: Path) -> Path:
+    return Path(store_file).resolve().parent / "jobs" / "scheduler.lock"
+
+
+def scheduler_pid(store: JobStore) -> int | None:
+    """The live scheduler's pid for this store (None when none holds the lock)."""
+    path = _scheduler_lock_path(store.path)
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int(json.loads(path.read_text() or "{}").get("pid") or 0) or None
+        except (ValueError, OSError):
+            return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def ensure_scheduler(store: JobStore) -> int | None:
+    """Start the store's scheduler when there is queue work and none runs; returns the pid of the one
+    running or started (None: nothing to do). Two callers at once may both start one: the second finds
+    the lock held and exits at once."""
+    pid = scheduler_pid(store)
+    if pid is not None or not _can_progress(store.all()):
+        return pid
+    path = _scheduler_lock_path(store.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".log"), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distill.jobs", "--scheduler", str(store.path.resolve())],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives the command that started it; its runners outlive it
+        )
+    return proc.pid
+
+
+def run_scheduler(db: str) -> int:
+    """The scheduler: hold the store's scheduler lock, start jobs as slots free up, exit when nothing
+    queued can start (or another scheduler holds the lock)."""
+    store = JobStore(Path(db))
+    path = _scheduler_lock_path(store.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another scheduler runs this queue
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+    print(f"{_clock(time.time())} scheduler {os.getpid()} started", flush=True)
+    while True:
+        for job_id in schedule_once(store):
+            print(f"{_clock(time.time())} started job {job_id}", flush=True)
+        if not _can_progress(store.all()):
+            break
+        time.sleep(SCHEDULER_POLL)
+    print(f"{_clock(time.time())} scheduler {os.getpid()} exits: nothing queued can start", flush=True)
+    os.ftruncate(fd, 0)
+    return 0
+
+
+def queue_lines(store: JobStore) -> list[str]:
+    """``distill jobs queue``: the limit, the scheduler, the running jobs, then the queued ones in order."""
+    jobs = store.all()
+    pid = scheduler_pid(store)
+    active = [j for j in jobs if j["state"] in ACTIVE_STATES]
+    lines = [
+        f"max running {store.max_running()}; {len(active)} running; "
+        f"scheduler {'pid ' + str(pid) if pid else 'not running (nothing queued can start)'}"
+    ]
+    for j in active:
+        lines.append(f"  {j['state']:<9} {j['id']}  {job_name(j)}")
+    for j in queue_order(jobs):
+        lines.append(f"  {queue_label(j, jobs):<9} {j['id']}  {job_name(j)}  priority {j['priority']}")
+    for j in jobs:
+        if j["state"] == "paused":
+            lines.append(f"  paused    {j['id']}  {job_name(j)}  (`distill jobs resume {j['id']}` releases it)")
+    return lines
+
+
+def wake(store: JobStore) -> None:
+    """Restart the scheduler if queued jobs wait and none runs (after a kill -9, a reboot)."""
+    try:
+        ensure_scheduler(store)
+    except OSError:  # a read-only store: the listing still works
+        pass
 
 
 def _clock(t: float) -> str:
@@ -181,27 +441,55 @@ def _clock(t: float) -> str:
 
 
 def cancel(job_id: str, store: Path | None = None) -> dict:
-    """SIGTERM the job's runner (its process group), wait up to 10 s for it, mark the job cancelled.
+    """Stop the job: a queued or paused one is taken off the queue; a running one's runner (its process
+    group) gets SIGTERM and up to 10 s to stop, and the job is marked cancelled.
 
     Who asked and when is recorded first, so the runner's last log line can say so; a runner that died
     before it could write that line (killed before its handler was set) gets it from here."""
+    return _stop(job_id, store, "cancelled")
+
+
+def pause(job_id: str, store: Path | None = None) -> dict:
+    """Hold the job: a queued one stays queued but does not start; a running one stops as ``cancel`` stops
+    it (committed rows and cached completions kept) and waits in the queue. ``resume`` releases it."""
+    return _stop(job_id, store, "paused")
+
+
+def _stop(job_id: str, store: Path | None, state: str) -> dict:
     jobs = JobStore(store, create=False)
     job = jobs.get(job_id)
-    if job["state"] != "running":
-        raise DistillError(f"job {job_id} is {job['state']}, not running", "only running jobs can be cancelled")
-    note = f"cancelled by `distill jobs cancel` at {_clock(time.time())}"
-    jobs.update(job_id, cancelled_by=note)
-    try:
-        os.killpg(job["pid"], signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    for _ in range(100):
-        if not pid_alive(job["pid"]):
+    verb = "cancel" if state == "cancelled" else "pause"
+    note = f"{state} by `distill jobs {verb}` at {_clock(time.time())}"
+    waiting = ("queued", "paused") if state == "cancelled" else ("queued",)
+    if jobs.update_if(job_id, waiting, state=state, error=note if state == "cancelled" else None, cancelled_by=note):
+        if state == "cancelled":
+            jobs.update(job_id, finished=time.time())
+        wake(jobs)
+        return jobs.get(job_id)
+    if job["state"] not in ACTIVE_STATES:
+        can = "queued, paused or running" if state == "cancelled" else "queued or running"
+        raise DistillError(f"job {job_id} is {job['state']}, not {can}", f"only {can} jobs can be {state}")
+    jobs.update(job_id, cancelled_by=note, stop_as=state)
+    for _ in range(100):  # a runner still starting: wait for its pid
+        job = jobs.get(job_id)
+        if job["pid"] or job["state"] not in ACTIVE_STATES:
             break
         time.sleep(0.1)
-    if not pid_alive(job["pid"]):
-        _end_log_with(Path(job["log"]), note)
-    jobs.update(job_id, state="cancelled", finished=time.time(), error=note)
+    if job["pid"]:
+        try:
+            os.killpg(job["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(100):
+            if not pid_alive(job["pid"]):
+                break
+            time.sleep(0.1)
+        if not pid_alive(job["pid"]):
+            _end_log_with(Path(job["log"]), note)
+    fields = {"state": state, "stop_as": None}
+    fields.update({"finished": time.time(), "error": note} if state == "cancelled" else {"error": None})
+    jobs.update(job_id, **fields)
+    wake(jobs)  # a slot is free
     return jobs.get(job_id)
 
 
@@ -216,22 +504,42 @@ def _end_log_with(log: Path, line: str) -> None:
             f.write(("\n" if text and not text.endswith("\n") else "") + line + "\n")
 
 
-def resume(job_id: str, store: Path | None = None) -> int:
-    store = JobStore(store, create=False)
-    job = store.get(job_id)
-    if job["state"] in ("running", "done"):
+def resume(job_id: str, store: Path | None = None) -> str:
+    """Put a paused, failed, partial, cancelled or budget-stopped job back in the queue; it continues where
+    it stopped (committed rows kept, cached completions free). Returns its new state."""
+    jobs = JobStore(store, create=False)
+    job = jobs.get(job_id)
+    if job["state"] in ("running", "starting", "done", "queued"):
         raise DistillError(
-            f"job {job_id} is {job['state']}", "only failed, partial, cancelled or budget-stopped jobs resume"
+            f"job {job_id} is {job['state']}", "only paused, failed, partial, cancelled or budget-stopped jobs resume"
         )
     ensure_free(Path(job["run_dir"]))
-    return start_runner(store, job_id)
+    jobs.update(job_id, state="queued", error=None, cancelled_by=None, finished=None, attempts=0, pid=None)
+    ensure_scheduler(jobs)
+    return jobs.get(job_id)["state"]
 
 
-def status_lines(job: dict, recipe=None) -> list[str]:
-    """Human-readable status: rows done / failed / remaining, tokens, cost, rate."""
+def queue_label(job: dict, jobs: list[dict]) -> str:
+    """The state as ``jobs list`` shows it: ``queued 2`` (its place in the queue), ``queued, after …``,
+    or the plain state."""
+    if job["state"] != "queued":
+        return job["state"]
+    reason = waiting_reason(job, jobs)
+    if reason:
+        return f"queued, {reason}"
+    ready = [j["id"] for j in queue_order(jobs) if waiting_reason(j, jobs) is None]
+    return f"queued {ready.index(job['id']) + 1}"
+
+
+def status_lines(job: dict, recipe=None, jobs: list[dict] | None = None) -> list[str]:
+    """Human-readable status: rows done / failed / remaining, tokens, cost, rate; the queue position of a
+    queued job (``jobs``: the store's jobs); the plan's estimate beside the actual figures."""
     p = job["progress"]
     total, rows = p.get("total"), p.get("rows", 0)
     lines = [f"job {job['id']}: {job['state']}", f"  recipe   {job['recipe']} {' '.join(job['overrides'])}".rstrip()]
+    if job["state"] == "queued" and jobs is not None:
+        active = sum(j["state"] in ACTIVE_STATES for j in jobs)
+        lines.append(f"  queue    {queue_label(job, jobs)}; {active} running; priority {job['priority']}")
     if total:
         failed = p.get("failed", 0)
         lines.append(
@@ -254,7 +562,38 @@ def status_lines(job: dict, recipe=None) -> list[str]:
         )
     elif job["error"]:
         lines.append(f"  reason   {job['error']}")
+    lines += estimate_lines(job)
     lines.append(f"  output   {job['run_dir']}/generate   log {job['log']}")
+    return lines
+
+
+def _number(value, fmt: str = "{:,.0f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def estimate_lines(job: dict) -> list[str]:
+    """The plan made before the job's first call beside what the job did: calls, tokens, cost, time."""
+    est = job.get("estimate")
+    if not est:
+        return []
+    p = job["progress"]
+    seconds = (job["finished"] or time.time()) - job["started"] if job.get("started") else None
+    rows = [
+        ("calls", est.get("calls"), p.get("calls"), "{:,.0f}"),
+        ("tokens in", est.get("tokens_in"), p.get("tokens_in"), "{:,.0f}"),
+        ("tokens out", est.get("tokens_out"), p.get("tokens_out"), "{:,.0f}"),
+        ("cost", est.get("cost"), p.get("cost"), "{:.4f}"),
+        ("time", est.get("seconds"), seconds, None),
+    ]
+    lines = ["  estimate vs actual" + (" (so far)" if job["state"] in ACTIVE_STATES else "")]
+    for label, e, a, fmt in rows:
+        if fmt is None:
+            e_text = _duration(e) if e is not None else "—"
+            a_text = _duration(a) if a is not None else "—"
+        else:
+            e_text, a_text = _number(e, fmt), _number(a, fmt)
+        ratio = f"  ({a / e:.2f}×)" if e and a is not None and job["state"] not in ACTIVE_STATES else ""
+        lines.append(f"    {label:<11}{e_text:>12} est.{a_text:>12} actual{ratio}")
     return lines
 
 
@@ -284,7 +623,7 @@ def list_lines(jobs: list[dict], width: int = 80) -> list[str]:
         p = job["progress"]
         done = f"{p.get('rows', 0)}/{p['total']}" if p.get("total") else "—"
         submitted = time.strftime("%m-%d %H:%M", time.localtime(job["created"])) if job["created"] else "—"
-        rows.append([job["id"], job["state"], job_name(job), " ".join(job["overrides"]), submitted, done])
+        rows.append([job["id"], queue_label(job, jobs), job_name(job), " ".join(job["overrides"]), submitted, done])
     header = ["ID", "STATE", "NAME", "OVERRIDES", "SUBMITTED", "PROGRESS"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
     room = width - sum(widths[i] for i in (0, 1, 4, 5)) - 2 * 5  # two spaces between columns
@@ -374,18 +713,40 @@ def follow_log(store: JobStore, job_id: str, lines: int = 40, out=None, poll: fl
 
 
 def run_job(job_id: str, db: str) -> int:
-    """The runner: generate for the job's recipe, recording progress; exit code 0 on success.
+    """The runner: claim the job (``starting`` → ``running``; a runner that loses the claim exits 0 and
+    touches nothing), generate for the job's recipe, recording progress; exit code 0 on success.
 
     It takes the run folder's lock (naming the job) before anything else touches the folder; when
     another process holds it the job fails with that one line (exit 2) and the folder is left as it is."""
+    store = JobStore(Path(db))
+    job = store.get(job_id)
+    if not store.update_if(
+        job_id,
+        ("starting",),
+        state="running",
+        pid=os.getpid(),
+        started=time.time(),
+        finished=None,
+        error=None,
+        cancelled_by=None,
+        start_rows=job["progress"].get("rows", 0),  # a resumed run's rate counts only its own rows
+    ):
+        print(f"runner {os.getpid()}: job {job_id} is {store.get(job_id)['state']}, not starting; exiting", flush=True)
+        return 0
+    print(f"{_clock(time.time())} runner {os.getpid()} started job {job_id}", flush=True)
+    try:
+        return _run_claimed(store, job_id)
+    finally:
+        wake(store)  # a slot is free: the next queued job starts even if the scheduler was killed
+
+
+def _run_claimed(store: JobStore, job_id: str) -> int:
     from distill.config import load_recipe
     from distill.core.executor import init_ray
     from distill.pipeline import run_stage
     from distill.teachers.budget import BudgetExceeded
 
-    store = JobStore(Path(db))
     job = store.get(job_id)
-
     signals: list[str] = []
 
     def on_term(signum, frame):
@@ -400,6 +761,8 @@ def run_job(job_id: str, db: str) -> int:
             store.update(job_id, progress=stats)  # one small WAL write per batch
 
         with run_lock(recipe.run_dir, job=job_id):
+            if job["estimate"] is None:  # the plan before the first call, for "estimate vs actual"
+                store.update(job_id, estimate=_estimate(recipe))
             if recipe.teacher.executor == "ray":
                 init_ray(address=job["address"])
             metrics = run_stage(recipe, "generate", on_progress=progress).metrics
@@ -425,12 +788,13 @@ def run_job(job_id: str, db: str) -> int:
         return 2
     except KeyboardInterrupt:  # the log's last line says who stopped the job and when
         how = signals[0] if signals else "SIGINT"
-        note = (
-            store.get(job_id)["cancelled_by"]
-            or f"cancelled by {how} at {_clock(time.time())} (not `distill jobs cancel`)"
-        )
+        job = store.get(job_id)
+        note = job["cancelled_by"] or f"cancelled by {how} at {_clock(time.time())} (not `distill jobs cancel`)"
         print(note, flush=True)
-        store.update(job_id, state="cancelled", finished=time.time(), error=note)
+        if job["stop_as"] == "paused":  # `distill jobs pause`: back in the queue, held until resumed
+            store.update(job_id, state="paused", stop_as=None)
+        else:
+            store.update(job_id, state="cancelled", finished=time.time(), error=note)
         return 130
     except Exception as e:  # recorded for `distill jobs status`; the traceback is in the log
         import traceback
@@ -440,8 +804,35 @@ def run_job(job_id: str, db: str) -> int:
         return 1
 
 
+def _estimate(recipe) -> dict | None:
+    """The plan's totals (no pilot: no weights loaded, no call paid) as stored for "estimate vs actual";
+    None when the plan cannot be made (it never stops the job)."""
+    from distill.plan import plan
+
+    try:
+        stages = [s for s in plan(recipe)["stages"] if s["stage"] != "train"]  # a job runs the generate stage
+    except Exception as e:  # the plan is advice: a job runs without it
+        print(f"no cost estimate: {type(e).__name__}: {e}", flush=True)
+        return None
+
+    def total(values):
+        values = list(values)
+        return None if any(v is None for v in values) else sum(values)
+
+    out = total(s["tokens_out"]["estimate"] for s in stages)
+    return {
+        "calls": sum(s["calls"]["estimate"] for s in stages),
+        "tokens_in": sum(s["tokens_in"]["estimate"] + s["tokens_in"]["cached"] for s in stages),
+        "tokens_out": None if out is None else out + sum(s["tokens_out"]["cached"] for s in stages),
+        "cost": total(s["cost"]["estimate"] for s in stages),
+        "seconds": total(s["seconds"] for s in stages),
+    }
+
+
 if __name__ == "__main__":
     from distill.core.env import set_env_defaults
 
     set_env_defaults()
+    if sys.argv[1] == "--scheduler":
+        sys.exit(run_scheduler(sys.argv[2]))
     sys.exit(run_job(sys.argv[1], sys.argv[2]))

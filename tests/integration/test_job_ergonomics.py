@@ -9,13 +9,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
+from gate import Gate, gated_recipe, replay_project
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +55,9 @@ def _wait(store: Path, job_id: str, until, timeout: float = 120) -> dict:
 
 
 def _ended(job: dict) -> bool:
-    return job["state"] not in ("queued", "running")
+    from distill.jobs import FINAL_STATES
+
+    return job["state"] in FINAL_STATES
 
 
 def _submit(recipe: Path, *overrides, cwd: Path, env=None) -> str:
@@ -68,89 +68,15 @@ def _submit(recipe: Path, *overrides, cwd: Path, env=None) -> str:
 
 @pytest.fixture
 def project(tmp_path, tiny_task_cfg):
-    """A project folder with a replay-teacher recipe (a real generate stage in about a second) whose
-    outputs and completion cache are relative to where the job was submitted, as a user's are."""
-    from distill.core.problems import load_problems
-
-    root = tmp_path / "proj"
-    root.mkdir()
-    train, evals = load_problems(tiny_task_cfg)
-    recs = [{"question": p["question"], "rationale": "Add them up.", "answer": str(p["gold"])} for p in train + evals]
-    (root / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    recipe = {
-        "name": "demo",
-        "output_dir": "runs",
-        "cache": ".distill/cache.sqlite",
-        "task": tiny_task_cfg.model_dump(),
-        "teacher": {"model": f"replay:{root / 'teacher.jsonl'}", "executor": "local"},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return root
-
-
-class Gate:
-    """An OpenAI-compatible chat endpoint on loopback that answers the first ``free`` requests at once
-    and holds every later one until ``open()``: a job that is really running, with rows done, for as
-    long as a test needs."""
-
-    def __init__(self, free: int):
-        self.free, self.seen, self.released = free, 0, threading.Event()
-        self.lock = threading.Lock()
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with gate.lock:
-                    gate.seen += 1
-                    held = gate.seen > gate.free
-                if held:
-                    gate.released.wait(90)
-                body = json.dumps(
-                    {
-                        "choices": [{"message": {"content": "Add them up. The answer is 4."}, "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 20, "completion_tokens": 8},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # no access lines on the test's stderr
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def open(self):
-        self.released.set()
-
-    def close(self):
-        self.open()
-        self.server.shutdown()
-        self.server.server_close()
+    """A project folder with a replay-teacher recipe (``recipe.yaml``, a real generate stage in a second)."""
+    return replay_project(tmp_path / "proj", tiny_task_cfg)
 
 
 @pytest.fixture
 def gated(project):
     """``(recipe, gate)``: the project's recipe on a gated endpoint, 2-row batches, 2 requests free."""
     gate = Gate(free=2)
-    recipe = yaml.safe_load((project / "recipe.yaml").read_text())
-    recipe["teacher"] = {
-        "model": "openai:gated",
-        "base_url": gate.url,
-        "executor": "local",
-        "batch_size": 2,
-        "concurrency": 2,
-        "shard_rows": 2,
-        "request_timeout": 120,
-    }
-    (project / "gated.yaml").write_text(yaml.safe_dump(recipe))
-    yield project / "gated.yaml", gate
+    yield gated_recipe(project, gate), gate
     gate.close()
 
 
@@ -407,7 +333,7 @@ def test_a_cancelled_jobs_log_ends_saying_so(gated):
     assert f"job {job}: cancelled" in shown and f"  reason   {last}" in shown, shown
     # A runner stopped with a plain SIGTERM says that instead, after a resume.
     assert _cli("jobs", "resume", job, cwd=project).returncode == 0
-    again = _wait(project / STORE, job, lambda j: _ended(j) or j["pid"] != running["pid"])
+    again = _wait(project / STORE, job, lambda j: _ended(j) or (j["state"] == "running" and j["pid"] != running["pid"]))
     assert again["state"] == "running"
     t0 = time.time()  # its SIGTERM handler is set before it says what it has to do
     while sum("train +" in ln for ln in _log_lines(again)) < 2 and time.time() - t0 < 120:

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from distill.jobs import FINAL_STATES
+
 pytestmark = pytest.mark.integration
 
 
@@ -74,7 +76,13 @@ def test_killed_job_resumes_to_the_same_dataset(tmp_path, tiny_teacher, tiny_tas
     kills = 0
     for _ in range(3):  # kill -9 at a random point, three times
         target = random.randint(2, 80)
-        s = _wait(job, cwd, env, lambda s, t=target: s["progress"].get("rows", 0) >= t or s["state"] != "running")
+        s = _wait(
+            job,
+            cwd,
+            env,
+            lambda s, t=target: (s["state"] == "running" and s["progress"].get("rows", 0) >= t)
+            or s["state"] in FINAL_STATES,
+        )
         if s["state"] != "running":
             break
         os.killpg(s["pid"], signal.SIGKILL)

@@ -153,12 +153,12 @@ def test_a_job_runner_that_loses_the_race_fails_with_the_reason_and_touches_noth
     job = store.add(str(recipe), [], None, str(run_dir))
     start_runner(store, job)
     t0 = time.time()
-    while store.get(job)["state"] == "running" and time.time() - t0 < 120:
+    while store.get(job)["state"] in ("starting", "running") and time.time() - t0 < 120:
         time.sleep(0.1)
     s = store.get(job)
     assert s["state"] == "failed" and s["progress"] == {}, s
     assert s["error"].startswith(f"run folder {run_dir} is in use by job {JOB} (pid {proc.pid} on "), s
     assert "reason   run folder" in "\n".join(status_lines(s))
     log = [ln for ln in Path(s["log"]).read_text().splitlines() if ln.strip()]
-    assert log == [f"error: {s['error']}"]
+    assert log[1:] == [f"error: {s['error']}"] and log[0].endswith(f"started job {job}"), log
     assert _snapshot(run_dir) == before
