@@ -123,7 +123,10 @@ class _Tokens:
 def plan(recipe: Recipe, pilot: int = 0) -> dict:
     """What ``recipe``'s teacher calls will cost, per step: calls (min/estimate/max), cache hits,
     input and output tokens, cost and time, with totals, budget warnings and where each estimate
-    came from. ``pilot`` > 0 first runs the teacher on that many train problems (paid once, cached)."""
+    came from. ``pilot`` > 0 first runs the teacher on that many train problems (paid once, cached).
+    With several teachers, each one's steps (``teacher``: its name), ``_several_teachers``."""
+    if recipe.teachers is not None:
+        return _several_teachers(recipe, pilot)
     cfg = recipe.teacher
     train, evals = load_problems(recipe.task)
     synthetic = recipe.task.source == "synthetic"
@@ -174,6 +177,38 @@ def plan(recipe: Recipe, pilot: int = 0) -> dict:
     out["total"] = _total(stages)
     out["time_source"] = time_source
     _budget_warnings(out, recipe)
+    return out
+
+
+def _several_teachers(recipe, pilot: int) -> dict:
+    """The plan of each teacher of ``recipe.teachers`` as if it were the only one, its steps named by
+    it and summed. A ``when: unsolved`` teacher is asked only what the teachers before it leave
+    unsolved, unknown before they answer: its calls are an upper bound (every problem), from 0. The
+    pilot and on-policy scoring are the first teacher's (the one training calls the teacher)."""
+    plans = []
+    for k, t in enumerate(recipe.teachers):
+        student = recipe.student if k == 0 else recipe.student.model_copy(update={"on_policy": None})
+        one = recipe.model_copy(update={"teacher": t.section(), "teachers": None, "student": student})
+        p = plan(one, pilot if k == 0 else 0)
+        for s in p["stages"]:
+            s["teacher"] = t.name
+            if t.when == "unsolved" and s["stage"] == "generate":
+                s["calls"]["min"] = 0
+                s["upper_bound_estimate"] = True
+        if t.when == "unsolved":
+            p["notes"].append(
+                "when: unsolved — asked only the problems the teachers before it leave unsolved: these calls, "
+                "tokens and cost are an upper bound (every problem), from 0"
+            )
+        plans.append(p)
+    out = dict(plans[0])
+    out["teacher"] = ", ".join(t.name for t in recipe.teachers)
+    out["method"] = ", ".join(t.method for t in recipe.teachers)
+    out["teachers"] = [{"name": t.name, "model": t.model, "when": t.when} for t in recipe.teachers]
+    out["stages"] = [s for p in plans for s in p["stages"]]
+    out["notes"] = [f"{t.name}: {n}" for t, p in zip(recipe.teachers, plans) for n in p["notes"]]
+    out["warnings"] = [f"{t.name}: {w}" for t, p in zip(recipe.teachers, plans) for w in p["warnings"]]
+    out["total"] = _total(out["stages"])
     return out
 
 
@@ -551,7 +586,7 @@ def print_plan(p: dict, console=None) -> None:
     for s in p["stages"]:
         out = s["tokens_out"]
         table.add_row(
-            escape(f"{s['stage']}: {s['part']}"),
+            escape(f"{s['stage']} {s['teacher']}: {s['part']}" if "teacher" in s else f"{s['stage']}: {s['part']}"),
             _range(s["calls"]),
             _num(s["cached"]),
             _range(s["tokens_in"]),

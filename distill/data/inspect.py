@@ -142,7 +142,9 @@ def _inspect_rows(gen: Path) -> tuple[list[dict], dict]:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     summary = {
         "run": gen.parent.name if gen.name == "generate" else gen.name,
-        "teacher_model": getattr(cfg, "model", None) or metrics.get("teacher_model"),
+        "teacher_model": ", ".join(t["name"] for t in metrics["teachers"])  # several teachers: their names
+        if metrics.get("teachers")
+        else getattr(cfg, "model", None) or metrics.get("teacher_model"),
         "counts": Counter(r["v"] for r in out),
         "tokens_in": sum(r["tin"] for r in out),
         "tokens_out": sum(r["tout"] for r in out),

@@ -182,3 +182,42 @@ def test_the_teachers_list_is_in_the_stage_hash_and_a_dump_loads_back(tmp_path, 
     ]
     hashes = {stage_hash(r, "generate") for r in changed} | {stage_hash(base, "generate")}
     assert len(hashes) == 6
+
+
+def test_the_readme_recipe_is_valid():
+    """The README's two-teacher recipe, as written, loads: cheap first, the expensive one for the rest."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- several-teachers -->\n```yaml\n(.*?)```", text, re.S)
+    assert block, "README.md lost its <!-- several-teachers --> block"
+    recipe = recipe_from_dict(yaml.safe_load(block.group(1)))
+    assert [(t.name, t.when) for t in recipe.teachers] == [("cheap", "always"), ("expensive", "unsolved")]
+    assert recipe.teacher.model == "embedded:qwen2.5-coder-0.5b-instruct"
+
+
+def test_plan_counts_calls_per_teacher_an_unsolved_ones_as_an_upper_bound(
+    tmp_path, tiny_teacher, tiny_task_cfg, problems
+):
+    from distill.plan import plan, print_plan
+
+    cheap = _replay(tmp_path / "cheap.jsonl", problems, lambda i, g: g)
+    p = plan(
+        _recipe(
+            tmp_path, tiny_task_cfg, [{"model": cheap, "name": "cheap"}, _model_teacher(tiny_teacher, when="unsolved")]
+        )
+    )
+    by = {(s["teacher"], s["part"]): s for s in p["stages"]}
+    assert by[("cheap", "replay")]["calls"]["max"] == 0
+    reason = by[("expensive", "reason")]
+    assert reason["calls"] == {"min": 0, "estimate": 18, "max": 18} and reason["upper_bound_estimate"]
+    assert any(n.startswith("expensive: when: unsolved") and "upper bound" in n for n in p["notes"])
+    assert p["total"]["calls"]["max"] == sum(s["calls"]["max"] for s in p["stages"])
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    print_plan(p, console)
+    assert "generate expensive: reason" in console.export_text()
