@@ -280,7 +280,13 @@ def _ask(cfg, problems: list[dict], work: Path, out: Path, worker_kwargs: dict, 
             meter.count(batch)
             advance(batch.num_rows, meter.status())
             if on_progress:
-                on_progress({**meter.snapshot(), "teacher": label} if named else meter.snapshot())
+                stats = {**meter.snapshot(), "teacher": label} if named else meter.snapshot()
+                if cfg.model.startswith("openai:") and cfg.api == "batch":  # the job store shows its batches
+                    from distill.teachers.backends.batch import batch_progress
+
+                    model = cfg.model.removeprefix("openai:")
+                    stats["batches"] = batch_progress(worker_kwargs["cache_path"], cfg.base_url, model, meter.t0)
+                on_progress(stats)
             try:
                 meter.check()
             except DistillError:

@@ -161,23 +161,36 @@ def test_batch_rows_equal_chat_rows_and_a_rerun_is_free(server, task, chat_rows,
     assert _rows(tmp_path / "runs" / "batch") == chat_rows
 
 
-def test_an_expired_batch_with_a_partial_result_file_completes_in_the_next(server, task, chat_rows, faults, tmp_path):
+def test_an_expired_batch_with_a_partial_result_file_completes_in_the_next(
+    server, task, chat_rows, faults, tmp_path, capsys
+):
+    """In process, through the stage's progress callback: the job store's progress lists the batches."""
+    from distill.config import load_recipe
+    from distill.pipeline import run_stage
+
     faults(expire_after=3)
     before = len(_batches(server))
-    r = _generate(_recipe(tmp_path, server, task, "expiring"))
-    assert r.returncode == 0, r.stdout + r.stderr
+    progress: list[dict] = []
+    result = run_stage(
+        load_recipe(str(_recipe(tmp_path, server, task, "expiring"))), "generate", on_progress=progress.append
+    )
+    assert result.metrics["failed_rows"] == 0
     assert _rows(tmp_path / "runs" / "expiring") == chat_rows
     made = _batches(server)[before:]
     expired = [b for b in made if b["status"] == "expired"]
     assert expired and all(b["request_counts"]["completed"] == 3 < b["request_counts"]["total"] for b in expired)
-    # What an expired batch did not answer went into a later batch, once; nothing was asked twice.
+    # What an expired batch did not answer went into a later batch; every request was answered once.
     for b in expired:
         answered = {line["custom_id"] for line in _lines(server, b["output_file_id"])}
         missing = set(_custom_ids(server, b)) - answered
         later = [x for x in made[made.index(b) + 1 :] if missing & set(_custom_ids(server, x))]
         assert len(missing) == b["request_counts"]["total"] - 3 and later
         assert missing <= set().union(*(_custom_ids(server, x) for x in later))
-    assert "expired: 3 of" in r.stderr
+    answered = [line["custom_id"] for b in made if b["output_file_id"] for line in _lines(server, b["output_file_id"])]
+    assert len(answered) == len(set(answered))
+    assert "expired: 3 of" in capsys.readouterr().err
+    shown = {b["id"]: b["status"] for p in progress for b in p["batches"]}
+    assert shown.keys() == {b["id"] for b in made} and set(shown.values()) == {"collected"}
 
 
 def test_failed_lines_are_retried_or_recorded_then_resumed(server, task, chat_rows, faults, tmp_path):
