@@ -73,9 +73,9 @@ class LineFailure:
 class CallFailed(Exception):
     """A Batch API call the endpoint refused (4xx) or whose retries were spent."""
 
-    def __init__(self, reason: str, retryable: bool):
+    def __init__(self, reason: str, retryable: bool, status: int | None = None):
         super().__init__(reason)
-        self.retryable = retryable
+        self.retryable, self.status = retryable, status
 
 
 @dataclass
@@ -421,7 +421,9 @@ class BatchBackend:
     async def _settle(self, session, e: PendingBatch) -> dict[str, Completion | LineFailure]:
         """Poll batch ``e`` until it ends, read its output and error files, cache what it answered and
         mark it collected; every custom id it holds maps to a completion or why it has none. When the
-        endpoint cannot be reached the batch stays pending (a later call polls it again)."""
+        endpoint cannot be reached the batch stays pending (a later call polls it again); when it
+        answers 404 (a restarted ``distill serve``, a deleted batch) the batch is abandoned and its
+        requests go in the next round."""
         from distill.core.progress import console
 
         try:
@@ -431,6 +433,11 @@ class BatchBackend:
                 if file_id:
                     results.update(read_results(await self._call(session, "GET", f"/files/{file_id}/content"), e.stops))
         except CallFailed as err:
+            if err.status == 404:  # the endpoint no longer knows the batch or its files: its requests are sent again
+                self.store.update(e.file_id, "abandoned")
+                console.print(
+                    f"batch {e.batch_id} is gone from the endpoint ({err}): sending its requests again", **QUIET
+                )
             return {key: LineFailure(f"batch {e.batch_id}: {err}", True) for key in e.stops}
         answered = [(k, c) for k, c in results.items() if isinstance(c, Completion)]
         if self.keep is not None and answered:
@@ -486,7 +493,7 @@ class BatchBackend:
                         wait = retry_after_seconds(resp.headers.get("Retry-After"))
                     elif resp.status >= 400:
                         detail = body[:300].decode(errors="replace")
-                        raise CallFailed(f"{method} {path}: HTTP {resp.status}: {detail}", False)
+                        raise CallFailed(f"{method} {path}: HTTP {resp.status}: {detail}", False, resp.status)
                     elif raw:
                         return body
                     else:

@@ -159,6 +159,21 @@ def test_batch_rows_equal_chat_rows_and_a_rerun_is_free(server, task, chat_rows,
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(_batches(server)) == before + len(made) and _call(server + "/health")["served"] == served
     assert _rows(tmp_path / "runs" / "batch") == chat_rows
+    # A recorded batch the endpoint no longer knows (a restarted server) is abandoned, its request sent again.
+    db = sqlite3.connect(tmp_path / ".distill" / "cache.sqlite", isolation_level=None)
+    db.execute("DELETE FROM completions WHERE key = ?", (ids[0],))
+    db.execute(
+        "INSERT INTO batches VALUES ('file-gone', ?, 'tiny', ?, 'batch_gone', 'in_progress', 1, 0, 0)",
+        (server + "/v1", made[0]["endpoint"]),
+    )
+    db.execute("INSERT INTO batch_requests VALUES (?, 'file-gone', '[]')", (ids[0],))
+    r = _generate(recipe, "--force")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "batch batch_gone is gone from the endpoint" in r.stderr
+    assert [_custom_ids(server, b) for b in _batches(server)[before + len(made) :]] == [[ids[0]]]
+    assert db.execute("SELECT status FROM batches WHERE file_id = 'file-gone'").fetchone() == ("abandoned",)
+    assert _rows(tmp_path / "runs" / "batch") == chat_rows
+    db.close()
 
 
 def test_an_expired_batch_with_a_partial_result_file_completes_in_the_next(
