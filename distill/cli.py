@@ -371,8 +371,7 @@ def serve(
         bool, typer.Option(hidden=True, help="let tests set these faults while serving: POST /_batch_faults")
     ] = False,
 ) -> None:
-    """Serve a local teacher as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions,
-    and the Batch API: /v1/files, /v1/batches)."""
+    """Serve a local teacher as an OpenAI-compatible endpoint (chat, completions, files and batches)."""
 
     def go():
         set_env_defaults()
@@ -412,9 +411,7 @@ def serve(
     _guard(go)
 
 
-jobs_app = typer.Typer(
-    no_args_is_help=True, help="Generation jobs: submit (queued), watch, pause, resume, cancel; the queue's limit."
-)
+jobs_app = typer.Typer(no_args_is_help=True, help="Generation jobs: queue, watch, pause, resume, cancel.")
 app.add_typer(jobs_app, name="jobs")
 
 Store = Annotated[

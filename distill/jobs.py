@@ -540,6 +540,8 @@ def status_lines(job: dict, recipe=None, jobs: list[dict] | None = None) -> list
     if job["state"] == "queued" and jobs is not None:
         active = sum(j["state"] in ACTIVE_STATES for j in jobs)
         lines.append(f"  queue    {queue_label(job, jobs)}; {active} running; priority {job['priority']}")
+    if p.get("teacher"):  # several teachers: the counts below are this one's
+        lines.append(f"  teacher  {p['teacher']} (rows below count this teacher's problems)")
     if total:
         failed = p.get("failed", 0)
         lines.append(
@@ -551,6 +553,10 @@ def status_lines(job: dict, recipe=None, jobs: list[dict] | None = None) -> list
         lines.append(f"  tokens   {p.get('tokens_in', 0)} in, {p.get('tokens_out', 0)} out, {rate:.0f} tok/s")
         lines.append(f"  cost     {p.get('cost', 0.0):.4f} (estimated from the recipe's prices)")
         lines.append(f"  cached   {p.get('cached', 0)} rows served from the completion cache")
+    if p.get("batches"):  # a batch-API teacher: the provider's batches this job waits on or collected
+        shown = ", ".join(f"{b['id']} {b['status']} ({b['requests']} requests)" for b in p["batches"][-4:])
+        more = len(p["batches"]) - 4
+        lines.append(f"  batches  {shown}" + (f" and {more} earlier" if more > 0 else ""))
     metrics_file = Path(job["run_dir"]) / "generate" / "metrics.json"
     m = json.loads(metrics_file.read_text()) if job["state"] == "partial" and metrics_file.exists() else {}
     if m.get("failed_rows") and m.get("failures"):  # a partial job: its failed rows' reasons, counted

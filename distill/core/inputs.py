@@ -340,7 +340,9 @@ class RowMapper:
 
 
 def _listing(row: dict) -> str:
-    names = [str(k) for k in row]
+    """The row's field names for a one-line message: a name that is not plain printable text is quoted
+    (``'\\n'``), so a file's odd keys cannot break the line."""
+    names = [str(k) if str(k).isprintable() and str(k).strip() == str(k) and str(k) else repr(str(k)) for k in row]
     return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
