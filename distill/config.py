@@ -95,11 +95,12 @@ class TaskConfig(Strict):
     keep_columns: list[str] = Field(
         default_factory=list, description="columns of the source rows carried into the generated rows (as extra)"
     )
-    answer_type: Literal["number", "yes_no", "choice", "text", "json", "regex", "custom", "code"] = Field(
+    answer_type: Literal["number", "yes_no", "choice", "text", "json", "regex", "custom", "code", "open"] = Field(
         "number",
         description="how answers are extracted and compared: number, yes/no, choice letter A-J, short text, JSON, "
-        "a regex group, a custom checker, or code (a Python solution the gold's tests run against in a sandbox; "
-        "task.answer holds each one's settings)",
+        "a regex group, a custom checker, code (a Python solution the gold's tests run against in a sandbox; "
+        "task.answer holds each one's settings), or open: the whole response is the answer, never checked "
+        "against the gold (summaries, instructions: keep them with teacher.keep=judged)",
     )
     answer: AnswerConfig = Field(default_factory=AnswerConfig, description="settings of the answer types")
     train_size: int = Field(128, ge=1, description="problems the teacher answers to build the training set")
@@ -173,6 +174,61 @@ class BatchSettings(Strict):
     )
 
 
+DEFAULT_RUBRIC = (
+    "Judge whether the answer is correct, complete and faithful to the question, and whether its reasoning "
+    "supports it. Penalise errors, unsupported claims and missing parts; do not reward length or style."
+)
+
+
+class JudgeSettings(Strict):
+    """teacher.judge: a model (any teacher model string) scores each answered train row against a rubric;
+    its score and reasoning are stored, and ``teacher.keep: judged`` keeps rows at or above the threshold.
+    The judge runs with its teacher section's settings (dtype, batch size, retries, limits) and its own
+    model, endpoint and prices; its calls share the completion cache and the budget."""
+
+    model: str = Field(
+        "embedded:qwen2.5-coder-0.5b-instruct",
+        description="the judge's model source (hf:/gguf:/embedded:, or openai:<served name> with base_url)",
+    )
+    base_url: str | None = Field(None, description="openai: the judge's endpoint (default: the teacher's)")
+    api: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions or /completions")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: environment variable holding the judge endpoint's API key"
+    )
+    rubric: str = Field(DEFAULT_RUBRIC, min_length=1, description="what the judge checks, shown in every prompt")
+    scale: Literal["1-7", "pass_fail"] = Field(
+        "1-7", description="a score from 1 (worst) to 7 (best), or PASS / FAIL (stored as 1 / 0)"
+    )
+    threshold: float | None = Field(
+        None, description="keep: judged keeps rows scored at least this (default 6 on 1-7, pass on pass_fail)"
+    )
+    reference: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="show the task's gold answer to the judge: auto (when the row has one), always (a row "
+        "without one is not judged, with the reason), never",
+    )
+    debias: Literal["both_orders", "none"] = Field(
+        "both_orders",
+        description="teachers_pick=judged compares candidates pairwise: both_orders asks A-vs-B and B-vs-A and "
+        "counts a win only when both agree (position bias cancels), none asks one order",
+    )
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="the judge's reasoning and score token cap")
+    price_per_1k_input: float = Field(0.0, ge=0, description="the judge's cost per 1k prompt tokens (reported apart)")
+    price_per_1k_output: float = Field(0.0, ge=0, description="the judge's cost per 1k generated tokens")
+
+    @model_validator(mode="after")
+    def _threshold_on_scale(self):
+        lo, hi = (1, 7) if self.scale == "1-7" else (0, 1)
+        if self.threshold is not None and not lo <= self.threshold <= hi:
+            raise ValueError(f"teacher.judge.threshold={self.threshold:g} is off the {self.scale} scale ({lo}..{hi})")
+        return self
+
+    @property
+    def pass_score(self) -> float:
+        """The score ``keep: judged`` keeps from: ``threshold``, else 6 on 1-7 and 1 (pass) on pass_fail."""
+        return self.threshold if self.threshold is not None else 6.0 if self.scale == "1-7" else 1.0
+
+
 class TeacherConfig(Strict):
     """The large model that writes chain-of-thought rationales."""
 
@@ -207,8 +263,13 @@ class TeacherConfig(Strict):
     batch_size: int = Field(16, ge=1, description="prompts per generate call (does not change results or cache keys)")
     workers: int = Field(2, ge=1, description="Ray actors, one CPU each (does not change results)")
     executor: Literal["ray", "local"] = Field("ray", description="ray actor pool, or in-process for debugging")
-    keep: Literal["correct", "all"] = Field(
-        "correct", description="keep only rationales whose answer is correct (the vote when there is no gold)"
+    keep: Literal["correct", "all", "judged"] = Field(
+        "correct",
+        description="keep only rationales whose answer is correct (the vote when there is no gold), all, or "
+        "judged: those teacher.judge scores at least its threshold",
+    )
+    judge: JudgeSettings | None = Field(
+        None, description="a judge model scoring each answered train row (null = none); see teacher.keep=judged"
     )
     min_confidence: float = Field(
         0.0, ge=0, le=1, description="keep rows whose self-consistency agreement is at least this (0 = any)"
@@ -316,6 +377,38 @@ class TeacherConfig(Strict):
         if self.topk_logprobs and self.method in ("least_to_most", "self_ask"):
             raise ValueError("teacher.topk_logprobs is recorded by zero_shot_cot, few_shot_cot and self_consistency")
         return self
+
+    @model_validator(mode="after")
+    def _judge_for_judged(self):
+        if self.keep == "judged" and self.judge is None:
+            raise ValueError(
+                "teacher.keep=judged needs teacher.judge (e.g. teacher.judge.model=embedded:qwen2.5-coder-0.5b-instruct)"
+            )
+        j = self.judge
+        if j is not None and j.model.startswith("openai:") and not (j.base_url or self.base_url):
+            raise ValueError("an openai: judge needs teacher.judge.base_url (or the teacher's base_url)")
+        return self
+
+    def judge_section(self) -> TeacherConfig:
+        """The teacher section the judge's backend is built from: this one's run settings (dtype, batch
+        size, workers, retries, limits) with the judge's model, endpoint, API and prices; a plain
+        zero-shot section (no judge of its own)."""
+        j = self.judge
+        return self.model_copy(
+            update={
+                "model": j.model,
+                "base_url": j.base_url or self.base_url,
+                "api": j.api,
+                "api_key_env": j.api_key_env,
+                "price_per_1k_input": j.price_per_1k_input,
+                "price_per_1k_output": j.price_per_1k_output,
+                "max_new_tokens": j.max_new_tokens,
+                "method": "zero_shot_cot",
+                "keep": "all",
+                "judge": None,
+                "topk_logprobs": 0,
+            }
+        )
 
     @model_validator(mode="after")
     def _demos_for_few_shot(self):
@@ -768,11 +861,12 @@ class Recipe(Strict):
         description="several teachers instead of one (each a whole teacher section plus name and when), asked in "
         "order; every question keeps one rationale, chosen by teachers_pick (null = the one teacher section)",
     )
-    teachers_pick: Literal["correct", "vote"] = Field(
+    teachers_pick: Literal["correct", "vote", "judged"] = Field(
         "correct",
         description="with teachers: which teacher's rationale a question keeps: correct (the first teacher in list "
-        "order whose row its filters keep) or vote (the answer most teachers gave, ties to the earlier teacher; the "
-        "first teacher reaching it whose row is kept)",
+        "order whose row its filters keep), vote (the answer most teachers gave, ties to the earlier teacher; the "
+        "first teacher reaching it whose row is kept) or judged (the kept row teachers[0].judge prefers in pairwise "
+        "comparisons, both orders unless judge.debias=none; ties to the earlier teacher)",
     )
     student: StudentConfig = Field(default_factory=StudentConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -816,6 +910,10 @@ class Recipe(Strict):
             seen[name] = i
             if t.name is None:
                 t.name = name
+        if self.teachers_pick == "judged" and self.teachers[0].judge is None:
+            raise ValueError(
+                "teachers_pick=judged compares the teachers' rows with teachers[0].judge: set teachers.0.judge.model"
+            )
         if self.student.format == "kd" and len(self.teachers) > 1:
             raise ValueError(
                 "student.format=kd learns one teacher's log-probabilities: use one teacher, or another student.format"
@@ -886,6 +984,18 @@ class Recipe(Strict):
         return data
 
     @model_validator(mode="after")
+    def _open_answers_are_judged(self):
+        if self.task.answer_type == "open":
+            for i, t in enumerate(self.teacher_entries):
+                if t.keep == "correct":
+                    where = f"teachers.{i}.keep" if self.teachers is not None else "teacher.keep"
+                    raise ValueError(
+                        f"task.answer_type=open has no gold check, so {where}=correct keeps nothing: set {where}=judged "
+                        "(with a judge model) or all"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _synthetic_needs_votes(self):
         if self.task.source == "synthetic" and self.teacher.method != "self_consistency":
             raise ValueError(
@@ -921,6 +1031,10 @@ NON_SEMANTIC = frozenset(
         "teacher.request_timeout",
         "teacher.retry_base",
         "teacher.batch",  # how often a batch is polled, how big it is: not what the teacher answers
+        "teacher.judge.base_url",  # where the judge is reached and what it costs, not what it says
+        "teacher.judge.api_key_env",
+        "teacher.judge.price_per_1k_input",
+        "teacher.judge.price_per_1k_output",
         "student.batch_size",
         "student.micro_batch_size",
         "student.eval_batch_size",
@@ -971,6 +1085,7 @@ OPTIONAL_DEFAULTS = {
     "student.calculator": False,
     "teachers": None,
     "teachers_pick": "correct",
+    "teacher.judge": None,
 }
 
 # Lists whose items hash as a section: each entry of ``teachers`` is a teacher section (its batch size

@@ -93,6 +93,9 @@ class GenerationMeter:
             "failed": 0,
             "total": total,
         }
+        if getattr(cfg, "judge", None) is not None:  # the judge's calls, counted apart from the teacher's
+            self.stats.update(judge_tokens_in=0, judge_tokens_out=0, paid_judge_tokens_in=0, paid_judge_tokens_out=0)
+            self.stats.update(judged=0, judge_unparsed=0)
 
     def count(self, batch) -> None:
         """Add a batch of output rows (a failed row is retried later: it is counted as failed, not done)."""
@@ -111,6 +114,15 @@ class GenerationMeter:
         s["paid_tokens_in"] += pc.sum(paid["tokens_in"]).as_py() or 0
         s["paid_tokens_out"] += pc.sum(paid["tokens_out"]).as_py() or 0
         s["parse_errors"] += batch.num_rows - pc.count(batch["pred"]).as_py()
+        if "judge_tokens_in" in batch.column_names and "judged" in s:
+            asked = batch.filter(pc.is_valid(batch["judge_tokens_in"]))
+            s["judged"] += asked.num_rows
+            s["judge_unparsed"] += asked.num_rows - pc.count(asked["judge_score"]).as_py()
+            s["judge_tokens_in"] += pc.sum(asked["judge_tokens_in"]).as_py() or 0
+            s["judge_tokens_out"] += pc.sum(asked["judge_tokens_out"]).as_py() or 0
+            paid = asked.filter(pc.invert(pc.fill_null(asked["judge_cached"], False)))
+            s["paid_judge_tokens_in"] += pc.sum(paid["judge_tokens_in"]).as_py() or 0
+            s["paid_judge_tokens_out"] += pc.sum(paid["judge_tokens_out"]).as_py() or 0
         if "parse_error" in batch.column_names:
             from distill.teachers.replay import NO_RECORDING
 
@@ -122,12 +134,16 @@ class GenerationMeter:
         import time
 
         s = self.stats
-        return {
+        snap = {
             **s,
             "seconds": time.time() - self.t0,
             "cost": cost_of(s["tokens_in"], s["tokens_out"], self.cfg),
             "paid_cost": cost_of(s["paid_tokens_in"], s["paid_tokens_out"], self.cfg),
         }
+        if "judged" in s:  # the judge's cost at its own prices, apart from the teacher's
+            snap["judge_cost"] = cost_of(s["judge_tokens_in"], s["judge_tokens_out"], self.cfg.judge)
+            snap["paid_judge_cost"] = cost_of(s["paid_judge_tokens_in"], s["paid_judge_tokens_out"], self.cfg.judge)
+        return snap
 
     def status(self) -> str:
         """One progress-bar line: correct/done, failures, generation rate."""
@@ -151,9 +167,12 @@ class GenerationMeter:
                 "task.answer_type and teacher.max_new_tokens; committed rows are kept",
             )
         tokens = snap["paid_tokens_in"] + snap["paid_tokens_out"]  # cached rows are free: never paid twice
-        if (cfg.max_tokens and tokens >= cfg.max_tokens) or (cfg.max_cost and snap["paid_cost"] >= cfg.max_cost):
+        spent = snap["paid_cost"]
+        if "judged" in snap:  # the judge's calls spend the same budget
+            tokens += snap["paid_judge_tokens_in"] + snap["paid_judge_tokens_out"]
+            spent += snap["paid_judge_cost"]
+        if (cfg.max_tokens and tokens >= cfg.max_tokens) or (cfg.max_cost and spent >= cfg.max_cost):
             raise BudgetExceeded(
-                f"budget reached after {snap['rows']}/{snap['total']} rows ({tokens} tokens paid, "
-                f"cost {snap['paid_cost']:.4f})",
+                f"budget reached after {snap['rows']}/{snap['total']} rows ({tokens} tokens paid, cost {spent:.4f})",
                 "raise teacher.max_tokens / teacher.max_cost and resume; committed rows are kept",
             )

@@ -46,6 +46,24 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+# A judged teacher's rows (teacher.judge) carry the judge's verdict too; a recipe without a judge keeps
+# ROW_SCHEMA, so its shards and datasets stay byte for byte what they were.
+JUDGE_COLUMNS = [
+    ("judge_score", pa.float64()),  # 1-7, or 1 / 0 for PASS / FAIL; null: not judged (judge_error says why)
+    ("judge_reasoning", pa.string()),  # the judge's whole output
+    ("judge_error", pa.string()),
+    ("judge_tokens_in", pa.int64()),  # the judge's tokens, apart from the teacher's
+    ("judge_tokens_out", pa.int64()),
+    ("judge_cached", pa.bool_()),
+]
+JUDGED_SCHEMA = pa.schema([*ROW_SCHEMA, *(pa.field(n, t) for n, t in JUDGE_COLUMNS)])
+
+
+def row_schema(judged: bool) -> pa.Schema:
+    """The schema of generated rows: ``JUDGED_SCHEMA`` when a judge scores them, else ``ROW_SCHEMA``."""
+    return JUDGED_SCHEMA if judged else ROW_SCHEMA
+
+
 # The teacher's own tokens and top-k belong to the path the worker kept first; a row holding another
 # path's text carries none (logit KD skips it rather than pairing text with the wrong tokens).
 NO_TEACHER_TOKENS = {"teacher_token_ids": None, "teacher_topk_ids": None, "teacher_topk_logprobs": None}
@@ -72,7 +90,8 @@ def order_rationales(row: dict, choice: str) -> dict:
 def select_training_rows(rows, cfg):
     """Apply the recipe's filters to the train rows; returns (kept rows, counts dropped per filter).
 
-    In order: failed calls, keep-correct (gold, or the vote when there is none), minimum agreement,
+    In order: failed calls, keep-correct (gold, or the vote when there is none) or keep-judged (a judge
+    score at least ``judge.pass_score``: ``unjudged`` rows have none, ``below_threshold`` less), minimum agreement,
     the rationale choice (``order_rationales``), rationale length bounds; then up to
     ``rationales_per_question`` distinct rationales per question become separate training rows
     (ids ``<id>#k``).
@@ -91,11 +110,14 @@ def select_training_rows(rows, cfg):
     apply("failed", pc.is_null(rows["error"]))
     if cfg.keep == "correct":
         apply("incorrect", pc.fill_null(rows["correct"], False))
+    if cfg.keep == "judged":
+        apply("unjudged", pc.is_valid(rows["judge_score"]))
+        apply("below_threshold", pc.greater_equal(rows["judge_score"], cfg.judge.pass_score))
     if cfg.min_confidence > 0:
         apply("low_agreement", pc.greater_equal(pc.fill_null(rows["confidence"], 0.0), cfg.min_confidence))
     choice = getattr(cfg, "rationale_choice", "first")
     if choice != "first":
-        rows = pa.Table.from_pylist([order_rationales(r, choice) for r in rows.to_pylist()], schema=ROW_SCHEMA)
+        rows = pa.Table.from_pylist([order_rationales(r, choice) for r in rows.to_pylist()], schema=rows.schema)
     if cfg.min_rationale_words or cfg.max_rationale_words:
         words = [len((r or "").split()) for r in rows["rationale"].to_pylist()]
         upper = cfg.max_rationale_words or float("inf")
@@ -106,7 +128,7 @@ def select_training_rows(rows, cfg):
             out.append(r)
             for k, alt in enumerate((r.get("alternatives") or [])[: cfg.rationales_per_question - 1], start=1):
                 out.append({**r, "id": f"{r['id']}#{k}", "rationale": alt, "alternatives": [], **NO_TEACHER_TOKENS})
-        rows = pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+        rows = pa.Table.from_pylist(out, schema=rows.schema)
     return rows, dropped
 
 
@@ -137,6 +159,11 @@ def row_verdicts(rows, cfg) -> list[tuple[str, str | None]]:
             out.append(("eval-correct", None) if correct else ("eval-wrong", miss))
         elif cfg.keep == "correct" and not correct:
             out.append(("unparsable" if r.get("pred") is None else "wrong", miss))
+        elif cfg.keep == "judged" and r.get("judge_score") is None:
+            why = r.get("judge_error") or (miss if r.get("pred") is None else "not judged")
+            out.append(("unparsable" if r.get("pred") is None else "filtered", f"no judge score: {why}"))
+        elif cfg.keep == "judged" and r["judge_score"] < cfg.judge.pass_score:
+            out.append(("filtered", f"judged {r['judge_score']:g} < {cfg.judge.pass_score:g}"))
         elif cfg.min_confidence > 0 and (r.get("confidence") or 0.0) < cfg.min_confidence:
             out.append(("filtered", f"low agreement: {r.get('confidence') or 0.0:.2f} < {cfg.min_confidence:g}"))
         else:
@@ -183,12 +210,12 @@ def pick_vote(rows: list[dict | None], kept: list[bool]) -> tuple[int, bool]:
 
 
 # teachers_pick → picker(rows, kept) -> (teacher index, kept): rows[i] is teacher i's row of one question
-# (None when it was not asked), kept[i] whether its filters keep it. A judged pick is one more picker,
-# built with the judge's scores of these rows.
+# (None when it was not asked), kept[i] whether its filters keep it. A judged pick asks a judge model about
+# every question's rows at once: combine_teachers takes it as ``judged`` (``distill.teachers.judge.pick_judged``).
 PICKS = {"correct": pick_correct, "vote": pick_vote}
 
 
-def combine_teachers(tables: list, cfgs: list, pick: str) -> dict:
+def combine_teachers(tables: list, cfgs: list, pick: str, judged=None) -> dict:
     """Several teachers' rows (``latest_rows`` tables, the first teacher's holding every problem) as
     one row per problem and the training rows, the question by question choice ``PICKS[pick]`` makes.
 
@@ -197,7 +224,8 @@ def combine_teachers(tables: list, cfgs: list, pick: str) -> dict:
     (rows each filter dropped, summed over teachers; ``not_picked``: kept rows another teacher's row
     replaced), and per teacher ``solved`` (problems its filters keep), ``picked`` (questions whose row
     is its own, kept) and ``train_rows`` (its rows in ``train``). One teacher is a list of one: its
-    table and kept rows come back as they are."""
+    table and kept rows come back as they are. ``pick="judged"``: ``judged(questions)`` gets every
+    question's (rows, kept) and returns the (teacher index, kept) of each."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -211,8 +239,9 @@ def combine_teachers(tables: list, cfgs: list, pick: str) -> dict:
         solved.append(set(kept["id"].to_pylist()) | solved_ids(table.filter(pc.invert(is_train)), cfg))
     ids = tables[0]["id"].to_pylist()
     by_teacher = [{r["id"]: r for r in t.to_pylist()} for t in tables] if len(tables) > 1 else [{}]
-    picker = PICKS[pick]
-    choice = {i: picker([m.get(i) for m in by_teacher], [i in s for s in solved]) for i in ids}
+    asks = [([m.get(i) for m in by_teacher], [i in s for s in solved]) for i in ids]
+    picks = judged(asks) if pick == "judged" else [PICKS[pick](*a) for a in asks]
+    choice = dict(zip(ids, picks))
 
     def question(i: str) -> str:  # the problem a training row's id (``<id>`` or ``<id>#k``) belongs to
         return i if i in choice else i.rsplit("#", 1)[0]
@@ -225,7 +254,9 @@ def combine_teachers(tables: list, cfgs: list, pick: str) -> dict:
     if len(tables) == 1:
         rows, train = tables[0], parts[0]
     else:
-        rows = pa.Table.from_pylist([by_teacher[choice[i][0]][i] for i in ids], schema=ROW_SCHEMA)
+        schema = _widest([t.schema for t in tables])
+        rows = pa.Table.from_pylist([by_teacher[choice[i][0]][i] for i in ids], schema=schema)
+        parts = [_widen(p, schema) for p in parts]
         train = pa.concat_tables(parts)
         place = {i: n for n, i in enumerate(ids)}
         keys = [(place[question(i)], 0 if i in place else int(i.rsplit("#", 1)[1])) for i in train["id"].to_pylist()]
@@ -242,7 +273,20 @@ def combine_teachers(tables: list, cfgs: list, pick: str) -> dict:
     }
 
 
-def latest_rows(tables: list):
+def _widest(schemas: list) -> pa.Schema:
+    """The judged schema when any teacher's rows are judged, else the plain one."""
+    return JUDGED_SCHEMA if any("judge_score" in s.names for s in schemas) else ROW_SCHEMA
+
+
+def _widen(table, schema: pa.Schema):
+    """``table`` with ``schema``'s columns it lacks added as nulls (a teacher without a judge among judged ones)."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names)
+
+
+def latest_rows(tables: list, schema: pa.Schema = ROW_SCHEMA):
     """One row per id, the last committed one winning (a failed row is replaced by its retry), by id."""
     import pyarrow as pa
 
@@ -250,7 +294,7 @@ def latest_rows(tables: list):
     for t in tables:  # shards in commit order
         for row in t.to_pylist():
             latest[row["id"]] = row
-    return pa.Table.from_pylist([latest[k] for k in sorted(latest)], schema=ROW_SCHEMA)
+    return pa.Table.from_pylist([latest[k] for k in sorted(latest)], schema=schema)
 
 
 def read_rows(path: Path, columns: Iterable[str] = ("question", "gold"), fix_if_empty: str | None = None) -> list[dict]:

@@ -9,7 +9,7 @@ import pyarrow as pa
 from distill.core.answers import Task
 from distill.teachers.methods import METHODS
 from distill.teachers.replay import ReplayTeacher
-from distill.teachers.rows import ROW_SCHEMA
+from distill.teachers.rows import row_schema
 
 
 def make_backend(cfg, model_path: str, limits_bucket: str | None = None, cache=None):
@@ -70,8 +70,18 @@ def make_backend(cfg, model_path: str, limits_bucket: str | None = None, cache=N
     )
 
 
+def judge_teacher(cfg, model_path: str, cache_path: str, cache_only: bool = False):
+    """The ``CachedTeacher`` of teacher section ``cfg``'s judge (``cfg.judge``), on the same completion
+    cache as the teacher: judge calls are cached, retried and counted as teacher calls are."""
+    from distill.teachers.cache import CachedTeacher, CompletionCache
+
+    cache = CompletionCache(cache_path)
+    return CachedTeacher(make_backend(cfg.judge_section(), model_path, None, cache), cache, cache_only=cache_only)
+
+
 class TeacherWorker:
-    """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows."""
+    """Callable on a batch of problems (a pyarrow Table or list of dicts) → table of output rows; with
+    ``teacher_cfg.judge`` each answered train row is judged in the batch, before it is committed."""
 
     def __init__(
         self,
@@ -81,6 +91,7 @@ class TeacherWorker:
         cache_path: str,
         cache_only: bool = False,
         limits_bucket: str | None = None,
+        judge_model_path: str = "",
     ):
         import torch
 
@@ -88,6 +99,8 @@ class TeacherWorker:
 
         self.cfg = teacher_cfg  # the recipe's teacher section (or any object with its fields)
         self.task = task  # answer extraction and checking (``Task.from_config(recipe.task)``)
+        judge = getattr(self.cfg, "judge", None)
+        self.judge = judge_teacher(self.cfg, judge_model_path, cache_path, cache_only) if judge else None
         if self.cfg.model.startswith("replay:"):
             self.teacher = ReplayTeacher(self.cfg.model.removeprefix("replay:"))
             return
@@ -109,7 +122,17 @@ class TeacherWorker:
             r["teacher"] = name
             p = by_id[r["id"]]
             r.update(source=p.get("source"), source_row=p.get("source_row"), extra=p.get("extra"))
-        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        if self.judge is not None:
+            from distill.teachers.judge import judge_rows
+
+            rows = judge_rows(
+                self.judge,
+                rows,
+                self.cfg.judge,
+                has_gold=lambda r: by_id[r["id"]].get("gold") is not None,  # not a vote standing in for one
+                open_answer=self.task.answer_type == "open",
+            )
+        return pa.Table.from_pylist(rows, schema=row_schema(self.judge is not None))
 
 
 def run_teacher(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> None:
@@ -134,13 +157,19 @@ def run_teacher(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> Non
             worker_kwargs,
             batch_size=cfg.batch_size,
             workers=cfg.workers,
-            num_cpus=0.25 if cfg.model.startswith("openai:") else 1,  # an HTTP client mostly waits
+            num_cpus=0.25 if _remote_only(cfg) else 1,  # an HTTP client mostly waits
             on_batch=on_batch,
         )
         return
     worker = TeacherWorker(**worker_kwargs)
     for start in range(0, len(todo), cfg.batch_size):
         on_batch(worker(todo[start : start + cfg.batch_size]))
+
+
+def _remote_only(cfg) -> bool:
+    """Whether the teacher (and its judge, if any) are endpoints: no local weights in the actor."""
+    judge = getattr(cfg, "judge", None)
+    return cfg.model.startswith("openai:") and (judge is None or judge.model.startswith("openai:"))
 
 
 def _serve_from_cache(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> list[dict]:

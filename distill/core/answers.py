@@ -17,6 +17,8 @@ so two outputs meaning the same answer give the same string (self-consistency co
 - custom: the text answer with nothing normalised (case kept).
 - code: the solution's Python code (the last ```python block), dedented and stripped; the gold is its tests
   (``distill.core.code``), run with it in a sandboxed subprocess (``distill.core.sandbox``).
+- open: the whole response, stripped (summaries, extraction, instructions). There is no gold check (a gold,
+  when present, is a reference a judge model may see: ``distill.teachers.judge``); any non-empty output parses.
 
 Custom checkers (``task.answer.checker: "mypkg.checks:grade"``) are called as
 ``grade(answer: str, gold: str) -> bool``. ``answer`` is the extracted answer: what follows "the answer is"
@@ -52,7 +54,7 @@ from typing import Any
 from distill.core.code import check_code, code_sentence, extract_code, require_sandbox, tests_source
 from distill.core.errors import DistillError
 
-ANSWER_TYPES = ("number", "yes_no", "choice", "text", "json", "regex", "custom", "code")
+ANSWER_TYPES = ("number", "yes_no", "choice", "text", "json", "regex", "custom", "code", "open")
 NORMALIZATIONS = ("case", "punctuation", "articles", "whitespace")
 MATCHES = ("exact", "contains", "f1")
 
@@ -807,6 +809,9 @@ class Task:
             return extract_text(text, fallback_last, self.normalize if t == "text" else ())
         if t == "json":
             return extract_json(text, fallback_last, self._validator)
+        if t == "open":
+            whole = text.strip()
+            return Extraction(whole, explicit=True) if whole else Extraction(None, "empty output")
         if t == "code":
             code, explicit = extract_code(text, fallback_last)
             return Extraction(code, explicit=explicit) if code else Extraction(None, "no Python code block in output")
@@ -866,6 +871,8 @@ class Task:
             return str(gold).strip()
         if t == "code":
             return tests_source(gold)
+        if t == "open":
+            return str(gold).strip()
         return gold if isinstance(gold, str) else str(gold)
 
     def is_correct(self, pred: str | None, gold, question: str | None = None) -> bool:
@@ -882,7 +889,7 @@ class Task:
         passes the schema; an empty gold accepts any valid answer, else every field of the gold must equal
         the prediction's (recursively; ``1 == 1.0``). regex: equal stripped strings. choice / yes_no: equal.
         code: the solution and the gold's tests run to their end in the sandbox (the reason names the
-        failing test line or the limit hit).
+        failing test line or the limit hit). open: never correct (there is no gold check; a judge decides).
 
         custom: ``grade(answer, gold)`` from ``task.answer.checker`` decides: ``answer`` is ``pred`` (the
         extracted text, case kept), ``gold`` the dataset's gold string as given. A bool is the verdict, a
@@ -900,6 +907,8 @@ class Task:
                 return False, f"checker {self.checker} raised {type(e).__name__}: {_short(str(e))}"
         if pred is None:
             return False, None
+        if t == "open":
+            return False, None  # no gold check: a judge decides (teacher.keep=judged)
         if t == "json":
             return self._check_json(pred, gold)
         if t == "code":
@@ -948,6 +957,8 @@ class Task:
         (a canonical answer). For regex answers, a string the pattern matches with ``answer`` as its
         group: "Therefore, the answer is <answer>.", else one written from the pattern, else the answer."""
         sentence = f"Therefore, the answer is {answer}."
+        if self.answer_type == "open":
+            return ""  # the response is the answer: nothing to state again after it
         if self.answer_type == "code":
             return code_sentence(answer)
         if self.answer_type != "regex":

@@ -16,8 +16,8 @@ from distill.core.errors import DistillError
 from distill.core.problems import load_problems
 from distill.core.progress import console, progress_bar
 from distill.core.sources import resolve_model
-from distill.teachers.budget import GenerationMeter, count_failures, failures_text
-from distill.teachers.rows import ROW_SCHEMA, combine_teachers, latest_rows, solved_ids
+from distill.teachers.budget import GenerationMeter, cost_of, count_failures, failures_text
+from distill.teachers.rows import combine_teachers, latest_rows, row_schema, solved_ids
 from distill.teachers.workers import run_teacher
 
 
@@ -74,12 +74,15 @@ def _worker_kwargs(recipe, cfg, problems: list[dict] | None = None) -> dict:
         records = load_records(path)
         if problems:
             _check_replay_coverage(path, records, problems, recipe.task.name)
-    return dict(
+    kwargs = dict(
         model_path="" if replay or remote else str(resolve_model(cfg.model, cfg.trust_remote_code, "teacher")),
         teacher_cfg=cfg,
         task=Task.from_config(recipe.task),
         cache_path=str(Path(recipe.cache).resolve()),
     )
+    if cfg.judge is not None and not cfg.judge.model.startswith("openai:"):
+        kwargs["judge_model_path"] = str(resolve_model(cfg.judge.model, cfg.trust_remote_code, "teacher.judge"))
+    return kwargs
 
 
 def _check_replay_coverage(path: str, records: list[dict], problems: list[dict], task_name: str) -> None:
@@ -167,10 +170,14 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         asked.append(mine)
         tables.append(table)
         meters.append(meter)
-    combined = combine_teachers(tables, teachers, recipe.teachers_pick)
+    pairwise: dict = {}
+    judged = _judged_pick(teachers[0], kwargs[0], pairwise) if recipe.teachers_pick == "judged" else None
+    combined = combine_teachers(tables, teachers, recipe.teachers_pick, judged)
     table = combined["rows"]
     if several:  # the chosen rows are the run's shards (what eval --split train and data inspect read)
-        writer = ShardWriter(out / "shards", out / "shards.json", ROW_SCHEMA, rows_per_shard=recipe.teacher.shard_rows)
+        writer = ShardWriter(
+            out / "shards", out / "shards.json", table.schema, rows_per_shard=recipe.teacher.shard_rows
+        )
         writer.add(table)
         shards = writer.close()
     failed = table.filter(pc.is_valid(table["error"]))
@@ -227,6 +234,8 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "teacher_model": recipe.teacher.model,
         "shards": shards,
     }
+    if any(t.judge is not None for t in teachers):
+        metrics["judge"] = _judge_metrics(teachers, tables, snaps, pairwise)
     if several:
         metrics["teachers_pick"] = recipe.teachers_pick
         metrics["teachers"] = [
@@ -256,7 +265,8 @@ def _ask(cfg, problems: list[dict], work: Path, out: Path, worker_kwargs: dict, 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    writer = ShardWriter(work / "shards", work / "shards.json", ROW_SCHEMA, rows_per_shard=cfg.shard_rows)
+    schema = row_schema(cfg.judge is not None)
+    writer = ShardWriter(work / "shards", work / "shards.json", schema, rows_per_shard=cfg.shard_rows)
     meter = GenerationMeter(len(problems), cfg)
     done_ids: set[str] = set()
     for table in writer.resume():
@@ -299,10 +309,65 @@ def _ask(cfg, problems: list[dict], work: Path, out: Path, worker_kwargs: dict, 
     if work != out:
         shutil.copytree(work / "shards", out / "shards", dirs_exist_ok=True)
         shutil.copy2(work / "shards.json", out / "shards.json")
-    table = latest_rows([pq.read_table(out / "shards" / s["file"]) for s in shards])
+    table = latest_rows([pq.read_table(out / "shards" / s["file"]) for s in shards], schema)
     if table.num_rows != len(problems) or set(table["id"].to_pylist()) != {p["id"] for p in problems}:
         raise RuntimeError(f"shards hold {table.num_rows} rows for {len(problems)} problems")  # exactly-once guard
     return table, meter, shards
+
+
+def _judged_pick(cfg, worker_kwargs: dict, stats: dict):
+    """``teachers_pick=judged``: a batch picker asking ``cfg.judge`` (the first teacher's) to compare the
+    teachers' kept rows of each question pairwise, in this process and through the completion cache
+    (a rerun asks nothing again); ``stats`` receives the calls, tokens and the pairs' outcomes."""
+    from distill.teachers.judge import pick_judged
+    from distill.teachers.workers import judge_teacher
+
+    def judged(questions):
+        teacher = judge_teacher(cfg, worker_kwargs.get("judge_model_path", ""), worker_kwargs["cache_path"])
+        open_answer = worker_kwargs["task"].answer_type == "open"
+        picks, found = pick_judged(teacher, questions, cfg.judge, open_answer=open_answer)
+        stats.update(found, cost=cost_of(found["tokens_in"], found["tokens_out"], cfg.judge))
+        stats["paid_cost"] = cost_of(found["paid_tokens_in"], found["paid_tokens_out"], cfg.judge)
+        return picks
+
+    return judged
+
+
+def _judge_metrics(teachers: list, tables: list, snaps: list[dict], pairwise: dict) -> dict:
+    """The judges' figures, apart from the teachers': rows judged, unparsable verdicts, the pass rate of
+    the judged train rows, tokens and cost (paid and in all), and the pairwise picks' when there were any."""
+    import pyarrow.compute as pc
+
+    judged = [(t, tab, s) for t, tab, s in zip(teachers, tables, snaps) if t.judge is not None]
+    scored = passed = 0
+    for t, tab, _ in judged:
+        scores = [x for x in tab["judge_score"].to_pylist() if x is not None]
+        scored += len(scores)
+        passed += sum(1 for x in scores if x >= t.judge.pass_score)
+    total = {
+        k: sum(s[k] for _, _, s in judged)
+        for k in ("judged", "judge_unparsed", "judge_tokens_in", "judge_tokens_out", "judge_cost", "paid_judge_cost")
+    }
+    out = {
+        "models": [t.judge.model for t, _, _ in judged],
+        "rows_judged": total["judged"],
+        "unparsable": total["judge_unparsed"],
+        "pass_rate": passed / scored if scored else None,
+        "mean_score": (sum(pc.sum(tab["judge_score"]).as_py() or 0 for _, tab, _ in judged) / scored)
+        if scored
+        else None,
+        "tokens_in": total["judge_tokens_in"],
+        "tokens_out": total["judge_tokens_out"],
+        "cost": total["judge_cost"],
+        "paid_cost": total["paid_judge_cost"],
+    }
+    if pairwise:
+        out["pairwise"] = pairwise
+        out["tokens_in"] += pairwise["tokens_in"]
+        out["tokens_out"] += pairwise["tokens_out"]
+        out["cost"] += pairwise["cost"]
+        out["paid_cost"] += pairwise["paid_cost"]
+    return out
 
 
 def _split_counts(problems: list[dict]) -> str:
@@ -399,6 +464,13 @@ def _summary_line(m: dict) -> str:
 
     kept = f"generate: kept {m['train_rows_kept']}/{m['train_problems']} train rationales"
     tail = f"{m['cached_rows']} rows from cache, {m['seconds']:.0f}s"
+    if m.get("judge"):
+        j = m["judge"]
+        rate = "—" if j["pass_rate"] is None else f"{j['pass_rate']:.0%}"
+        tail += (
+            f"; judge: {j['rows_judged']} rows, {rate} at or above the threshold, {j['unparsable']} unparsable, "
+            f"{j['tokens_in'] + j['tokens_out']} tokens, cost {j['cost']:.4f}"
+        )
     if not m["failed_rows"]:
         return escape(f"{kept}, teacher eval accuracy {m['teacher_eval_accuracy'] or 0.0:.1%}, {tail}")
     n, total = m["teacher_eval_n"], m["eval_problems"]
