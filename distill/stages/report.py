@@ -85,6 +85,29 @@ def teacher_lines(gen: dict) -> list[str]:
     return lines
 
 
+def judge_lines(gen: dict) -> list[str]:
+    """With a judge (teacher.judge): rows judged, the share at or above the threshold, unreadable verdicts,
+    its tokens and cost apart from the teacher's, and the pairwise picks' outcomes when there were any."""
+    j = gen.get("judge")
+    if not j:
+        return []
+    rate = "—" if j["pass_rate"] is None else f"{j['pass_rate']:.0%}"
+    lines = [
+        "",
+        f"Judge ({', '.join(dict.fromkeys(j['models']))}): {j['rows_judged']} train rows judged, {rate} of the scored "
+        f"at or above the threshold, {j['unparsable']} with no readable score; {j['tokens_in']} tokens in, "
+        f"{j['tokens_out']} out, cost {j['cost']:.4f} (paid now {j['paid_cost']:.4f}), apart from the teacher's.",
+    ]
+    p = j.get("pairwise")
+    if p:
+        o = p["outcomes"]
+        lines.append(
+            f"Pairwise picks ({p['debias']}): {p['pairs']} pairs, {p['calls']} calls; {o['x'] + o['y']} decided, "
+            f"{o['tie']} ties; the first position named in {o['first_position']} of {o['orders']} answers."
+        )
+    return lines
+
+
 def _plot_loss(losses: list[dict], path: Path, dev: list[dict] = (), best_step: int | None = None) -> None:
     """Training loss per step; with a dev split also the dev loss, and dev accuracy on a second axis."""
     import matplotlib
@@ -246,6 +269,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
             + (f", {gen['failed_rows']} rows FAILED." if gen.get("failed_rows") else "."),
         ]
         lines += teacher_lines(gen)
+        lines += judge_lines(gen)
     lines += training_lines(stage_metrics.get("train", {}), dev)
     exp = stage_metrics.get("export", {})
     if exp:

@@ -156,6 +156,9 @@ def test_keep_judged_keeps_rows_at_or_above_the_threshold_cached_and_costed_apar
     assert j["cost"] == pytest.approx(tin / 1000 + 2 * tout / 1000) == j["paid_cost"]
     assert m["estimated_cost"] == 0.0 and m["tokens_in"] == 0
     assert m["filtered"]["below_threshold"] + m["filtered"]["unjudged"] == 12 - len(kept)
+    from distill.stages.report import judge_lines
+
+    assert judge_lines(m)[1].startswith("Judge (openai:judge): 12 train rows judged")
 
     # a rerun (another run folder, the same cache) asks the judge nothing and keeps the same rows
     again = _recipe(setup, tiny_task_cfg, "judged-again", teacher=_teacher(setup["cheap"], setup["url"]))
