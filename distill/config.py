@@ -115,6 +115,19 @@ class TaskConfig(Strict):
         0.7, gt=0, le=1, description="synthetic: word 3-gram Jaccard at which a new problem counts as a near-duplicate"
     )
     seed_shots: int = Field(3, ge=1, le=16, description="synthetic: seed problems shown per request")
+    synthesis: Literal["problems", "instructions", "code"] = Field(
+        "problems",
+        description="synthetic: what the teacher writes — problems (labelled by the self-consistency vote), "
+        "instructions (self-instruct: an instruction and its input from instruction/input/output seed rows, "
+        "answered free-form: answer_type=open) or code (a problem with its assert tests, kept only when the "
+        "teacher's solution passes them: answer_type=code)",
+    )
+    dedup_lsh_rows: int = Field(
+        10000,
+        ge=0,
+        description="synthetic: past this many texts (seeds, eval and candidates) near-duplicates are found by "
+        "MinHash LSH, each candidate still checked by Jaccard at dedup_threshold (below it: exact Jaccard)",
+    )
 
     @model_validator(mode="after")
     def _answer_settings(self):
@@ -997,10 +1010,18 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _synthetic_needs_votes(self):
-        if self.task.source == "synthetic" and self.teacher.method != "self_consistency":
+        t = self.task
+        if t.source != "synthetic":
+            if t.synthesis != "problems":
+                raise ValueError(f"task.synthesis={t.synthesis} writes new tasks: it needs task.source=synthetic")
+            return self
+        if t.synthesis == "problems" and self.teacher.method != "self_consistency":
             raise ValueError(
                 "task.source=synthetic has no gold answers: set teacher.method=self_consistency (the vote is the label)"
             )
+        want = {"instructions": "open", "code": "code"}.get(t.synthesis)
+        if want and t.answer_type != want:
+            raise ValueError(f"task.synthesis={t.synthesis} needs task.answer_type={want} (it is {t.answer_type})")
         return self
 
 
@@ -1085,6 +1106,8 @@ OPTIONAL_DEFAULTS = {
     "student.calculator": False,
     "teachers": None,
     "teachers_pick": "correct",
+    "task.synthesis": "problems",
+    "task.dedup_lsh_rows": 10000,
     "teacher.judge": None,
 }
 

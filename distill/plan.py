@@ -28,7 +28,6 @@ from distill.teachers.backends.base import Completion
 from distill.teachers.budget import cost_of
 from distill.teachers.cache import CompletionCache
 from distill.teachers.methods import METHODS, scoring_prompt
-from distill.teachers.synthesis import synthesize
 from distill.teachers.workers import make_backend, run_teacher
 
 # The names of a method's successive teacher.generate() calls; later calls take the last name.
@@ -128,7 +127,12 @@ def plan(recipe: Recipe, pilot: int = 0) -> dict:
     if recipe.teachers is not None:
         return _several_teachers(recipe, pilot)
     cfg = recipe.teacher
-    train, evals = load_problems(recipe.task)
+    if recipe.task.source == "synthetic" and recipe.task.synthesis == "instructions":
+        from distill.teachers.synthesis import instruction_split
+
+        train, evals = [], instruction_split(recipe.task.name, recipe.task.eval_size)[1]
+    else:
+        train, evals = load_problems(recipe.task)
     synthetic = recipe.task.source == "synthetic"
     out = {
         "recipe": recipe.name,
@@ -214,21 +218,36 @@ def _several_teachers(recipe, pilot: int) -> dict:
 
 def _dry_synthesis(recipe, backend, cache, evals) -> tuple[list[dict], list[_Call]]:
     """Synthesis as ``stages.generate`` runs it, through the dry teacher: the problems cached
-    completions already wrote, the rest (up to ``task.train_size``) as placeholder questions."""
-    t = recipe.task
+    completions already wrote, the rest (up to ``task.train_size``) as placeholder questions. A code
+    problem's solution is asked for by the method's own requests, which the method's steps count (the
+    generate stage answers the kept problems from the cache): its checking calls are not counted twice."""
+    from distill.teachers import synthesis
+
+    t, kind = recipe.task, recipe.task.synthesis
     dry = _DryTeacher(backend, cache, ("synthesize",))
-    questions, _ = synthesize(
-        dry,
-        [r["question"] for r in load_seeds(t)],
-        t.train_size,
-        [r["question"] for r in evals],
-        seed=t.seed,
-        shots=t.seed_shots,
-        temperature=recipe.teacher.temperature,
-        threshold=t.dedup_threshold,
-    )
-    questions += [_unknown("question")] * (t.train_size - len(questions))
-    problems = [{"id": f"syn-{i:06d}", "split": "train", "question": q, "gold": None} for i, q in enumerate(questions)]
+    settings = dict(seed=t.seed, shots=t.seed_shots, temperature=recipe.teacher.temperature)
+    settings.update(threshold=t.dedup_threshold, lsh_rows=t.dedup_lsh_rows)
+    avoid = [r["question"] for r in evals]
+    if kind == "instructions":
+        seeds = synthesis.instruction_split(t.name, t.eval_size)[0]
+        items, _ = synthesis.synthesize_instructions(dry, seeds, t.train_size, avoid, **settings)
+    elif kind == "code":
+        solver = _DryTeacher(backend, cache, PARTS[recipe.teacher.method])
+
+        def solve(problems):
+            return METHODS[recipe.teacher.method](solver, problems, recipe.teacher, Task.from_config(t))
+
+        items, _ = synthesis.synthesize_code(dry, load_seeds(t), t.train_size, avoid, solve, **settings)
+    else:
+        questions, _ = synthesis.synthesize(
+            dry, [r["question"] for r in load_seeds(t)], t.train_size, avoid, **settings
+        )
+        items = [{"question": q} for q in questions]
+    problems = synthesis.as_train_problems(items, kind, {}) if items else []
+    problems += [
+        {"id": f"syn-{i:06d}", "split": "train", "question": _unknown("question"), "gold": None}
+        for i in range(len(problems), t.train_size)
+    ]
     return problems, dry.calls
 
 

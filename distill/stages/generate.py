@@ -31,35 +31,64 @@ class GenerateResult:
     failed_rows: int = 0  # rows whose teacher call failed (retries spent): the run is partial
 
 
-def _synthesize(recipe, worker_kwargs, evals: list[dict]) -> tuple[list[dict], dict]:
-    """The teacher writes ``task.train_size`` new problems from the seed rows (in this process,
-    through the completion cache: a re-run or resume gets the very same problems for free)."""
+def _synthesize(recipe, worker_kwargs, evals: list[dict], out: Path) -> tuple[list[dict], dict]:
+    """The teacher writes ``task.train_size`` new problems, instructions or code problems
+    (``task.synthesis``) from the seed rows (in this process, through the completion cache: a re-run or
+    resume gets the very same ones for free); every candidate and its verdict go to
+    ``out/synthesis.jsonl``. A code problem is kept when the teacher's solution passes its tests: the
+    same requests the stage then answers from the cache."""
+    import json
+
     from distill.core.problems import load_seeds
-    from distill.teachers.synthesis import synthesize_problems
+    from distill.teachers import synthesis
     from distill.teachers.workers import TeacherWorker
 
     if recipe.teacher.model.startswith("replay:"):
         raise DistillError(
             "a replay teacher cannot write new problems", "use a model teacher for task.source=synthetic"
         )
-    seeds = [r["question"] for r in load_seeds(recipe.task)]
-    console.print(f"[bold]synthesize[/] {recipe.task.train_size} new problems from {len(seeds)} seed examples")
-    train, stats = synthesize_problems(
-        TeacherWorker(**worker_kwargs).teacher,
-        seeds,
-        recipe.task.train_size,
-        [r["question"] for r in evals],
-        seed=recipe.task.seed,
-        shots=recipe.task.seed_shots,
+    t, kind, log = recipe.task, recipe.task.synthesis, []
+    worker = TeacherWorker(**worker_kwargs)
+    settings = dict(
+        seed=t.seed,
+        shots=t.seed_shots,
         temperature=recipe.teacher.temperature,
-        threshold=recipe.task.dedup_threshold,
+        threshold=t.dedup_threshold,
+        lsh_rows=t.dedup_lsh_rows,
+        log=log,
     )
+    avoid = [r["question"] for r in evals]
+    seeds = synthesis.instruction_split(t.name, t.eval_size)[0] if kind == "instructions" else load_seeds(t)
+    console.print(f"[bold]synthesize[/] {t.train_size} new {kind} from {len(seeds)} seed examples")
+    if kind == "problems":
+        train, stats = synthesis.synthesize_problems(
+            worker.teacher, [r["question"] for r in seeds], t.train_size, avoid, **settings
+        )
+    elif kind == "instructions":
+        items, stats = synthesis.synthesize_instructions(worker.teacher, seeds, t.train_size, avoid, **settings)
+        train = synthesis.as_train_problems(items, kind, stats)
+    else:
+        solve = lambda problems: worker(problems).to_pylist()  # noqa: E731 - the stage's own rows, cached
+        items, stats = synthesis.synthesize_code(worker.teacher, seeds, t.train_size, avoid, solve, **settings)
+        train = synthesis.as_train_problems(items, kind, stats)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "synthesis.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in log))
+    failed = f", {stats['solution_failed']} whose solution failed" if "solution_failed" in stats else ""
     console.print(
-        f"synthesize: {len(train)} new problems ({stats['exact_duplicates']} exact and "
+        f"synthesize: {len(train)} new {kind} ({stats['exact_duplicates']} exact and "
         f"{stats['near_duplicates']} near duplicates, {stats['eval_overlap']} too close to the eval split, "
-        f"{stats['unparsable']} unparsable dropped)"
+        f"{stats['unparsable']} unparsable{failed} dropped)"
     )
     return train, stats
+
+
+def _load_problems(task) -> tuple[list[dict], list[dict]]:
+    """(train, eval) problems of the task; an instruction seed file's eval split is its last rows."""
+    if task.source == "synthetic" and task.synthesis == "instructions":
+        from distill.teachers.synthesis import instruction_split
+
+        return [], instruction_split(task.name, task.eval_size)[1]
+    return load_problems(task)
 
 
 def _worker_kwargs(recipe, cfg, problems: list[dict] | None = None) -> dict:
@@ -151,7 +180,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     work = work or out
     teachers = recipe.teacher_entries
     several = len(teachers) > 1
-    train, evals = load_problems(recipe.task)
+    train, evals = _load_problems(recipe.task)
     _check_golds(Task.from_config(recipe.task).prepare(), train + evals)
     _warn_capped_sizes(recipe.task, train, evals)
     synthetic = recipe.task.source == "synthetic"  # its train problems are not written yet
@@ -159,7 +188,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     kwargs = [_worker_kwargs(recipe, t, None if synthetic else evals + train) for t in teachers]
     synthesis = None
     if synthetic:
-        train, synthesis = _synthesize(recipe, kwargs[0], evals)
+        train, synthesis = _synthesize(recipe, kwargs[0], evals, out)
     problems = evals + train  # eval first: the teacher's score is known early
     asked: list[list[dict]] = []
     tables, meters, shards = [], [], []
