@@ -171,6 +171,8 @@ def plan(recipe: Recipe, pilot: int = 0) -> dict:
         )
     names = ("synthesize",) * synthetic + PARTS[cfg.method]
     stages = _parts(calls, names, cfg, count, _cache_mean(cache, backend.model_id), question_tokens, out)
+    if cfg.judge is not None:
+        stages.append(_judge_step(recipe, train, stages, out))
     for s in stages:
         paid = s["tokens_out"]["estimate"]
         s["seconds"] = None if paid is None else 0.0 if not paid else paid / rate / parallel if rate else None
@@ -435,6 +437,52 @@ def _parts(
             }
         )
     return stages
+
+
+def _judge_step(recipe, train: list[dict], stages: list[dict], out: dict) -> dict:
+    """The judge's calls (teacher.judge): one per answered train row, so 0 to every train problem; each
+    prompt is the judge's real prompt (rubric, question, reference) counted with the judge's tokenizer,
+    plus the rationale it reads (the reasoning step's estimated length per call, else its cap). Output
+    tokens are counted at the judge's cap, cost at the judge's prices."""
+    from distill.teachers.judge import judge_messages
+
+    cfg = recipe.teacher
+    j = cfg.judge
+    remote = j.model.startswith("openai:")
+    path = "" if remote else str(resolve_model(j.model, cfg.trust_remote_code, "teacher.judge"))
+    backend = make_backend(cfg.judge_section().model_copy(update={"engine": "transformers"}), path)
+    shown = {"auto": True, "always": True, "never": False}[j.reference]
+    prompts = [
+        backend.chat_prompt(judge_messages(p["question"], "", j, p.get("gold") if shown else None)) for p in train
+    ]
+    reason = next((s for s in stages if s["part"] in ("reason", "solve")), None)
+    per_call = cfg.max_new_tokens
+    if reason and reason["tokens_out"]["estimate"] is not None and reason["calls"]["estimate"]:
+        per_call = reason["tokens_out"]["estimate"] / reason["calls"]["estimate"]
+    base = sum(_Tokens(backend)(prompts))
+    n = len(train)
+    tin_est, tin_max = round(base + n * per_call), base + n * cfg.max_new_tokens
+    tout = n * j.max_new_tokens
+    out["notes"].append(
+        f"judge: one call per answered train row (≤ {n}) by {j.model}, output counted at its cap "
+        f"(teacher.judge.max_new_tokens={j.max_new_tokens}); cost at teacher.judge.price_per_1k_*"
+        + (
+            "; teachers_pick=judged adds pairwise calls (2 per pair of kept rows)"
+            if recipe.teachers_pick == "judged"
+            else ""
+        )
+    )
+    return {
+        "stage": "generate",
+        "part": "judge",
+        "calls": {"min": 0, "estimate": n, "max": n},
+        "cached": 0,
+        "tokens_in": {"estimate": tin_est, "max": tin_max, "cached": 0},
+        "tokens_out": {"estimate": tout, "max": tout, "cached": 0},
+        "cost": {"estimate": cost_of(tin_est, tout, j), "max": cost_of(tin_max, tout, j)},
+        "upper_bound_estimate": True,
+        "seconds": None,
+    }
 
 
 def _on_policy(recipe, problems: list[dict], backend, out: dict) -> dict:

@@ -267,3 +267,20 @@ def test_recipe_checks():
     assert r.teacher.judge.pass_score == 1.0
     section = r.teacher.judge_section()
     assert section.model == "embedded:x" and section.judge is None and section.max_new_tokens == 128
+
+
+def test_the_readme_recipe_is_valid():
+    """The README's judged open-ended recipe, as written, loads."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from distill.config import recipe_from_dict
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- judged-open -->\n```yaml\n(.*?)```", text, re.S)
+    assert block, "README.md lost its <!-- judged-open --> block"
+    recipe = recipe_from_dict(yaml.safe_load(block.group(1)))
+    assert recipe.task.answer_type == "open" and recipe.teacher.keep == "judged"
+    assert recipe.teacher.judge.pass_score == 6 and recipe.teacher.judge.model == "openai:qwen"
