@@ -638,12 +638,14 @@ class StudentConfig(Strict):
     )
     alpha: float = Field(0.5, ge=0, le=1, description="multitask: weight of the label loss (rationale gets 1 - alpha)")
     epochs: float | Literal["auto"] = Field(
-        2.0,
-        description="passes over the training set, or auto: until the dev metric stops improving "
-        "(student.validation; at most validation.max_epochs)",
+        "auto",
+        description="passes over the training set, or auto (the default): until the dev accuracy stops improving "
+        "(student.validation, its defaults unless set; at most validation.max_epochs), the best dev checkpoint kept",
     )
     validation: ValidationSettings | None = Field(
-        None, description="dev split, periodic dev loss/accuracy, early stopping and best checkpoint (null = off)"
+        None,
+        description="dev split, periodic dev loss/accuracy, early stopping and best checkpoint (null = off; "
+        "on, at these defaults, whenever epochs or lr is auto)",
     )
     on_policy: OnPolicySettings | None = Field(
         None, description="on-policy distillation: the student's own samples scored by the teacher (null = off)"
@@ -1420,14 +1422,22 @@ def recipe_keys(prefix: str = "") -> list[dict]:
 def _key_rows(model: type[BaseModel], prefix: str) -> list[dict]:
     """The ``recipe_keys`` rows of ``model``'s fields under ``prefix``, each section followed by its keys."""
     rows = []
+    try:  # what a fresh section holds: a default another default implies (epochs: auto brings validation)
+        fresh = model().model_dump(mode="json")
+    except ValidationError:  # a section with required keys
+        fresh = {}
     for name, field in model.model_fields.items():
         section, in_list = _section_of(field.annotation)
         required = field.is_required()
+        if required:
+            default = None
+        else:
+            default = fresh[name] if name in fresh else to_jsonable_python(field.get_default(call_default_factory=True))
         rows.append(
             {
                 "key": prefix + name,
                 "type": _type_name(field.annotation),
-                "default": None if required else to_jsonable_python(field.get_default(call_default_factory=True)),
+                "default": default,
                 "required": required,
                 "description": field.description or _summary(section),
             }

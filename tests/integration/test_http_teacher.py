@@ -191,7 +191,7 @@ def test_failed_rows_recorded_then_resumed_job_and_no_key_anywhere(server, proxy
     store = JobStore(tmp_path / ".distill" / "jobs.sqlite")
     for _ in range(600):
         state = store.get(job)["state"]
-        if state not in ("queued", "running"):
+        if state not in ("queued", "starting", "running"):
             break
         time.sleep(0.2)
     status = store.get(job)
@@ -203,7 +203,7 @@ def test_failed_rows_recorded_then_resumed_job_and_no_key_anywhere(server, proxy
     seen_before = sum(_get(control)[1]["counts"].values())
     assert _cli("jobs", "resume", job, cwd=tmp_path, env=env).returncode == 0
     for _ in range(600):
-        if store.get(job)["state"] not in ("queued", "running"):
+        if store.get(job)["state"] not in ("queued", "starting", "running"):
             break
         time.sleep(0.2)
     assert store.get(job)["state"] == "done", (tmp_path / ".distill" / "jobs" / f"{job}.log").read_text()

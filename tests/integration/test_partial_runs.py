@@ -155,7 +155,7 @@ def test_partial_job_status_counts_the_reasons(recipe, env):
     job = r.stdout.split()[-1]
     store = JobStore(Path(env["DISTILL_JOBS_DB"]))
     for _ in range(600):
-        if store.get(job)["state"] not in ("queued", "running"):
+        if store.get(job)["state"] not in ("queued", "starting", "running"):
             break
         time.sleep(0.2)
     assert store.get(job)["state"] == "partial", store.get(job)

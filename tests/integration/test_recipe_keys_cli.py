@@ -22,7 +22,7 @@ def test_keys_of_a_section_print_each_key_with_its_description_in_80_columns():
     res = _invoke("recipe", "keys", "student")
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert any(line.startswith("student.epochs  float | auto  (default: 2.0)") for line in lines)
+    assert any(line.startswith("student.epochs  float | auto  (default: auto)") for line in lines)
     assert any(line.startswith("student.on_policy.lmbda  float  (default: 0.5)") for line in lines)
     words = " ".join(res.stdout.split())  # descriptions wrap across lines
     assert " ".join(StudentConfig.model_fields["epochs"].description.split()) in words

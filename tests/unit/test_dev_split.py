@@ -65,7 +65,8 @@ def test_improvement_is_accuracy_first_then_loss():
 def test_epochs_auto_brings_validation_and_bad_settings_are_one_line_errors():
     r = load_recipe(None, ["student.epochs=auto"])
     assert r.student.validation is not None and r.student.validation.patience == 3
-    assert load_recipe(None).student.validation is None  # off unless asked: old recipes train as before
+    assert load_recipe(None).student.epochs == "auto"  # the default: training sized by the dev split
+    assert load_recipe(None, ["student.epochs=2"]).student.validation is None  # a fixed budget: off unless asked
     with pytest.raises(DistillError, match=r"^recipe key 'student.epochs': epochs must be a positive number or auto"):
         load_recipe(None, ["student.epochs=sometimes"])
     with pytest.raises(

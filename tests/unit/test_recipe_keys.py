@@ -59,7 +59,7 @@ def test_each_key_has_its_type_default_and_description(key, model, name, field):
         ("student.validation.patience", "int", 3),
         ("student.on_policy.lmbda", "float", 0.5),
         ("student.kd.loss", "one of forward_kl, jsd, uld", "forward_kl"),
-        ("student.epochs", "float | auto", 2.0),
+        ("student.epochs", "float | auto", "auto"),
         ("student.format", "one of rationale, label, multitask, kd", "rationale"),
         ("student.on_policy", "section | null", None),
         ("student.lr_sweep.candidates", "list[float]", [5e-5, 1e-4, 2e-4, 4e-4]),
