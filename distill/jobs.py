@@ -763,8 +763,11 @@ def _run_claimed(store: JobStore, job_id: str) -> int:
     try:
         recipe = load_recipe(job["recipe"], job["overrides"])
 
+        earlier = job["progress"].get("calls", 0)  # requests of this job's earlier runs (a resumed job)
+
         def progress(stats: dict) -> None:
-            store.update(job_id, progress=stats)  # one small WAL write per batch
+            # one small WAL write per batch; calls count every run of the job
+            store.update(job_id, progress={**stats, "calls": earlier + stats.get("calls", 0)})
 
         with run_lock(recipe.run_dir, job=job_id):
             if job["estimate"] is None:  # the plan before the first call, for "estimate vs actual"
@@ -773,8 +776,10 @@ def _run_claimed(store: JobStore, job_id: str) -> int:
                 init_ray(address=job["address"])
             metrics = run_stage(recipe, "generate", on_progress=progress).metrics
         failed = metrics.get("failed_rows", 0)
+        synthesized = (metrics.get("synthesis") or {}).get("requested", 0)  # not in the per-batch counts
         final = {
             **store.get(job_id)["progress"],
+            "calls": earlier + metrics.get("teacher_calls", 0) + synthesized,
             "rows": metrics["problems"] - failed,
             "failed": failed,
             "total": metrics["problems"],

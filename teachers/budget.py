@@ -92,10 +92,18 @@ class GenerationMeter:
             "unrecorded": 0,  # replay: problems the recording lacks (skipped, not unparsable answers)
             "failed": 0,
             "total": total,
+            # requests to the teacher (and judge) made by this run, and those not served by the cache; rows
+            # committed by an earlier run count in its figures, not here
+            "calls": 0,
+            "paid_calls": 0,
         }
         if getattr(cfg, "judge", None) is not None:  # the judge's calls, counted apart from the teacher's
             self.stats.update(judge_tokens_in=0, judge_tokens_out=0, paid_judge_tokens_in=0, paid_judge_tokens_out=0)
             self.stats.update(judged=0, judge_unparsed=0)
+
+    def count_calls(self, calls: int, paid: int) -> None:
+        self.stats["calls"] += calls
+        self.stats["paid_calls"] += paid
 
     def count(self, batch) -> None:
         """Add a batch of output rows (a failed row is retried later: it is counted as failed, not done)."""

@@ -115,6 +115,7 @@ class CachedTeacher:
         self.cache_only = cache_only
         self.model_id = backend.model_id
         self.calls = 0  # completions actually generated (paid for)
+        self.requests = 0  # every request answered, from the cache or the backend
 
     def chat_prompt(self, messages: list[dict], assistant_prefix: str = "") -> str:
         return self.backend.chat_prompt(messages, assistant_prefix)
@@ -134,6 +135,7 @@ class CachedTeacher:
         return self._answer(requests, self.backend.score)
 
     def _answer(self, requests: list, call) -> list[Completion]:
+        self.requests += len(requests)
         keys = [r.key(self.model_id) for r in requests]
         hits = self.cache.get_many(list(set(keys)))
         missing = {k: r for k, r in zip(keys, requests) if k not in hits}

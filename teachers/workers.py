@@ -110,7 +110,18 @@ class TeacherWorker:
         self.teacher = CachedTeacher(backend, cache, cache_only=cache_only)
         self.method = METHODS[self.cfg.method]
 
+    def _counts(self) -> tuple[int, int]:
+        """(requests answered, requests paid for) so far by the teacher and the judge together."""
+        clients = [c for c in (self.teacher, self.judge) if hasattr(c, "requests")]
+        return sum(c.requests for c in clients), sum(c.calls for c in clients)
+
     def __call__(self, batch) -> pa.Table:
+        before = self._counts()
+        table = self._rows(batch)
+        after = self._counts()
+        return with_calls(table, after[0] - before[0], after[1] - before[1])
+
+    def _rows(self, batch) -> pa.Table:
         problems = batch.to_pylist() if isinstance(batch, pa.Table) else list(batch)
         if isinstance(self.teacher, ReplayTeacher):
             rows = self.teacher.rows(problems, self.task)
@@ -133,6 +144,25 @@ class TeacherWorker:
                 open_answer=self.task.answer_type == "open",
             )
         return pa.Table.from_pylist(rows, schema=row_schema(self.judge is not None))
+
+
+CALLS_KEY, PAID_CALLS_KEY = b"distill.calls", b"distill.paid_calls"
+
+
+def with_calls(table: pa.Table, calls: int, paid: int) -> pa.Table:
+    """``table`` carrying how many teacher (and judge) requests its rows took, and how many of those were
+    paid (not served by the cache), in its schema metadata: the driver counts them (``pop_calls``)."""
+    meta = dict(table.schema.metadata or {})
+    meta.update({CALLS_KEY: str(calls).encode(), PAID_CALLS_KEY: str(paid).encode()})
+    return table.replace_schema_metadata(meta)
+
+
+def pop_calls(table: pa.Table) -> tuple[pa.Table, int, int]:
+    """(the table as the worker built it, its requests, its paid requests): the counts leave the schema
+    before the rows are committed, so shards and datasets are what they were without them."""
+    meta = dict(table.schema.metadata or {})
+    calls, paid = int(meta.pop(CALLS_KEY, b"0")), int(meta.pop(PAID_CALLS_KEY, b"0"))
+    return table.replace_schema_metadata(meta or None), calls, paid
 
 
 def run_teacher(problems: list[dict], worker_kwargs: dict, cfg, on_batch) -> None:

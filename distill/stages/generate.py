@@ -18,7 +18,7 @@ from distill.core.progress import console, progress_bar
 from distill.core.sources import resolve_model
 from distill.teachers.budget import GenerationMeter, cost_of, count_failures, failures_text
 from distill.teachers.rows import combine_teachers, latest_rows, row_schema, solved_ids
-from distill.teachers.workers import run_teacher
+from distill.teachers.workers import pop_calls, run_teacher
 
 
 @dataclass
@@ -232,7 +232,7 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
     snaps = [m.snapshot() for m in meters]
     total = {
         k: sum(m.stats[k] for m in meters)
-        for k in ("tokens_in", "tokens_out", "paid_tokens_in", "paid_tokens_out", "cached")
+        for k in ("tokens_in", "tokens_out", "paid_tokens_in", "paid_tokens_out", "cached", "calls", "paid_calls")
     }
     metrics = {
         "problems": len(problems),
@@ -252,6 +252,10 @@ def generate(recipe, out: Path, work: Path | None = None, on_progress=None) -> G
         "paid_tokens_out": total["paid_tokens_out"],
         "paid_cost": sum(s["paid_cost"] for s in snaps),
         "cached_rows": total["cached"],
+        # requests this run sent for its rows (teacher and judge; synthesis's are in synthesis.requested),
+        # and those the cache did not answer
+        "teacher_calls": total["calls"],
+        "paid_teacher_calls": total["paid_calls"],
         "parse_errors": answered.num_rows - pc.count(answered["pred"]).as_py(),
         "partial": failed.num_rows > 0,
         "failed_rows": failed.num_rows,
@@ -315,8 +319,10 @@ def _ask(cfg, problems: list[dict], work: Path, out: Path, worker_kwargs: dict, 
         advance(len(done_ids))
 
         def on_batch(batch: pa.Table) -> None:
+            batch, calls, paid = pop_calls(batch)
             writer.add(batch)
             meter.count(batch)
+            meter.count_calls(calls, paid)
             advance(batch.num_rows, meter.status())
             if on_progress:
                 stats = {**meter.snapshot(), "teacher": label} if named else meter.snapshot()

@@ -110,6 +110,8 @@ def test_priority_then_age_after_and_one_at_a_time(project):
     assert all(_starts(j) == 1 for j in jobs.values())
     status = _cli("jobs", "status", a, cwd=project)  # the plan made before its first call, beside the actual
     assert "  estimate vs actual" in status and "    tokens in " in status and "    time " in status, status
+    calls = next(line.split() for line in status.splitlines() if line.startswith("    calls "))
+    assert calls[4] == "actual" and int(calls[3]) == jobs[a]["progress"]["calls"] >= jobs[a]["progress"]["total"]
 
 
 def test_pause_resume_and_cancel(project):

@@ -82,3 +82,7 @@ def test_pilot_estimate_holds_and_the_run_reuses_it(tmp_path, tiny_teacher, tiny
     print(f"estimated {estimate} output tokens, the run wrote {metrics['tokens_out']}")
     assert abs(estimate - metrics["tokens_out"]) <= 0.25 * metrics["tokens_out"]
     assert metrics["cached_rows"] >= 8  # the pilot's problems were paid once
+    # the calls the run counted are within the plan's range, and the pilot's were not paid again
+    low, high = (sum(s["calls"][k] for s in generate) for k in ("min", "max"))
+    assert low <= metrics["teacher_calls"] <= high, (low, metrics["teacher_calls"], high)
+    assert metrics["paid_teacher_calls"] < metrics["teacher_calls"]
