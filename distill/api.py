@@ -53,7 +53,12 @@ def run(
         from distill.core.errors import DistillError
 
         raise DistillError(f"unknown stage(s) {unknown}", f"pick from {list(STAGES)}")
-    return run_pipeline(recipe_of(recipe, overrides), tuple(stages), force, resume, allow_partial)
+    from distill.pipeline import needs_estimate
+    from distill.plan import estimate_totals
+
+    r, stages = recipe_of(recipe, overrides), tuple(stages)
+    estimate = estimate_totals(r) if needs_estimate(r, stages) else None  # the report's estimate vs actual
+    return run_pipeline(r, stages, force, resume, allow_partial, estimate)
 
 
 def generate(recipe: RecipeLike = None, overrides: Sequence[str] = (), *, force: bool = False) -> StageResult:

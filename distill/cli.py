@@ -96,9 +96,14 @@ def _stages(
     def go():
         set_env_defaults()
         recipe = load_recipe(recipe_path, overrides or [])
-        from distill.pipeline import run
+        from distill.pipeline import needs_estimate, run
 
-        result = run(recipe, stages, force, resume, allow_partial)
+        estimate = None
+        if needs_estimate(recipe, stages):  # the plan before the first call, for the report's estimate vs actual
+            from distill.plan import estimate_totals
+
+            estimate = estimate_totals(recipe)
+        result = run(recipe, stages, force, resume, allow_partial, estimate)
         gen = result.stages.get("generate")
         if gen is not None and gen.metrics.get("failed_rows"):  # went on (--allow-partial), still partial
             from distill.teachers.budget import PartialRun

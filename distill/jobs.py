@@ -771,7 +771,12 @@ def _run_claimed(store: JobStore, job_id: str) -> int:
 
         with run_lock(recipe.run_dir, job=job_id):
             if job["estimate"] is None:  # the plan before the first call, for "estimate vs actual"
-                store.update(job_id, estimate=_estimate(recipe))
+                from distill.pipeline import record_estimate
+                from distill.plan import estimate_totals
+
+                estimate = estimate_totals(recipe)
+                store.update(job_id, estimate=estimate)
+                record_estimate(recipe, estimate)  # the run's report shows it too
             if recipe.teacher.executor == "ray":
                 init_ray(address=job["address"])
             metrics = run_stage(recipe, "generate", on_progress=progress).metrics
@@ -813,31 +818,6 @@ def _run_claimed(store: JobStore, job_id: str) -> int:
         traceback.print_exc()
         store.update(job_id, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}"[:500])
         return 1
-
-
-def _estimate(recipe) -> dict | None:
-    """The plan's totals (no pilot: no weights loaded, no call paid) as stored for "estimate vs actual";
-    None when the plan cannot be made (it never stops the job)."""
-    from distill.plan import plan
-
-    try:
-        stages = [s for s in plan(recipe)["stages"] if s["stage"] != "train"]  # a job runs the generate stage
-    except Exception as e:  # the plan is advice: a job runs without it
-        print(f"no cost estimate: {type(e).__name__}: {e}", flush=True)
-        return None
-
-    def total(values):
-        values = list(values)
-        return None if any(v is None for v in values) else sum(values)
-
-    out = total(s["tokens_out"]["estimate"] for s in stages)
-    return {
-        "calls": sum(s["calls"]["estimate"] for s in stages),
-        "tokens_in": sum(s["tokens_in"]["estimate"] + s["tokens_in"]["cached"] for s in stages),
-        "tokens_out": None if out is None else out + sum(s["tokens_out"]["cached"] for s in stages),
-        "cost": total(s["cost"]["estimate"] for s in stages),
-        "seconds": total(s["seconds"] for s in stages),
-    }
 
 
 if __name__ == "__main__":

@@ -77,6 +77,30 @@ def stage_hash(recipe: Recipe, stage: str) -> str:
     return content_hash({k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in parts.items()})
 
 
+ESTIMATE_FILE = "estimate.json"  # in the run folder: the plan made before the generate stage's first call
+
+
+def needs_estimate(recipe: Recipe, stages: tuple[str, ...]) -> bool:
+    """Whether a run of ``stages`` should plan its teacher calls first: it generates, its generate stage is
+    not already done, and no estimate was made for these generate settings."""
+    if "generate" not in stages or is_done(recipe.run_dir / "generate", stage_hash(recipe, "generate")):
+        return False
+    try:
+        return json.loads((recipe.run_dir / ESTIMATE_FILE).read_text()).get("generate") != stage_hash(
+            recipe, "generate"
+        )
+    except (OSError, ValueError):
+        return True
+
+
+def record_estimate(recipe: Recipe, estimate: dict | None) -> None:
+    """Keep ``estimate`` (``distill.plan.estimate_totals``) in the run folder for the report's "estimate vs
+    actual", tagged with the generate stage hash it was made for."""
+    if estimate is not None:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(recipe.run_dir / ESTIMATE_FILE, {**estimate, "generate": stage_hash(recipe, "generate")})
+
+
 def is_done(folder: Path, digest: str) -> bool:
     """Whether ``folder`` holds a finished stage (its DONE.json) with content hash ``digest``."""
     marker = folder / "DONE.json"
@@ -240,9 +264,11 @@ def run(
     force: bool = False,
     resume: bool = True,
     allow_partial: bool = False,
+    estimate: dict | None = None,
 ) -> RunResult:
     """Run ``stages`` in order, then write the report and print the table; holds the run folder's lock
-    throughout (the stages re-enter it).
+    throughout (the stages re-enter it). ``estimate``: the teacher calls' plan (``needs_estimate``,
+    ``distill.plan.estimate_totals``), recorded before the first call; the report sets it beside the actual.
 
     A generation whose teacher failed on some rows (retries spent) makes the run partial: the run
     stops after generate, writes the report and raises ``PartialRun`` (exit code 3 on the command
@@ -251,6 +277,7 @@ def run(
     that learned from fewer rows."""
     created = not recipe.run_dir.exists()
     with run_lock(recipe.run_dir):
+        record_estimate(recipe, estimate)
         return _run(recipe, stages, force, resume, created, allow_partial)
 
 
@@ -279,7 +306,7 @@ def _run(
                     break
     except BaseException:
         # A run that failed before leaving anything but its recipe leaves no folder behind.
-        if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml", LOCK_FILE}:
+        if created and {p.name for p in run_dir.iterdir()} <= {"recipe.yaml", LOCK_FILE, ESTIMATE_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     scores = {} if partial is not None else _read_scores(run_dir)  # a stopped run has no current scores
@@ -288,7 +315,13 @@ def _run(
     # A reused stage keeps the wall time it took when it actually ran.
     seconds = {k: (r.seconds if r.seconds > 0 else previous.get(k, 0.0)) for k, r in results.items()}
     write_json(timings_file, seconds)
-    write_report(run_dir, recipe.dump(), seconds, {k: r.metrics for k, r in results.items()}, scores)
+    try:  # the plan made before the teacher's first call, when it was for this generate stage
+        estimate = json.loads((run_dir / ESTIMATE_FILE).read_text())
+        estimate = estimate if estimate.pop("generate", None) == stage_hash(recipe, "generate") else None
+    except (OSError, ValueError):
+        estimate = None
+    metrics = {k: r.metrics for k, r in results.items()}
+    write_report(run_dir, recipe.dump(), seconds, metrics, scores, estimate)
     if scores:
         print_table(scores, seconds)
     console.print(f"report: {run_dir / 'report.md'}")

@@ -691,3 +691,30 @@ def print_plan(p: dict, console=None) -> None:
         console.print(f"  {escape(n)}", style="dim", highlight=False, soft_wrap=True)
     for w in p["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+
+
+def estimate_totals(recipe: Recipe) -> dict | None:
+    """What the generate stage is planned to cost (no pilot: no weights loaded, no call paid): calls,
+    input and output tokens (cached ones included, as the stage's own counts include them), cost and
+    seconds, with the generate stage hash it was made for. None when no plan can be made (a plan is
+    advice: nothing stops for want of one)."""
+    from distill.core.progress import console
+
+    try:
+        stages = [s for s in plan(recipe)["stages"] if s["stage"] != "train"]
+    except Exception as e:  # noqa: BLE001 — any failure of the estimate leaves the run as it is
+        console.print(f"[dim]no cost estimate: {type(e).__name__}: {e}[/]", highlight=False)
+        return None
+
+    def total(values):
+        values = list(values)
+        return None if any(v is None for v in values) else sum(values)
+
+    out = total(s["tokens_out"]["estimate"] for s in stages)
+    return {
+        "calls": sum(s["calls"]["estimate"] for s in stages),
+        "tokens_in": sum(s["tokens_in"]["estimate"] + s["tokens_in"]["cached"] for s in stages),
+        "tokens_out": None if out is None else out + sum(s["tokens_out"]["cached"] for s in stages),
+        "cost": total(s["cost"]["estimate"] for s in stages),
+        "seconds": total(s["seconds"] for s in stages),
+    }

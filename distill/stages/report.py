@@ -241,8 +241,41 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics: dict, scores: dict) -> str:
-    """Write report.md, metrics.json and plots; returns the markdown."""
+def estimate_rows(estimate: dict | None, gen: dict) -> list[str]:
+    """The teacher calls' plan (made before the first call) beside what the generate stage counted."""
+    if not estimate or not gen:
+        return []
+    actual = {
+        "calls": gen.get("teacher_calls"),
+        "tokens in": gen.get("tokens_in"),
+        "tokens out": gen.get("tokens_out"),
+        "cost": gen.get("estimated_cost"),
+        "seconds": gen.get("seconds"),
+    }
+    planned = {
+        "calls": estimate.get("calls"),
+        "tokens in": estimate.get("tokens_in"),
+        "tokens out": estimate.get("tokens_out"),
+        "cost": estimate.get("cost"),
+        "seconds": estimate.get("seconds"),
+    }
+    lines = ["", "Teacher calls, planned before the first one (`distill plan`) and counted:", ""]
+    lines += ["| | estimate | actual | actual / estimate |", "|---|---|---|---|"]
+    for key, e in planned.items():
+        a = actual[key]
+        fmt = (lambda x: f"{x:.4f}") if key == "cost" else (lambda x: f"{x:,.0f}")
+        ratio = f"{a / e:.2f}" if e and a is not None else "—"
+        lines.append(f"| {key} | {'—' if e is None else fmt(e)} | {'—' if a is None else fmt(a)} | {ratio} |")
+    if gen.get("cached_rows"):
+        lines.append(f"\n{gen['cached_rows']} rows came from the completion cache (free; counted in both columns).")
+    return lines
+
+
+def write_report(
+    run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics: dict, scores: dict, estimate: dict | None = None
+) -> str:
+    """Write report.md, metrics.json and plots; returns the markdown. ``estimate``: the plan of the teacher's
+    calls made before the first one, shown beside the generate stage's counts."""
     plots = run_dir / "plots"
     loss_file = run_dir / "train" / "loss.json"
     dev_file = run_dir / "train" / "dev.json"
@@ -270,6 +303,7 @@ def write_report(run_dir: Path, recipe: dict, stage_seconds: dict, stage_metrics
         ]
         lines += teacher_lines(gen)
         lines += judge_lines(gen)
+        lines += estimate_rows(estimate, gen)
     lines += training_lines(stage_metrics.get("train", {}), dev)
     exp = stage_metrics.get("export", {})
     if exp:

@@ -142,6 +142,11 @@ def test_report_has_numbers_for_every_model(first_run):
     qat = json.loads(open(f"{run}/train/metrics.json").read())["qat"]
     assert qat["steps"] == 2 and qat["layout"]["block_size"] == 32 and qat["modules"] > 0
     assert "Quantization-aware phase: 2 more steps" in report
+    # the teacher calls planned before the first one (`distill run` made the plan), beside those counted
+    gen = json.loads(open(f"{run}/generate/metrics.json").read())
+    estimate = json.loads(open(f"{run}/estimate.json").read())
+    assert estimate["calls"] > 0 and gen["teacher_calls"] >= gen["problems"]
+    assert f"| calls | {estimate['calls']:,} | {gen['teacher_calls']:,} |" in report, report
     import os
 
     assert os.path.getsize(f"{run}/plots/loss.png") > 1000 and os.path.getsize(f"{run}/plots/models.png") > 1000
