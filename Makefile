@@ -57,10 +57,12 @@ bench: install models
 	$(PY) bench/train_vs_trl.py
 
 # Long soak: 20 kill -9s of a generation job at random moments, each resumed; exact-once check. Then 20
-# queued jobs, 2 at a time, while the queue's scheduler is killed 10 times: each job runs once.
+# queued jobs, 2 at a time, while the queue's scheduler is killed 10 times: each job runs once. Then 5
+# jobs on a real two-node Ray cluster (loopback), each losing its second node at a random moment.
 chaos: install
 	$(PY) bench/chaos.py --kills 20
 	$(PY) bench/chaos.py --queue 20 --kills 10
+	$(PY) bench/node_loss.py --rounds 5
 
 # ruff, then the import contracts of pyproject.toml (layers app -> libraries -> core, no cycles).
 lint: install

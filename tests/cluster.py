@@ -46,7 +46,7 @@ class Node:
         found: set[int] = set()
         for p in psutil.process_iter(["pid"]):
             try:
-                if os.getsid(p.pid) == self.session:
+                if os.getsid(p.pid) == self.session and p.status() != psutil.STATUS_ZOMBIE:
                     found.add(p.pid)
                     found.update(c.pid for c in p.children(recursive=True))
             except (OSError, psutil.Error):
@@ -93,7 +93,8 @@ class LocalCluster:
         return {**env, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def add_node(self, name: str, num_cpus: int = 1, resources: dict | None = None, timeout: float = 120) -> Node:
-        """Start a node (the first one is the head) and wait until the cluster lists it alive."""
+        """Start a node (the first one is the head; ``name`` is its resource label unless ``resources`` says
+        otherwise) and wait until the cluster lists it alive."""
         head = not self.nodes
         node = Node(name, self.root / name, resources=resources or {name: 1})
         ports = {
@@ -110,6 +111,7 @@ class LocalCluster:
         cmd += ["--include-dashboard", "false"] if head else []
         for k, v in ports.items():
             cmd += [k, str(v)]
+        before = {n["node_id"] for n in self.alive_nodes()} if not head else set()
         log = (self.root / f"{name}.start.log").open("w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         node.session = proc.pid
@@ -117,7 +119,7 @@ class LocalCluster:
         rc = proc.wait(timeout=timeout)
         if rc != 0:
             raise RuntimeError(f"ray start for {name} exited {rc}: {(self.root / f'{name}.start.log').read_text()}")
-        self.wait_for(lambda alive: len(alive) >= len(self.nodes), timeout)
+        self.wait_for(lambda alive: any(n["node_id"] not in before for n in alive), timeout)
         return node
 
     def alive_nodes(self) -> list[dict]:
