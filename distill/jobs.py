@@ -419,12 +419,16 @@ def queue_lines(store: JobStore) -> list[str]:
         f"scheduler {'pid ' + str(pid) if pid else 'not running (nothing queued can start)'}"
     ]
     for j in active:
-        lines.append(f"  {j['state']:<9} {j['id']}  {job_name(j)}")
+        lines.append(f"  {j['id']}  {j['state']:<9} {job_name(j)}")
     for j in queue_order(jobs):
-        lines.append(f"  {queue_label(j, jobs):<9} {j['id']}  {job_name(j)}  priority {j['priority']}")
+        reason = waiting_reason(j, jobs)
+        lines.append(
+            f"  {j['id']}  {queue_label(j, jobs, short=True):<9} {job_name(j)}  priority {j['priority']}"
+            + (f"  ({reason})" if reason else "")
+        )
     for j in jobs:
         if j["state"] == "paused":
-            lines.append(f"  paused    {j['id']}  {job_name(j)}  (`distill jobs resume {j['id']}` releases it)")
+            lines.append(f"  {j['id']}  paused    {job_name(j)}  (`distill jobs resume {j['id']}` releases it)")
     return lines
 
 
@@ -519,14 +523,14 @@ def resume(job_id: str, store: Path | None = None) -> str:
     return jobs.get(job_id)["state"]
 
 
-def queue_label(job: dict, jobs: list[dict]) -> str:
-    """The state as ``jobs list`` shows it: ``queued 2`` (its place in the queue), ``queued, after …``,
-    or the plain state."""
+def queue_label(job: dict, jobs: list[dict], short: bool = False) -> str:
+    """The state as ``jobs list`` shows it: ``queued 2`` (its place among the jobs that start when a slot
+    frees), ``queued, after <id> (running)`` (``short``: ``waiting``), or the plain state."""
     if job["state"] != "queued":
         return job["state"]
     reason = waiting_reason(job, jobs)
     if reason:
-        return f"queued, {reason}"
+        return "waiting" if short else f"queued, {reason}"
     ready = [j["id"] for j in queue_order(jobs) if waiting_reason(j, jobs) is None]
     return f"queued {ready.index(job['id']) + 1}"
 
@@ -588,7 +592,7 @@ def estimate_lines(job: dict) -> list[str]:
         ("calls", est.get("calls"), p.get("calls"), "{:,.0f}"),
         ("tokens in", est.get("tokens_in"), p.get("tokens_in"), "{:,.0f}"),
         ("tokens out", est.get("tokens_out"), p.get("tokens_out"), "{:,.0f}"),
-        ("cost", est.get("cost"), p.get("cost"), "{:.4f}"),
+        ("cost", est.get("cost"), p.get("paid_cost"), "{:.4f}"),  # what was paid: cached rows are free in both
         ("time", est.get("seconds"), seconds, None),
     ]
     lines = ["  estimate vs actual" + (" (so far)" if job["state"] in ACTIVE_STATES else "")]
@@ -629,7 +633,8 @@ def list_lines(jobs: list[dict], width: int = 80) -> list[str]:
         p = job["progress"]
         done = f"{p.get('rows', 0)}/{p['total']}" if p.get("total") else "—"
         submitted = time.strftime("%m-%d %H:%M", time.localtime(job["created"])) if job["created"] else "—"
-        rows.append([job["id"], queue_label(job, jobs), job_name(job), " ".join(job["overrides"]), submitted, done])
+        state = queue_label(job, jobs, short=True)
+        rows.append([job["id"], state, job_name(job), " ".join(job["overrides"]), submitted, done])
     header = ["ID", "STATE", "NAME", "OVERRIDES", "SUBMITTED", "PROGRESS"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
     room = width - sum(widths[i] for i in (0, 1, 4, 5)) - 2 * 5  # two spaces between columns

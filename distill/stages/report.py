@@ -249,7 +249,7 @@ def estimate_rows(estimate: dict | None, gen: dict) -> list[str]:
         "calls": gen.get("teacher_calls"),
         "tokens in": gen.get("tokens_in"),
         "tokens out": gen.get("tokens_out"),
-        "cost": gen.get("estimated_cost"),
+        "cost": gen.get("paid_cost"),  # the plan's cost is what is to pay: cached rows are free in both
         "seconds": gen.get("seconds"),
     }
     planned = {
@@ -267,7 +267,10 @@ def estimate_rows(estimate: dict | None, gen: dict) -> list[str]:
         ratio = f"{a / e:.2f}" if e and a is not None else "—"
         lines.append(f"| {key} | {'—' if e is None else fmt(e)} | {'—' if a is None else fmt(a)} | {ratio} |")
     if gen.get("cached_rows"):
-        lines.append(f"\n{gen['cached_rows']} rows came from the completion cache (free; counted in both columns).")
+        lines.append(
+            f"\n{gen['cached_rows']} rows came from the completion cache: their calls and tokens are in both columns, "
+            "their cost in neither."
+        )
     return lines
 
 

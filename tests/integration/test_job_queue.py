@@ -94,11 +94,17 @@ def test_priority_then_age_after_and_one_at_a_time(project):
         time.sleep(1.0)  # the scheduler is up: nothing else starts while a runs
         listed = _listed(project)
         assert listed[a] == "running" and listed[c] == "queued 1" and listed[b] == "queued 2", listed
-        assert listed[d] == f"queued, after {b} (queued)", listed
+        assert listed[d] == "waiting", listed
         status = _cli("jobs", "status", c, cwd=project)
         assert "  queue    queued 1; 1 running; priority 5" in status, status
         queue = _cli("jobs", "queue", cwd=project)
         assert queue.startswith("max running 1; 1 running; scheduler pid "), queue
+        assert queue.splitlines()[1:] == [
+            f"  {a}  running   a",
+            f"  {c}  queued 1  c  priority 5",
+            f"  {b}  queued 2  b  priority 0",
+            f"  {d}  waiting   d  priority 0  (after {b} (queued))",
+        ], queue
         gate.open()
         jobs = _wait(project, lambda js: all(j["state"] in FINAL_STATES for j in js.values()), what="the queue")
     finally:

@@ -65,7 +65,7 @@ def test_estimate_vs_actual_of_a_finished_job():
         started=100.0,
         finished=190.0,
         estimate={"calls": 40, "tokens_in": 2000, "tokens_out": 5000, "cost": 0.5, "seconds": 60.0},
-        progress={"tokens_in": 2100, "tokens_out": 4000, "cost": 0.45, "calls": 44},
+        progress={"tokens_in": 2100, "tokens_out": 4000, "paid_cost": 0.45, "calls": 44},
     )
     lines = estimate_lines(job)
     assert lines[0] == "  estimate vs actual"
