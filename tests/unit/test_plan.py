@@ -163,3 +163,20 @@ def test_replay_costs_nothing(tmp_path, tiny_task_cfg):
     p = plan(recipe)
     assert p["total"]["calls"]["max"] == 0 and p["total"]["cost"]["max"] == 0
     assert any("5 of 18 problems" in n for n in p["notes"])
+
+
+def test_time_without_a_pilot_from_the_recorded_throughput_of_an_embedded_teacher(tmp_path, tiny_task_cfg):
+    """No pilot and no earlier run: the embedded teacher's figure recorded on the project's machine gives
+    the time, bounded by every call at its cap while the output length is unknown."""
+    from distill.core.sources import EMBEDDED
+    from distill.plan import _seconds_or_max, _throughput
+
+    r = _recipe(tmp_path, "unused", tiny_task_cfg, workers=2, executor="ray")
+    r.teacher.model = "embedded:qwen2.5-coder-0.5b-instruct"
+    rate, workers, source = _throughput(r, None)
+    assert (rate, workers) == (EMBEDDED["qwen2.5-coder-0.5b-instruct"].tokens_per_second, 2)
+    assert "recorded" in source and "pilot" in source
+    r.teacher.model = "hf:/some/model"
+    assert _throughput(r, None) == (None, 1, None)
+    assert _seconds_or_max(None, 123.0) == "≤ 2m 03s" and _seconds_or_max(5.0, 123.0) == "5s"
+    assert _seconds_or_max(None, None) == "unknown"
