@@ -674,6 +674,18 @@ class StudentConfig(Strict):
     )
     seed: int = Field(0)
     save_every: int = Field(25, ge=0, description="optimizer steps between resumable checkpoints (0 = none)")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="data-parallel training processes: above 1, Ray Train workers (gloo on CPU, NCCL on CUDA), "
+        "each on a shard of every batch, the same model as one process; resumed from the last checkpoint when a "
+        "worker or the run dies",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="student.workers > 1: where Ray Train keeps the checkpoints, a folder every node of the cluster "
+        "reaches (default: the run's train work folder)",
+    )
     eval_max_new_tokens: int = Field(256, ge=1, description="generation cap when evaluating students")
     eval_batch_size: int = Field(8, ge=1)
     qat: QATSettings | None = Field(
@@ -703,6 +715,12 @@ class StudentConfig(Strict):
     def _auto_needs_validation(self):
         if (self.epochs == "auto" or self.lr == "auto") and self.validation is None:
             self.validation = ValidationSettings()  # auto is sized by the dev split: its defaults
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_in_one_process(self):
+        if self.workers > 1 and self.on_policy is not None:
+            raise ValueError("student.on_policy samples and scores in one process: set student.workers=1")
         return self
 
     @model_validator(mode="after")
@@ -1062,6 +1080,8 @@ NON_SEMANTIC = frozenset(
         "student.micro_batch_size",
         "student.eval_batch_size",
         "student.save_every",
+        "student.workers",  # one model however many processes train it (tests/integration/test_ray_train.py)
+        "student.storage_path",
         "student.report_to",  # where metrics are watched, not what is trained
     }
 )

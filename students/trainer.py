@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,83 @@ def improves(entry: dict, best: dict | None, metric: str) -> bool:
     return (entry["dev_accuracy"], -entry["dev_loss"]) > (best["dev_accuracy"], -best["dev_loss"])
 
 
+def target_counts(chosen: list[dict]) -> dict[str, int]:
+    """Target tokens per loss task in a global batch: the denominators of its token-weighted mean."""
+    n_target: dict[str, int] = {}
+    for e in chosen:
+        t = e.get("task", "rationale")
+        n_target[t] = n_target.get(t, 0) + sum(1 for x in e["labels"][1:] if x != -100)
+    return n_target
+
+
+def accumulate_gradients(model, chosen: list[dict], n_target: dict[str, int], cfg, pad_id: int, kd, bf16: bool):
+    """Backward of ``chosen``'s share of a global batch's loss, micro-batch by micro-batch; returns
+    ``(loss, kd term or None, tokens)`` of that share.
+
+    Token-weighted mean per loss task over the global batch (``n_target``), combined with the task
+    weights (multitask: alpha): shares of one batch add up to the whole batch's loss and gradient.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    micro = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
+    step_loss, step_kd, tokens = 0.0, None, 0
+    for mb in micro:
+        for t in sorted({e.get("task", "rationale") for e in mb}):
+            group = [e for e in mb if e.get("task", "rationale") == t]
+            if cfg.packing:
+                group = pack_examples(group, cfg.max_length)
+            batch = {k: _to(v, device) for k, v in collate(group, pad_id).items()}
+            parts: dict = {}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, n = forward_loss(model, batch, kd, parts)
+            w = task_weight(cfg, t) * n / max(n_target[t], 1)
+            (loss * w).backward()
+            step_loss += loss.item() * float(w)
+            if "kd" in parts:  # the KD term alone, weighted as the loss is
+                step_kd = (step_kd or 0.0) + parts["kd"].item() * float(w)
+            tokens += batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
+    return step_loss, step_kd, tokens
+
+
+def optimizer_step(model, opt, sched) -> None:
+    """Clip the gradient norm at 1, step the optimizer and the schedule, clear the gradients."""
+    import torch
+
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class Replica:
+    """One copy of a data-parallel run of ``train`` (``students.distributed`` builds them): copy ``rank``
+    of ``world_size`` trains on its shard of every global batch; the hooks keep the copies one model.
+
+    ``reduce_gradients(model)`` sums the gradients over the copies; ``sum_step(loss, kd, tokens)``
+    returns the step's totals over the copies; ``share(obj)`` returns rank 0's ``obj`` on every copy;
+    ``checkpointed(folder)`` is called by every copy after each checkpoint (rank 0's folder, else None).
+    """
+
+    rank: int
+    world_size: int
+    reduce_gradients: Callable
+    sum_step: Callable
+    share: Callable
+    checkpointed: Callable
+
+    @property
+    def writes(self) -> bool:
+        """Whether this copy writes the checkpoints and best weights (rank 0 only)."""
+        return self.rank == 0
+
+    def shard(self, chosen: list[dict]) -> list[dict]:
+        """This copy's disjoint contiguous part of a global batch (the last ones may be shorter or empty)."""
+        size = math.ceil(len(chosen) / self.world_size)
+        return chosen[self.rank * size : (self.rank + 1) * size]
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised by ``stop_after`` (tests simulate a crash with it); the last checkpoint survives."""
 
@@ -208,6 +286,7 @@ def train(
     on_log=None,
     on_policy=None,
     kd=None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized ``examples`` per a ``StudentConfig``; returns the loss log.
 
@@ -228,6 +307,11 @@ def train(
 
     ``kd`` (a ``KDSettings``): the logit-distillation loss of batches that carry top-k targets
     (default: ``cfg.kd`` when ``cfg.format`` is ``kd``, else none).
+
+    ``replica`` (a ``Replica``): this call is one copy of a data-parallel run — it trains on its shard
+    of each global batch, the copies' gradients are summed before each step (so every copy holds the
+    weights one process would), dev scores and stop decisions come from rank 0, and only rank 0 writes
+    to ``checkpoint_dir`` (every copy resumes from its own copy of it).
     """
     import torch
 
@@ -265,6 +349,7 @@ def train(
         "on_policy": None,
     }
     best_state = None
+    writes = replica is None or replica.writes
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_RNG).exists():
         pos = {**pos, **load_checkpoint(checkpoint_dir, model, opt, sched)}
         if (checkpoint_dir / CHECKPOINT_BEST).exists():
@@ -280,14 +365,17 @@ def train(
 
     def evaluate_dev() -> None:
         nonlocal best_state
-        entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), **dev(model), "seconds": time.time() - t0}
+        scores = dev(model) if writes else None
+        if replica is not None:  # rank 0 scores, every copy takes the same decisions from its scores
+            scores = replica.share(scores)
+        entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), **scores, "seconds": time.time() - t0}
         dev_log.append(entry)
         if on_log:
             on_log(step, {"dev/loss": entry["dev_loss"], "dev/accuracy": entry["dev_accuracy"]})
         if improves(entry, pos["best"], val.metric):
             pos["best"], pos["stale"] = entry, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and writes:
                 from safetensors.torch import save_file
 
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -320,32 +408,16 @@ def train(
                     sampled = on_policy.examples(model, [e["question"] for e in chosen], step)
                     if sampled:  # no usable sample (all empty or unscorable): the teacher-written batch
                         chosen, step_kd_cfg = sampled, on_policy.kd
-                micro = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
-                # Token-weighted mean per loss task, combined with the task weights (multitask: alpha).
-                n_target: dict[str, int] = {}
-                for e in chosen:
-                    t = e.get("task", "rationale")
-                    n_target[t] = n_target.get(t, 0) + sum(1 for x in e["labels"][1:] if x != -100)
-                step_loss, step_kd = 0.0, None
-                for mb in micro:
-                    for t in sorted({e.get("task", "rationale") for e in mb}):
-                        group = [e for e in mb if e.get("task", "rationale") == t]
-                        if cfg.packing:
-                            group = pack_examples(group, cfg.max_length)
-                        batch = {k: _to(v, device) for k, v in collate(group, pad_id).items()}
-                        parts: dict = {}
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            loss, n = forward_loss(model, batch, step_kd_cfg, parts)
-                        w = task_weight(cfg, t) * n / max(n_target[t], 1)
-                        (loss * w).backward()
-                        step_loss += loss.item() * float(w)
-                        if "kd" in parts:  # the KD term alone, weighted as the loss is
-                            step_kd = (step_kd or 0.0) + parts["kd"].item() * float(w)
-                        tokens += batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                n_target = target_counts(chosen)
+                mine = chosen if replica is None else replica.shard(chosen)
+                step_loss, step_kd, step_tokens = accumulate_gradients(
+                    model, mine, n_target, cfg, pad_id, step_kd_cfg, bf16
+                )
+                if replica is not None:  # every copy's share of the global batch's gradient and loss, summed
+                    replica.reduce_gradients(model)
+                    step_loss, step_kd, step_tokens = replica.sum_step(step_loss, step_kd, step_tokens)
+                tokens += step_tokens
+                optimizer_step(model, opt, sched)
                 log.append({"step": step, "epoch": epoch, "loss": step_loss, "lr": sched.get_last_lr()[0]})
                 if step_kd is not None:
                     log[-1]["kd"] = step_kd
@@ -367,6 +439,8 @@ def train(
                         )
                 if val and val.max_minutes and time.time() - t0 >= 60 * val.max_minutes and not stop_reason:
                     stop_reason = f"time budget of {val.max_minutes:g} minutes reached"
+                if replica is not None and val and val.max_minutes:  # clocks differ: rank 0's decides
+                    stop_reason = replica.share(stop_reason)
                 if val and val.max_tokens and tokens >= val.max_tokens and not stop_reason:
                     stop_reason = f"token budget of {val.max_tokens} tokens reached"
                 advance(1, status)
@@ -383,7 +457,10 @@ def train(
                         "seconds": time.time() - t0,
                         "on_policy": on_policy.state if on_policy is not None else None,
                     }
-                    save_checkpoint(checkpoint_dir, model, opt, sched, position)
+                    if writes:
+                        save_checkpoint(checkpoint_dir, model, opt, sched, position)
+                    if replica is not None:
+                        replica.checkpointed(checkpoint_dir if writes else None)
                 if stop_after is not None and step >= stop_after:
                     raise TrainingInterrupted(f"stopped after step {step}")
                 if stop_reason:

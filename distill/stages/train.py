@@ -198,6 +198,41 @@ def _sweep_lr(cfg, examples, tokenizer, dev, checkpoint_dir: Path | None, teache
     return sweep, cfg.model_copy(update={"lr": lr})
 
 
+def _train_on_workers(recipe, model, examples, cfg, tokenizer, dev, gen_dir: Path, checkpoint_dir: Path | None):
+    """``student.workers`` > 1: the same training on Ray Train workers; returns rank 0's ``TrainResult``.
+
+    Checkpoints go to ``student.storage_path`` (a run named by the recipe, the student settings and the
+    data, so a changed recipe never resumes another's checkpoint) or else the stage's work folder.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    from distill.config import content_hash
+    from distill.students.distributed import WorkerSettings, train_on_workers
+
+    scratch = None
+    if cfg.storage_path:
+        data = hashlib.sha256((gen_dir / "dataset" / "train.parquet").read_bytes()).hexdigest()[:12]
+        storage, name = cfg.storage_path, f"{recipe.name}-train-{content_hash(cfg)[:12]}-{data}"
+    elif checkpoint_dir is not None:
+        storage, name = str(checkpoint_dir), "ray_train"
+    else:
+        storage = scratch = tempfile.mkdtemp(prefix="distill-ray-train-")
+        name = "ray_train"
+    console.print(f"train: {cfg.workers} Ray Train workers, checkpoints in {Path(storage) / name}")
+    try:
+        done = train_on_workers(
+            model, examples, cfg, tokenizer.pad_token_id, WorkerSettings(cfg.workers, storage, name), dev=dev
+        )
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if done.resumed_from:
+        console.print(f"train: resumed from the checkpoint of step {done.resumed_from}")
+    return done.result
+
+
 def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = None) -> TrainStageResult:
     """Train the recipe's student on ``gen_dir``'s dataset; saves ``out/model``.
 
@@ -248,16 +283,24 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         params = {f"student.{k}": v for k, v in cfg.model_dump(mode="json").items()}
         trackers = Trackers(cfg.report_to, recipe.run_dir, recipe.name, params)
     try:
-        result = train(
-            model,
-            examples,
-            cfg,
-            tokenizer.pad_token_id,
-            checkpoint_dir=checkpoint_dir,
-            dev=dev,
-            on_log=trackers.log if trackers else None,
-            on_policy=on_policy,
-        )
+        if cfg.workers > 1:
+            result = _train_on_workers(recipe, model, examples, cfg, tokenizer, dev, gen_dir, checkpoint_dir)
+            if trackers:  # the workers' log, streamed once training is done
+                for e in result.losses:
+                    trackers.log(e["step"] + 1, {"train/loss": e["loss"], "train/lr": e["lr"]})
+                for d in result.dev:
+                    trackers.log(d["step"], {"dev/loss": d["dev_loss"], "dev/accuracy": d["dev_accuracy"]})
+        else:
+            result = train(
+                model,
+                examples,
+                cfg,
+                tokenizer.pad_token_id,
+                checkpoint_dir=checkpoint_dir,
+                dev=dev,
+                on_log=trackers.log if trackers else None,
+                on_policy=on_policy,
+            )
     finally:
         if trackers:
             trackers.close()
