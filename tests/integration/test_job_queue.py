@@ -81,34 +81,40 @@ def project(tmp_path, tiny_task_cfg):
     return replay_project(tmp_path / "proj", tiny_task_cfg)
 
 
-def test_priority_then_age_after_and_one_at_a_time(project):
+@pytest.fixture
+def held(project):
+    """``(gate, a)``: at most one job at a time, and job ``a`` running, its later requests held by ``gate``."""
     gate = Gate(free=2)
     try:
-        held = gated_recipe(project, gate).name
         _cli("jobs", "queue", "--max-running", "1", cwd=project)
-        a = _submit(project, held, "name=a")
+        a = _submit(project, gated_recipe(project, gate).name, "name=a")
         _wait(project, lambda js: js[a]["state"] == "running" and js[a]["progress"].get("rows", 0) >= 2, what="a")
-        b = _submit(project, "recipe.yaml", "name=b")
-        c = _submit(project, "recipe.yaml", "name=c", "--priority", "5")
-        d = _submit(project, "recipe.yaml", "name=d", "--after", b)
-        time.sleep(1.0)  # the scheduler is up: nothing else starts while a runs
-        listed = _listed(project)
-        assert listed[a] == "running" and listed[c] == "queued 1" and listed[b] == "queued 2", listed
-        assert listed[d] == "waiting", listed
-        status = _cli("jobs", "status", c, cwd=project)
-        assert "  queue    queued 1; 1 running; priority 5" in status, status
-        queue = _cli("jobs", "queue", cwd=project)
-        assert queue.startswith("max running 1; 1 running; scheduler pid "), queue
-        assert queue.splitlines()[1:] == [
-            f"  {a}  running   a",
-            f"  {c}  queued 1  c  priority 5",
-            f"  {b}  queued 2  b  priority 0",
-            f"  {d}  waiting   d  priority 0  (after {b} (queued))",
-        ], queue
-        gate.open()
-        jobs = _wait(project, lambda js: all(j["state"] in FINAL_STATES for j in js.values()), what="the queue")
+        yield gate, a
     finally:
         gate.close()
+
+
+def test_priority_then_age_after_and_one_at_a_time(project, held):
+    gate, a = held
+    b = _submit(project, "recipe.yaml", "name=b")
+    c = _submit(project, "recipe.yaml", "name=c", "--priority", "5")
+    d = _submit(project, "recipe.yaml", "name=d", "--after", b)
+    time.sleep(1.0)  # the scheduler is up: nothing else starts while a runs
+    listed = _listed(project)
+    assert listed[a] == "running" and listed[c] == "queued 1" and listed[b] == "queued 2", listed
+    assert listed[d] == "waiting", listed
+    status = _cli("jobs", "status", c, cwd=project)
+    assert "  queue    queued 1; 1 running; priority 5" in status, status
+    queue = _cli("jobs", "queue", cwd=project)
+    assert queue.startswith("max running 1; 1 running; scheduler pid "), queue
+    assert queue.splitlines()[1:] == [
+        f"  {a}  running   a",
+        f"  {c}  queued 1  c  priority 5",
+        f"  {b}  queued 2  b  priority 0",
+        f"  {d}  waiting   d  priority 0  (after {b} (queued))",
+    ], queue
+    gate.open()
+    jobs = _wait(project, lambda js: all(j["state"] in FINAL_STATES for j in js.values()), what="the queue")
     assert [jobs[j]["state"] for j in (a, b, c, d)] == ["done"] * 4, jobs
     order = sorted((a, b, c, d), key=lambda j: jobs[j]["started"])
     assert order == [a, c, b, d], order
@@ -120,30 +126,23 @@ def test_priority_then_age_after_and_one_at_a_time(project):
     assert calls[4] == "actual" and int(calls[3]) == jobs[a]["progress"]["calls"] >= jobs[a]["progress"]["total"]
 
 
-def test_pause_resume_and_cancel(project):
-    gate = Gate(free=2)
-    try:
-        held = gated_recipe(project, gate).name
-        _cli("jobs", "queue", "--max-running", "1", cwd=project)
-        a = _submit(project, held, "name=a")
-        _wait(project, lambda js: js[a]["state"] == "running" and js[a]["progress"].get("rows", 0) >= 2, what="a")
-        b = _submit(project, "recipe.yaml", "name=b")
-        c = _submit(project, "recipe.yaml", "name=c")
-        assert "job " + b + ": paused" in _cli("jobs", "pause", b, cwd=project)
-        assert "job " + c + ": cancelled" in _cli("jobs", "cancel", c, cwd=project)
-        assert "job " + a + ": paused" in _cli("jobs", "pause", a, cwd=project)  # a running job stops
-        time.sleep(1.0)
-        jobs = _jobs(project)
-        assert [jobs[j]["state"] for j in (a, b, c)] == ["paused", "paused", "cancelled"], jobs
-        assert _listed(project)[a] == "paused"
-        assert scheduler_pid(JobStore(project / STORE)) is None  # nothing can start: it exited
-        _cli("jobs", "resume", b, cwd=project)
-        _wait(project, lambda js: js[b]["state"] == "done", what="b")
-        gate.open()
-        _cli("jobs", "resume", a, cwd=project)
-        jobs = _wait(project, lambda js: js[a]["state"] in FINAL_STATES, what="a")
-    finally:
-        gate.close()
+def test_pause_resume_and_cancel(project, held):
+    gate, a = held
+    b = _submit(project, "recipe.yaml", "name=b")
+    c = _submit(project, "recipe.yaml", "name=c")
+    assert "job " + b + ": paused" in _cli("jobs", "pause", b, cwd=project)
+    assert "job " + c + ": cancelled" in _cli("jobs", "cancel", c, cwd=project)
+    assert "job " + a + ": paused" in _cli("jobs", "pause", a, cwd=project)  # a running job stops
+    time.sleep(1.0)
+    jobs = _jobs(project)
+    assert [jobs[j]["state"] for j in (a, b, c)] == ["paused", "paused", "cancelled"], jobs
+    assert _listed(project)[a] == "paused"
+    assert scheduler_pid(JobStore(project / STORE)) is None  # nothing can start: it exited
+    _cli("jobs", "resume", b, cwd=project)
+    _wait(project, lambda js: js[b]["state"] == "done", what="b")
+    gate.open()
+    _cli("jobs", "resume", a, cwd=project)
+    jobs = _wait(project, lambda js: js[a]["state"] in FINAL_STATES, what="a")
     assert jobs[a]["state"] == "done", Path(jobs[a]["log"]).read_text()
     assert _starts(jobs[a]) == 2 and _starts(jobs[b]) == 1 and _starts(jobs[c]) == 0
     ids = pq.read_table(project / "runs" / "a" / "generate" / "shards")["id"].to_pylist()
