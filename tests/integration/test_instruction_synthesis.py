@@ -6,7 +6,6 @@ answered rows in the dataset; code: a problem is kept only when the teacher's so
 the failing one is dropped with its reason."""
 
 import json
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -117,10 +116,8 @@ def test_instruction_synthesis_writes_deduplicated_instructions_and_answers_them
     writer.save(tmp_path / "cache.sqlite")
     answerer.save(tmp_path / "cache.sqlite")
 
-    start = time.monotonic()
     res = CliRunner().invoke(app, ["generate", str(path)])
     assert res.exit_code == 0, res.output
-    assert time.monotonic() - start < 60
 
     gen = tmp_path / "runs" / "instr" / "generate"
     train = pq.read_table(gen / "dataset" / "train.parquet").to_pylist()
@@ -218,10 +215,8 @@ def test_code_synthesis_keeps_only_problems_whose_solution_passes(tmp_path):
     writer.save(tmp_path / "cache.sqlite")
     solver.save(tmp_path / "cache.sqlite")
 
-    start = time.monotonic()
     res = CliRunner().invoke(app, ["generate", str(path)])
     assert res.exit_code == 0, res.output
-    assert time.monotonic() - start < 60
 
     gen = tmp_path / "runs" / "code" / "generate"
     train = pq.read_table(gen / "dataset" / "train.parquet").to_pylist()

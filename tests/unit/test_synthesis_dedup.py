@@ -2,7 +2,6 @@
 teacher's untrusted outputs into instructions and code problems."""
 
 import random
-import time
 
 import pytest
 
@@ -72,16 +71,6 @@ def test_the_index_moves_to_lsh_past_the_row_count_and_keeps_its_rows():
     assert index.find("Something else entirely: " + " ".join(f"x{i}" for i in range(20))) is None
 
 
-def test_lsh_is_faster_than_exact_jaccard_at_scale():
-    texts, _ = planted_corpus(1500, every=50)
-    start = time.perf_counter()
-    verdicts(texts, lsh_rows=len(texts) + 1)
-    exact_s = time.perf_counter() - start
-    start = time.perf_counter()
-    verdicts(texts, lsh_rows=0)
-    assert time.perf_counter() - start < exact_s
-
-
 @pytest.mark.parametrize(
     ("text", "finish", "want"),
     [
@@ -133,11 +122,22 @@ def test_parse_instruction_drops_malformed_outputs_with_a_reason(text, finish, r
 
 
 def test_parse_instruction_is_linear_on_a_hostile_output():
+    """A pathological output (what makes a backtracking pattern explode) parses at all: the alarm is a
+    hang guard for a catastrophic pattern, not a speed target (bench/dedup_scale.py measures speed)."""
+    import signal
+
+    def hang(signum, frame):
+        raise AssertionError("parsing a hostile output did not finish in 60 s: a pattern backtracks")
+
     hostile = ("*" * 50_000 + " input" * 10_000 + ":") * 4
-    start = time.perf_counter()
-    parse_instruction(hostile)
-    parse_code_problem(hostile)
-    assert time.perf_counter() - start < 2
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        parse_instruction(hostile)
+        parse_code_problem(hostile)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 GOOD_CODE = """ Write a function double(x) that returns twice the number x.
