@@ -432,7 +432,13 @@ Store = Annotated[
 def jobs_submit(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address (default: a local cluster); http://HEAD:8265 (the dashboard) sends the job "
+            "to the cluster through Ray's Jobs API: it runs there, not in the local queue"
+        ),
+    ] = None,
     store: Store = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print what the job would cost (`distill plan`) and submit nothing")
@@ -470,12 +476,13 @@ def jobs_list(store: Store = None) -> None:
     def go():
         import shutil
 
-        from distill.jobs import JobStore, list_lines, store_path, wake
+        from distill.jobs import JobStore, list_lines, store_path, sync_ray_jobs, wake
 
         path = store_path(store)
         if path.exists():  # listing never creates a store
             js = JobStore(path)
             wake(js)  # a scheduler killed with jobs still queued is started again
+            sync_ray_jobs(js)  # jobs on a Ray cluster: what the cluster says now
             jobs = js.all()
         else:
             jobs = []
@@ -490,10 +497,10 @@ def jobs_status(job_id: str, store: Store = None) -> None:
     """Rows done / failed / remaining, tokens, estimated cost and rate, runner pid, elapsed time and ETA."""
 
     def go():
-        from distill.jobs import JobStore, status_lines, store_path, timing_lines, wake
+        from distill.jobs import JobStore, status_lines, store_path, sync_ray_job, timing_lines, wake
 
         js = JobStore(store_path(store), create=False)
-        job = js.get(job_id)
+        job = sync_ray_job(js, job_id)  # a job on a Ray cluster: its status there; any other as stored
         wake(js)
         print("\n".join(status_lines(job, jobs=js.all()) + timing_lines(job)))
 
@@ -573,25 +580,29 @@ def jobs_logs(
     partial, budget-stopped or cancelled (exit 0). Ctrl-C stops following (exit 130), not the job."""
 
     def go():
-        from distill.jobs import JobStore, store_path
+        from distill.jobs import JobStore, ray_job_logs, store_path
 
         jobs = JobStore(store_path(store), create=False)
+        job = jobs.get(job_id)
         if follow:
-            _follow(jobs, job_id, lines)
+            _follow(jobs, job_id, lines, ray=bool(job.get("ray_job_id")))
             return
-        log = Path(jobs.get(job_id)["log"])
-        text = log.read_text(errors="replace").splitlines() if log.exists() else []
+        if job.get("ray_job_id"):  # kept by the cluster (Ray's get_job_logs)
+            text = ray_job_logs(jobs, job_id).splitlines()
+        else:
+            log = Path(job["log"])
+            text = log.read_text(errors="replace").splitlines() if log.exists() else []
         print("\n".join(text[-lines:]))
 
     _guard(go)
 
 
-def _follow(jobs, job_id: str, lines: int) -> None:
+def _follow(jobs, job_id: str, lines: int, ray: bool = False) -> None:
     """``jobs logs -f``: follow until the job ends; Ctrl-C or a closed pipe ends it quietly."""
-    from distill.jobs import follow_log
+    from distill.jobs import follow_log, follow_ray_log
 
     try:
-        follow_log(jobs, job_id, lines)
+        (follow_ray_log if ray else follow_log)(jobs, job_id, lines)
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} goes on (`distill jobs cancel {job_id}` stops it)", file=sys.stderr)
         raise typer.Exit(130) from None

@@ -28,6 +28,14 @@ died between its claim and the spawn) goes back to the queue after ``STARTING_TI
 The job store suffices as the queue (a maintained queue such as huey would add a second database
 and a worker daemon for what one SQLite table and one lock do here); on a Ray cluster, Ray's own
 scheduling decides where a job's actors run.
+
+Jobs on a cluster (``--address http://HEAD:8265``, the dashboard's Jobs API): ``submit`` hands the job to
+Ray (``JobSubmissionClient.submit_job``, submission id = the distill job id, one entrypoint CPU) instead of
+the queue, so it runs on the cluster and outlives the submitting machine; the store keeps ``ray_job_id``
+and the address. The entrypoint (``python -m distill.jobs --ray-job ...``) runs in the submitting folder's
+path on the cluster (a shared folder, as ``student.storage_path`` needs) and prints one ``distill-progress``
+JSON line per batch and a last one with the outcome; ``status``, ``list``, ``logs`` and ``cancel`` read
+Ray's status and log (``sync_ray_job``) and write what they learn back to the store.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -55,6 +64,9 @@ ACTIVE_STATES = ("starting", "running")  # counted against max_running
 STARTING_TIMEOUT = 15.0  # seconds a claimed job may wait for its runner before it is queued again
 MAX_START_ATTEMPTS = 3  # runners that died before claiming their job: then the job fails
 SCHEDULER_POLL = 0.2  # seconds between the scheduler's looks at the queue
+RAY_PENDING = "pending"  # a Ray job the cluster has not started yet (Ray's PENDING): not in the local queue
+RAY_JOB_CPUS = 1  # the entrypoint's CPU on the cluster (the stage's driver; the local executor runs in it)
+PROGRESS_MARK = "distill-progress "  # a Ray job's log line: this, then the progress as JSON
 
 
 def find_store(start: Path | None = None) -> Path:
@@ -92,6 +104,7 @@ ADDED_COLUMNS = {
     "attempts": "INTEGER",
     "stop_as": "TEXT",
     "estimate": "TEXT",
+    "ray_job_id": "TEXT",  # a job sent through Ray's Jobs API (its submission id); the Jobs address is `address`
 }
 DEFAULT_MAX_RUNNING = 1
 
@@ -150,18 +163,20 @@ class JobStore:
         name: str | None = None,
         priority: int = 0,
         after: list[str] | tuple = (),
+        state: str = "queued",
     ) -> str:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         log = str((self.path.parent / "jobs" / f"{job_id}.log").resolve())
         self.db.execute(
             "INSERT INTO jobs (id, recipe, overrides, address, run_dir, state, created, progress, log, cwd, name, "
-            "priority, after, attempts) VALUES (?, ?, ?, ?, ?, 'queued', ?, '{}', ?, ?, ?, ?, ?, 0)",
+            "priority, after, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, 0)",
             (
                 job_id,
                 recipe,
                 json.dumps(overrides),
                 address,
                 run_dir,
+                state,  # a Ray job is never "queued": the local scheduler must not start it
                 time.time(),
                 log,
                 os.getcwd(),
@@ -251,9 +266,17 @@ def submit(
     slot is free, its ``after`` jobs are done and no other job of the store uses its run folder).
 
     Refused (``RunFolderBusy``) while a live process holds the recipe's run folder; refused when an
-    ``after`` id is not a job of this store."""
+    ``after`` id is not a job of this store. A Jobs API ``address`` (``http://HEAD:8265``) sends the job to
+    that cluster instead (``submit_to_ray``)."""
     from distill.config import load_recipe
 
+    if is_jobs_address(address):
+        if after or priority:
+            raise DistillError(
+                "--after and --priority order the local queue; a job sent to a Ray cluster is scheduled by Ray",
+                "drop them, or submit without an http:// --address",
+            )
+        return submit_to_ray(recipe_path, overrides, address, store)
     recipe = load_recipe(recipe_path, overrides)
     ensure_free(recipe.run_dir)
     jobs = JobStore(store)
@@ -275,10 +298,15 @@ def _blocked_by(job: dict, by_id: dict[str, dict]) -> list[str]:
     return [dep for dep in job["after"] if dep in by_id and by_id[dep]["state"] != "done"]
 
 
+def _local(jobs: list[dict]) -> list[dict]:
+    """The jobs of the local queue (a job sent to a Ray cluster is Ray's to schedule)."""
+    return [j for j in jobs if not j.get("ray_job_id")]
+
+
 def queue_order(jobs: list[dict]) -> list[dict]:
     """The queued jobs in the order the scheduler will consider them: priority (higher first), then
     submission time."""
-    queued = [j for j in jobs if j["state"] == "queued"]
+    queued = [j for j in jobs if j["state"] == "queued" and not j.get("ray_job_id")]
     return sorted(queued, key=lambda j: (-(j["priority"] or 0), j["created"] or 0, j["id"]))
 
 
@@ -289,7 +317,11 @@ def waiting_reason(job: dict, jobs: list[dict]) -> str | None:
     if blocked:
         return "after " + ", ".join(f"{dep} ({by_id[dep]['state']})" for dep in blocked)
     holder = next(
-        (j for j in jobs if j["id"] != job["id"] and j["state"] in ACTIVE_STATES and j["run_dir"] == job["run_dir"]),
+        (
+            j
+            for j in _local(jobs)
+            if j["id"] != job["id"] and j["state"] in ACTIVE_STATES and j["run_dir"] == job["run_dir"]
+        ),
         None,
     )
     return f"run folder in use by job {holder['id']}" if holder else None
@@ -316,7 +348,7 @@ def schedule_once(store: JobStore) -> list[str]:
             store.update_if(job["id"], ("starting",), state="queued", pid=None)
     started: list[str] = []
     jobs = store.all()
-    slots = store.max_running() - sum(j["state"] in ACTIVE_STATES for j in jobs)
+    slots = store.max_running() - sum(j["state"] in ACTIVE_STATES for j in _local(jobs))
     for job in queue_order(jobs):
         if slots <= 0:
             break
@@ -335,7 +367,7 @@ def _can_progress(jobs: list[dict]) -> bool:
     queued = queue_order(jobs)
     if not queued:
         return False
-    if any(j["state"] in ACTIVE_STATES for j in jobs):
+    if any(j["state"] in ACTIVE_STATES for j in _local(jobs)):
         return True
     return any(waiting_reason(j, jobs) is None for j in queued)
 
@@ -413,7 +445,7 @@ def queue_lines(store: JobStore) -> list[str]:
     """``distill jobs queue``: the limit, the scheduler, the running jobs, then the queued ones in order."""
     jobs = store.all()
     pid = scheduler_pid(store)
-    active = [j for j in jobs if j["state"] in ACTIVE_STATES]
+    active = [j for j in _local(jobs) if j["state"] in ACTIVE_STATES]
     lines = [
         f"max running {store.max_running()}; {len(active)} running; "
         f"scheduler {'pid ' + str(pid) if pid else 'not running (nothing queued can start)'}"
@@ -462,6 +494,8 @@ def pause(job_id: str, store: Path | None = None) -> dict:
 def _stop(job_id: str, store: Path | None, state: str) -> dict:
     jobs = JobStore(store, create=False)
     job = jobs.get(job_id)
+    if job.get("ray_job_id"):
+        return _stop_ray(jobs, job, state)
     verb = "cancel" if state == "cancelled" else "pause"
     note = f"{state} by `distill jobs {verb}` at {_clock(time.time())}"
     waiting = ("queued", "paused") if state == "cancelled" else ("queued",)
@@ -513,11 +547,15 @@ def resume(job_id: str, store: Path | None = None) -> str:
     it stopped (committed rows kept, cached completions free). Returns its new state."""
     jobs = JobStore(store, create=False)
     job = jobs.get(job_id)
-    if job["state"] in ("running", "starting", "done", "queued"):
+    if job.get("ray_job_id"):
+        job = sync_ray_job(jobs, job_id)
+    if job["state"] in ("running", "starting", "done", "queued", RAY_PENDING):
         raise DistillError(
             f"job {job_id} is {job['state']}", "only paused, failed, partial, cancelled or budget-stopped jobs resume"
         )
     ensure_free(Path(job["run_dir"]))
+    if job.get("ray_job_id"):  # submitted again under a new Ray submission id; committed rows are kept
+        return _resubmit_ray(jobs, job)
     jobs.update(job_id, state="queued", error=None, cancelled_by=None, finished=None, attempts=0, pid=None)
     ensure_scheduler(jobs)
     return jobs.get(job_id)["state"]
@@ -573,7 +611,13 @@ def status_lines(job: dict, recipe=None, jobs: list[dict] | None = None) -> list
     elif job["error"]:
         lines.append(f"  reason   {job['error']}")
     lines += estimate_lines(job)
-    lines.append(f"  output   {job['run_dir']}/generate   log {job['log']}")
+    if job.get("ray_job_id"):
+        lines.append(
+            f"  cluster  ray job {job['ray_job_id']} at {job['address']} (log: `distill jobs logs {job['id']}`)"
+        )
+        lines.append(f"  output   {job['run_dir']}/generate (on the cluster's shared folder)")
+    else:
+        lines.append(f"  output   {job['run_dir']}/generate   log {job['log']}")
     return lines
 
 
@@ -675,6 +719,8 @@ def timing_lines(job: dict, now: float | None = None) -> list[str]:
     pid, started, finished = job.get("pid"), job.get("started"), job.get("finished")
     running = job["state"] == "running"
     runner = f"pid {pid} ({'running' if _is_runner(pid, job['id']) else 'exited'})" if pid else "—"
+    if job.get("ray_job_id"):
+        runner = f"ray job {job['ray_job_id']} at {job['address']}"
     end = now if running else finished
     elapsed = end - started if started and end and end >= started else None
     elapsed_text = f"{_duration(elapsed)} (started {_clock(started)})" if elapsed is not None else "—"
@@ -825,10 +871,241 @@ def _run_claimed(store: JobStore, job_id: str) -> int:
         return 1
 
 
+# --- jobs on a Ray cluster (the dashboard's Jobs API) ---------------------------------------------------
+
+# Ray's job states as distill's: a stopped job was cancelled; a failed one may say better in its last line.
+RAY_STATES = {
+    "PENDING": RAY_PENDING,
+    "RUNNING": "running",
+    "SUCCEEDED": "done",
+    "FAILED": "failed",
+    "STOPPED": "cancelled",
+}
+
+
+def is_jobs_address(address: str | None) -> bool:
+    """Whether ``address`` is a Ray dashboard's Jobs API (``http://HEAD:8265``) rather than a GCS address."""
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def _ray_client(address: str):
+    """A ``JobSubmissionClient`` for ``address``; one ``DistillError`` when the dashboard does not answer."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # ConnectionError, or a dashboard without the Jobs API
+        raise DistillError(
+            f"no Ray Jobs API at {address} ({str(e).splitlines()[0][:200]})",
+            "start the head with the dashboard (`ray start --head --include-dashboard true`, port 8265) "
+            "and pass its http://HOST:PORT",
+        ) from None
+
+
+def _entrypoint(job_id: str, recipe: str, overrides: list[str], cwd: str) -> str:
+    """The shell command the cluster runs: distill's Ray-job runner in the submitting folder's path."""
+    args = ["python", "-m", "distill.jobs", "--ray-job", job_id, recipe, *overrides]
+    return f"cd {shlex.quote(cwd)} && {shlex.join(args)}"
+
+
+def submit_to_ray(recipe_path: Path, overrides: list[str], address: str, store: Path | None = None) -> str:
+    """Validate the recipe and send its generate stage to the Ray cluster at ``address`` (the Jobs API);
+    returns the distill job id, which is also Ray's submission id. The job runs on the cluster (one
+    entrypoint CPU, held back by Ray until it fits) in the submitting folder's path, so the cluster's
+    nodes must see that folder (a shared filesystem) for ``jobs status`` to read the run folder."""
+    from distill.config import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    ensure_free(recipe.run_dir)
+    client = _ray_client(address)
+    jobs = JobStore(store)
+    recipe_file = str(Path(recipe_path).resolve())
+    run_dir = str(recipe.run_dir.resolve())
+    job_id = jobs.add(recipe_file, overrides, address, run_dir, name=recipe.name, state=RAY_PENDING)
+    _send(jobs, client, jobs.get(job_id), job_id)
+    return job_id
+
+
+def _send(jobs: JobStore, client, job: dict, submission_id: str) -> None:
+    """``submit_job`` for ``job`` under ``submission_id``, recorded in the store (a refusal: the job fails)."""
+    try:
+        client.submit_job(
+            entrypoint=_entrypoint(job["id"], job["recipe"], job["overrides"], job["cwd"]),
+            submission_id=submission_id,
+            runtime_env={"env_vars": {"COLUMNS": "120", "PYTHONUNBUFFERED": "1"}},
+            metadata={"distill_job": job["id"], "name": job.get("name") or ""},
+            entrypoint_num_cpus=RAY_JOB_CPUS,
+        )
+    except Exception as e:
+        error = f"the Ray cluster at {job['address']} refused the job: {str(e).splitlines()[0][:300]}"
+        jobs.update(job["id"], state="failed", finished=time.time(), error=error)
+        raise DistillError(error, "see `ray job list` on the head node") from None
+    jobs.update(job["id"], ray_job_id=submission_id, state=RAY_PENDING, error=None, finished=None, started=None)
+
+
+def _resubmit_ray(jobs: JobStore, job: dict) -> str:
+    """``resume`` for a Ray job: the same job under a new submission id (``<id>-2``, ...)."""
+    attempt = (job.get("attempts") or 1) + 1
+    jobs.update(job["id"], attempts=attempt, cancelled_by=None)
+    _send(jobs, _ray_client(job["address"]), job, f"{job['id']}-{attempt}")
+    return jobs.get(job["id"])["state"]
+
+
+def _last_progress(log: str) -> dict | None:
+    """The last ``distill-progress`` line of a Ray job's log, as a dict (None when there is none)."""
+    for line in reversed(log.splitlines()):
+        if line.startswith(PROGRESS_MARK):
+            try:
+                return json.loads(line[len(PROGRESS_MARK) :])
+            except ValueError:
+                continue
+    return None
+
+
+def sync_ray_job(store: JobStore, job_id: str) -> dict:
+    """The job with what its Ray cluster says now: Ray's status mapped to distill's states, the progress
+    from the log's last ``distill-progress`` line, start and end times; written back to the store. A
+    cluster that does not answer leaves the stored job as it was, with a note in ``error``."""
+    job = store.get(job_id)
+    if not job.get("ray_job_id") or job["state"] in FINAL_STATES:
+        return job
+    try:
+        client = _ray_client(job["address"])
+        info = client.get_job_info(job["ray_job_id"])
+        log = client.get_job_logs(job["ray_job_id"])
+    except Exception as e:
+        job["error"] = f"the Ray cluster at {job['address']} did not answer ({str(e).splitlines()[0][:200]})"
+        return job
+    status = str(getattr(info.status, "value", info.status))
+    fields: dict = {"state": RAY_STATES.get(status, job["state"])}
+    last = _last_progress(log)
+    if last is not None:
+        outcome = last.pop("outcome", None)
+        fields["progress"] = last
+        if status in ("SUCCEEDED", "FAILED") and outcome:  # the runner's own word: partial, budget, ...
+            fields["state"], fields["error"] = outcome["state"], outcome.get("error")
+    if info.start_time:
+        fields["started"] = info.start_time / 1000
+    if info.end_time:
+        fields["finished"] = info.end_time / 1000
+    if fields["state"] == "failed" and not fields.get("error"):
+        fields["error"] = (info.message or "the Ray job failed")[:500]
+    if fields["state"] == "cancelled":
+        fields["error"] = job.get("cancelled_by") or "stopped on the cluster (`ray job stop`)"
+    store.update(job_id, **fields)
+    return store.get(job_id)
+
+
+def sync_ray_jobs(store: JobStore) -> None:
+    """``sync_ray_job`` for every Ray job of the store that is not in a final state."""
+    for job in store.all():
+        if job.get("ray_job_id") and job["state"] not in FINAL_STATES:
+            sync_ray_job(store, job["id"])
+
+
+def ray_job_logs(store: JobStore, job_id: str) -> str:
+    """The whole log Ray keeps for the job's latest submission."""
+    job = store.get(job_id)
+    return _ray_client(job["address"]).get_job_logs(job["ray_job_id"])
+
+
+def follow_ray_log(store: JobStore, job_id: str, lines: int = 40, out=None, poll: float = 0.5) -> None:
+    """``jobs logs -f`` for a Ray job: the last ``lines`` lines, then what the cluster appends, until the
+    job is in a final state (what it printed on its way out is shown)."""
+    out = out or sys.stdout.buffer
+    pos = None
+    while True:
+        last = sync_ray_job(store, job_id)["state"] in FINAL_STATES
+        data = ray_job_logs(store, job_id).encode()
+        if pos is None or pos > len(data):
+            pos = _tail_start(data, lines) if pos is None else 0
+        if len(data) > pos:
+            out.write(data[pos:])
+            out.flush()
+            pos = len(data)
+        if last:
+            return
+        time.sleep(poll)
+
+
+def _stop_ray(jobs: JobStore, job: dict, state: str) -> dict:
+    """``cancel`` for a Ray job: ``stop_job`` (Ray sends the entrypoint SIGTERM, committed rows are kept),
+    waiting up to 15 s for the cluster to say it stopped. A Ray job cannot pause."""
+    if state == "paused":
+        raise DistillError(
+            f"job {job['id']} runs on the Ray cluster at {job['address']}, which cannot pause a job",
+            f"`distill jobs cancel {job['id']}` stops it (committed rows kept); `distill jobs resume` sends it again",
+        )
+    job = sync_ray_job(jobs, job["id"])
+    if job["state"] in FINAL_STATES:
+        raise DistillError(f"job {job['id']} is {job['state']}, not pending or running", "only those can be cancelled")
+    note = f"cancelled by `distill jobs cancel` at {_clock(time.time())}"
+    jobs.update(job["id"], cancelled_by=note)
+    client = _ray_client(job["address"])
+    client.stop_job(job["ray_job_id"])
+    for _ in range(150):
+        if str(getattr(client.get_job_status(job["ray_job_id"]), "value", "")) in ("STOPPED", "SUCCEEDED", "FAILED"):
+            break
+        time.sleep(0.1)
+    return sync_ray_job(jobs, job["id"])
+
+
+def run_ray_entrypoint(job_id: str, recipe_file: str, overrides: list[str]) -> int:
+    """The job's process on the Ray cluster: the generate stage under the run folder's lock, one
+    ``distill-progress`` line per batch and a last one with the outcome; exit code as the local runner's."""
+    from distill.config import load_recipe
+    from distill.core.executor import init_ray
+    from distill.pipeline import run_stage
+    from distill.teachers.budget import BudgetExceeded
+
+    last: dict = {}
+
+    def report(stats: dict, outcome: dict | None = None) -> None:
+        last.update(stats)
+        print(PROGRESS_MARK + json.dumps({**last, **({"outcome": outcome} if outcome else {})}), flush=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    print(f"{_clock(time.time())} ray job {job_id} started on {os.uname().nodename} pid {os.getpid()}", flush=True)
+    try:
+        recipe = load_recipe(recipe_file, overrides)
+        with run_lock(recipe.run_dir, job=job_id):
+            if recipe.teacher.executor == "ray":
+                init_ray(address=os.environ.get("RAY_ADDRESS") or "auto")  # the cluster this job runs on
+            metrics = run_stage(recipe, "generate", on_progress=report).metrics
+        failed = metrics.get("failed_rows", 0)
+        synthesized = (metrics.get("synthesis") or {}).get("requested", 0)
+        final = {
+            "calls": metrics.get("teacher_calls", 0) + synthesized,
+            "rows": metrics["problems"] - failed,
+            "failed": failed,
+            "total": metrics["problems"],
+        }
+        if failed:
+            report(final, {"state": "partial", "error": "; ".join(metrics.get("failure_reasons", []))[:400]})
+            return 4
+        report(final, {"state": "done"})
+        return 0
+    except BudgetExceeded as e:
+        report({}, {"state": "budget", "error": str(e)})
+        return 3
+    except DistillError as e:
+        report({}, {"state": "failed", "error": str(e)[:500]})
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{_clock(time.time())} ray job {job_id} stopped (SIGTERM: `distill jobs cancel`)", flush=True)
+        return 130
+
+
 if __name__ == "__main__":
     from distill.core.env import set_env_defaults
 
     set_env_defaults()
     if sys.argv[1] == "--scheduler":
         sys.exit(run_scheduler(sys.argv[2]))
+    if sys.argv[1] == "--ray-job":
+        sys.exit(run_ray_entrypoint(sys.argv[2], sys.argv[3], sys.argv[4:]))
     sys.exit(run_job(sys.argv[1], sys.argv[2]))
