@@ -80,8 +80,9 @@ def test_killed_job_resumes_to_the_same_dataset(tmp_path, tiny_teacher, tiny_tas
             job,
             cwd,
             env,
-            lambda s, t=target: (s["state"] == "running" and s["progress"].get("rows", 0) >= t)
-            or s["state"] in FINAL_STATES,
+            lambda s, t=target: (
+                (s["state"] == "running" and s["progress"].get("rows", 0) >= t) or s["state"] in FINAL_STATES
+            ),
         )
         if s["state"] != "running":
             break
