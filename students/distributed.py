@@ -88,7 +88,9 @@ def train_on_workers(
         _worker_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=settings.workers,
+            # (1, N): elastic, so a group that lost a node starts again on the workers that fit (the model
+            # does not depend on the worker count) instead of waiting forever for the lost node's CPUs.
+            num_workers=(1, settings.workers) if settings.workers > 1 else settings.workers,
             use_gpu=use_gpu,
             resources_per_worker=settings.resources_per_worker,
             placement_strategy="PACK" if use_gpu else "SPREAD",  # CPU: one worker per node first
