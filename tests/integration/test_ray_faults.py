@@ -1,4 +1,4 @@
-"""A Ray actor killed (SIGKILL) mid-generation: Ray retries its batch, every row lands exactly once."""
+"""A Ray actor killed (SIGKILL) mid-generation: its batch goes back to the queue for a live actor, every row lands exactly once."""
 
 import os
 import signal
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def _teacher_actor_pids() -> list[int]:
-    """Processes hosting a TeacherWorker actor (Ray titles them ``ray::MapWorker(...TeacherWorker...)``)."""
+    """Processes hosting a TeacherWorker actor (Ray titles them ``ray::TeacherWorker``)."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
