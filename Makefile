@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # Environment defaults (offline, no telemetry, one thread per process) are set by distill itself:
 # distill.core.env.set_env_defaults(), called by the CLI, the tests and the bench scripts.
 
-.PHONY: install models browser quickstart test test-slow bench chaos lint format clean
+.PHONY: install models browser quickstart test test-cluster test-slow bench chaos lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ browser:
 
 test: install browser
 	$(PY) -m pytest -q
+
+# The cluster tier (CI runs it after `make test`): a real two-node Ray cluster losing a node, students on Ray
+# Train losing a worker, jobs through the Ray Jobs API. Several minutes of cluster start-ups.
+test-cluster: install
+	$(PY) -m pytest -q -m cluster
 
 test-slow: install models
 	$(PY) -m pytest -q -m slow

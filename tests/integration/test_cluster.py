@@ -17,7 +17,7 @@ from cluster import LocalCluster
 
 from distill.jobs import FINAL_STATES, JobStore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]  # `make test-cluster`
 
 
 @pytest.fixture(scope="module")

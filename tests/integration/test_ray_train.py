@@ -11,7 +11,7 @@ from distill.config import Recipe, StudentConfig
 from distill.students.data import tokenize_example
 from distill.students.trainer import train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]  # `make test-cluster`
 
 # One process: 4 micro-batches of 1 per step; two workers: 2 each (2 workers x 1 x 2 = batch_size 4).
 STUDENT = {
