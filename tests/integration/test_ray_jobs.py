@@ -89,6 +89,8 @@ def test_a_job_sent_to_the_cluster_runs_there_and_is_read_back(tmp_path, tiny_ta
     assert logs.returncode == 0 and f"ray job {job} started" in logs.stdout, logs.stdout + logs.stderr
     last = [json.loads(x.split(" ", 1)[1]) for x in logs.stdout.splitlines() if x.startswith("distill-progress ")][-1]
     assert last["outcome"] == {"state": "done"} and last["rows"] == 18
+    follow = _cli("jobs", "logs", job, "-f", "-n", "200", cwd=project)  # an ended job: the log, then exit 0
+    assert follow.returncode == 0 and follow.stdout.strip() == logs.stdout.strip()
     listed = _cli("jobs", "list", cwd=project).stdout
     assert any(line.startswith(job) and " done " in line and line.endswith("18/18") for line in listed.splitlines())
     from ray.job_submission import JobSubmissionClient
