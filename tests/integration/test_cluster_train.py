@@ -18,7 +18,7 @@ from distill.config import StudentConfig
 from distill.students.data import tokenize_example
 from distill.students.trainer import train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]  # `make test-cluster`
 
 # 10 examples, batch 4: 3 steps an epoch, 9 in all, a committed checkpoint every 2 steps.
 STUDENT = {

@@ -17,7 +17,7 @@ from gate import Gate, gated_recipe, replay_project
 
 from distill.jobs import FINAL_STATES, JobStore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]  # `make test-cluster`
 
 
 @pytest.fixture(scope="module")
