@@ -22,6 +22,7 @@ from pathlib import Path
 
 from distill.config import Recipe
 from distill.core.answers import Task
+from distill.core.errors import DistillError
 from distill.core.problems import load_problems, load_seeds
 from distill.core.sources import resolve_model
 from distill.teachers.backends.base import Completion
@@ -717,8 +718,10 @@ def estimate_totals(recipe: Recipe) -> dict | None:
 
     try:
         stages = [s for s in plan(recipe)["stages"] if s["stage"] != "train"]
-    except Exception as e:  # noqa: BLE001 — any failure of the estimate leaves the run as it is
-        console.print(f"[dim]no cost estimate: {type(e).__name__}: {e}[/]", highlight=False)
+    except DistillError:  # bad input: the stage itself says so in its one line, nothing is added here
+        return None
+    except Exception as e:  # a plan that cannot be made leaves the run as it is
+        console.print(f"no cost estimate ({type(e).__name__}: {e})", style="dim", highlight=False, markup=False)
         return None
 
     def total(values):
