@@ -1,6 +1,6 @@
-"""Synthesis of instructions and of code problems end to end through the CLI, with the embedded teacher
-(its real tokenizer, chat template and request keys) and its outputs replayed from the completion cache:
-a rerun's path, so no weights load. The outputs are recorded in the embedded teacher's own format, with a
+"""Synthesis of instructions and of code problems end to end through the CLI, with a real (tiny) teacher
+(its tokenizer, chat template and request keys) and its outputs replayed from the completion cache:
+a rerun's path, so no weights load. The outputs are written in the embedded teacher's format, with a
 malformed, a duplicate and a failing one planted. Instructions: seeds → new de-duplicated instructions →
 answered rows in the dataset; code: a problem is kept only when the teacher's solution passes its tests,
 the failing one is dropped with its reason."""
@@ -25,7 +25,11 @@ from distill.teachers.workers import make_backend
 
 pytestmark = pytest.mark.integration
 
-TEACHER = "embedded:qwen2.5-coder-0.5b-instruct"
+
+@pytest.fixture
+def teacher(tiny_teacher) -> str:
+    """The teacher's model source: the tiny test model (`make test` installs no embedded weights)."""
+    return f"hf:{tiny_teacher}"
 
 
 class Recording:
@@ -86,7 +90,7 @@ def _answer_of(prompt: str) -> str:
     return next(a for q, a in ANSWERS.items() if q in prompt)
 
 
-def test_instruction_synthesis_writes_deduplicated_instructions_and_answers_them(tmp_path):
+def test_instruction_synthesis_writes_deduplicated_instructions_and_answers_them(tmp_path, teacher):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTION_SEEDS))
     recipe = {
@@ -101,7 +105,7 @@ def test_instruction_synthesis_writes_deduplicated_instructions_and_answers_them
             "train_size": 2,
             "eval_size": 1,
         },
-        "teacher": {"model": TEACHER, "method": "zero_shot_cot", "trigger": "", "keep": "all", "executor": "local"},
+        "teacher": {"model": teacher, "method": "zero_shot_cot", "trigger": "", "keep": "all", "executor": "local"},
     }
     path, loaded, backend = _run(tmp_path, recipe)
     t = loaded.task
@@ -181,7 +185,7 @@ def _solution_of(prompt: str) -> str:
     return f"I write the function.\n```python\n{code}\n```"
 
 
-def test_code_synthesis_keeps_only_problems_whose_solution_passes(tmp_path):
+def test_code_synthesis_keeps_only_problems_whose_solution_passes(tmp_path, teacher):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in CODE_SEEDS))
     recipe = {
@@ -197,7 +201,7 @@ def test_code_synthesis_keeps_only_problems_whose_solution_passes(tmp_path):
             "train_size": 2,
             "eval_size": 1,
         },
-        "teacher": {"model": TEACHER, "method": "zero_shot_cot", "executor": "local"},
+        "teacher": {"model": teacher, "method": "zero_shot_cot", "executor": "local"},
     }
     path, loaded, backend = _run(tmp_path, recipe)
     t, task = loaded.task, Task.from_config(loaded.task)
