@@ -735,6 +735,17 @@ def timing_lines(job: dict, now: float | None = None) -> list[str]:
     return [f"  runner   {runner}", f"  elapsed  {elapsed_text}", f"  eta      {eta}"]
 
 
+def _write_new(out, data: bytes, pos: int | None, lines: int) -> int:
+    """Write what ``data`` (a log read whole) holds past ``pos`` — on the first look (``pos`` None) its last
+    ``lines`` lines, after the log was replaced (shorter than ``pos``) all of it; returns the new position."""
+    if pos is None or pos > len(data):
+        pos = _tail_start(data, lines) if pos is None else 0
+    if len(data) > pos:
+        out.write(data[pos:])
+        out.flush()
+    return len(data)
+
+
 def _tail_start(data: bytes, lines: int) -> int:
     """The offset in ``data`` where its last ``lines`` lines begin."""
     parts = data.splitlines(keepends=True)
@@ -757,13 +768,7 @@ def follow_log(store: JobStore, job_id: str, lines: int = 40, out=None, poll: fl
         if job["state"] in FINAL_STATES:
             ended = ended or time.monotonic()
             last = not _is_runner(job["pid"], job_id) or time.monotonic() - ended > grace
-        data = log.read_bytes() if log.exists() else b""
-        if pos is None or pos > len(data):  # first look, or the log was replaced
-            pos = _tail_start(data, lines) if pos is None else 0
-        if len(data) > pos:
-            out.write(data[pos:])
-            out.flush()
-            pos = len(data)
+        pos = _write_new(out, log.read_bytes() if log.exists() else b"", pos, lines)
         if last:
             return
         time.sleep(poll)
@@ -1016,13 +1021,7 @@ def follow_ray_log(store: JobStore, job_id: str, lines: int = 40, out=None, poll
     pos = None
     while True:
         last = sync_ray_job(store, job_id)["state"] in FINAL_STATES
-        data = ray_job_logs(store, job_id).encode()
-        if pos is None or pos > len(data):
-            pos = _tail_start(data, lines) if pos is None else 0
-        if len(data) > pos:
-            out.write(data[pos:])
-            out.flush()
-            pos = len(data)
+        pos = _write_new(out, ray_job_logs(store, job_id).encode(), pos, lines)
         if last:
             return
         time.sleep(poll)
