@@ -452,10 +452,11 @@ def queue_lines(store: JobStore) -> list[str]:
     ]
     for j in active:
         lines.append(f"  {j['id']}  {j['state']:<9} {job_name(j)}")
+    places = queue_places(jobs)
     for j in queue_order(jobs):
         reason = waiting_reason(j, jobs)
         lines.append(
-            f"  {j['id']}  {queue_label(j, jobs, short=True):<9} {job_name(j)}  priority {j['priority']}"
+            f"  {j['id']}  {queue_label(j, jobs, True, places):<9} {job_name(j)}  priority {j['priority']}"
             + (f"  ({reason})" if reason else "")
         )
     for j in jobs:
@@ -561,16 +562,22 @@ def resume(job_id: str, store: Path | None = None) -> str:
     return jobs.get(job_id)["state"]
 
 
-def queue_label(job: dict, jobs: list[dict], short: bool = False) -> str:
+def queue_places(jobs: list[dict]) -> dict[str, int]:
+    """Each queued job's place (1, 2, ...) among those that start when a slot frees, in queue order."""
+    ready = [j["id"] for j in queue_order(jobs) if waiting_reason(j, jobs) is None]
+    return {job_id: k + 1 for k, job_id in enumerate(ready)}
+
+
+def queue_label(job: dict, jobs: list[dict], short: bool = False, places: dict[str, int] | None = None) -> str:
     """The state as ``jobs list`` shows it: ``queued 2`` (its place among the jobs that start when a slot
-    frees), ``queued, after <id> (running)`` (``short``: ``waiting``), or the plain state."""
+    frees), ``queued, after <id> (running)`` (``short``: ``waiting``), or the plain state. ``places``:
+    ``queue_places(jobs)``, when labelling many jobs of one listing."""
     if job["state"] != "queued":
         return job["state"]
     reason = waiting_reason(job, jobs)
     if reason:
         return "waiting" if short else f"queued, {reason}"
-    ready = [j["id"] for j in queue_order(jobs) if waiting_reason(j, jobs) is None]
-    return f"queued {ready.index(job['id']) + 1}"
+    return f"queued {(places if places is not None else queue_places(jobs))[job['id']]}"
 
 
 def status_lines(job: dict, recipe=None, jobs: list[dict] | None = None) -> list[str]:
@@ -673,11 +680,12 @@ def list_lines(jobs: list[dict], width: int = 80) -> list[str]:
     """``distill jobs list``: id, state, name, overrides, submitted, progress, as aligned columns in
     ``width`` characters (name and overrides share what the fixed columns leave, cut with "…")."""
     rows = []
+    places = queue_places(jobs)  # once per listing: each label would otherwise order the whole queue again
     for job in jobs:
         p = job["progress"]
         done = f"{p.get('rows', 0)}/{p['total']}" if p.get("total") else "—"
         submitted = time.strftime("%m-%d %H:%M", time.localtime(job["created"])) if job["created"] else "—"
-        state = queue_label(job, jobs, short=True)
+        state = queue_label(job, jobs, True, places)
         rows.append([job["id"], state, job_name(job), " ".join(job["overrides"]), submitted, done])
     header = ["ID", "STATE", "NAME", "OVERRIDES", "SUBMITTED", "PROGRESS"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
