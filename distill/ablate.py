@@ -56,8 +56,13 @@ def kd_unavailable(recipe: Recipe, gen_dir: Path) -> str | None:
     """Why a logit-KD student cannot be trained on this run's data (None when it can)."""
     import pyarrow.parquet as pq
 
+    kd = recipe.student.kd
+    if kd.teacher is not None:
+        return None  # the train stage scores the rows with kd.teacher (and checks the tokenizers)
     if recipe.teacher.model.startswith("replay:"):
-        return "the replay teacher recorded text only, no token log-probabilities"
+        return (
+            "the replay teacher recorded text only, no token log-probabilities (set student.kd.teacher to score them)"
+        )
     columns = set(pq.read_schema(gen_dir / "dataset" / "train.parquet").names)
     if not recipe.teacher.topk_logprobs or "teacher_topk_ids" not in columns:
         return "the teacher stored no top-k log-probabilities (set teacher.topk_logprobs, e.g. 20)"

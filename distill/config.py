@@ -470,6 +470,15 @@ class KDSettings(Strict):
     temperature: float = Field(1.0, gt=0, le=10, description="softmax temperature of both distributions")
     beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL")
     weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - weight) * cross-entropy + weight * KD")
+    teacher: str | None = Field(
+        None,
+        description="score the kept rationales with this model source (its top-k log-probabilities at every "
+        "rationale token, cached like teacher calls) instead of reading them from the generate stage: for a "
+        "teacher that returns text only (replay, most APIs); null = the generating teacher's teacher.topk_logprobs",
+    )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="weights dtype of a local scoring kd.teacher (default: teacher.dtype)"
+    )
 
 
 def _number_or_auto(v, ok, message: str):
@@ -1098,6 +1107,8 @@ OPTIONAL_DEFAULTS = {
     "student.packing": False,
     "student.validation": None,
     "student.on_policy": None,
+    "student.kd.teacher": None,
+    "student.kd.dtype": None,
     "student.qat": None,
     "task.split": "order",
     "task.answer": AnswerConfig().model_dump(mode="json"),

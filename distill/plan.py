@@ -145,7 +145,13 @@ def plan(recipe: Recipe, pilot: int = 0) -> dict:
         "warnings": [],
     }
     if cfg.model.startswith("replay:"):
-        return _replay(recipe, train + evals, out)
+        out = _replay(recipe, train + evals, out)
+        scoring = _scoring(recipe, train or evals, None, out)
+        if scoring:
+            out["stages"] += scoring
+            out["total"] = _total(out["stages"])
+            _budget_warnings(out, recipe)
+        return out
     remote = cfg.model.startswith("openai:")
     path = "" if remote else str(resolve_model(cfg.model, cfg.trust_remote_code, "teacher"))
     if pilot:
@@ -178,9 +184,8 @@ def plan(recipe: Recipe, pilot: int = 0) -> dict:
         paid = s["tokens_out"]["estimate"]
         s["seconds"] = None if paid is None else 0.0 if not paid else paid / rate / parallel if rate else None
         s["seconds_max"] = s["tokens_out"]["max"] / rate / parallel if rate else None  # every call at its cap
-    if recipe.student.on_policy is not None:
-        written = [p for p in train if p["question"] != _unknown("question")]
-        stages.append(_on_policy(recipe, written or evals, backend, out))
+    written = [p for p in train if p["question"] != _unknown("question")]
+    stages += _scoring(recipe, written or evals, backend, out)
     out["stages"] = stages
     out["total"] = _total(stages)
     out["time_source"] = time_source
@@ -493,6 +498,97 @@ def _judge_step(recipe, train: list[dict], stages: list[dict], out: dict) -> dic
     }
 
 
+def _scoring(recipe, problems: list[dict], backend, out: dict) -> list[dict]:
+    """The training stage's teacher calls: on-policy scoring and ``student.kd.teacher``'s scores of the
+    kept rationales. ``backend`` is the generating teacher's (None for a replay teacher)."""
+    st = recipe.student
+    steps = []
+    if st.on_policy is not None:
+        steps.append(_on_policy(recipe, problems, _scoring_backend(recipe, st.on_policy.teacher, backend), out))
+    if st.format == "kd" and st.kd.teacher is not None:
+        steps.append(_kd_scoring(recipe, problems, _scoring_backend(recipe, st.kd.teacher, backend), out))
+    return steps
+
+
+def _scoring_backend(recipe, source: str | None, backend):
+    """The backend that counts a scoring teacher's tokens: the generating teacher's when it is the same."""
+    cfg = recipe.teacher
+    if backend is not None and source in (None, cfg.model):
+        return backend
+    source = source or cfg.model
+    key = "student.kd.teacher" if source == recipe.student.kd.teacher else "student.on_policy.teacher"
+    path = "" if source.startswith("openai:") else str(resolve_model(source, cfg.trust_remote_code, key))
+    return make_backend(cfg.model_copy(update={"model": source, "engine": "transformers"}), path)
+
+
+def _kept_rows(recipe) -> int:
+    """The most rows generate can keep (its last count if there is one)."""
+    rows = recipe.task.train_size * recipe.teacher.rationales_per_question
+    metrics = recipe.run_dir / "generate" / "metrics.json"
+    if metrics.exists():
+        rows = json.loads(metrics.read_text()).get("train_rows_kept", rows)
+    return rows
+
+
+def _kd_scoring(recipe, problems: list[dict], backend, out: dict) -> dict:
+    """``student.kd.teacher`` reads every kept rationale once after its prompt (no output tokens): exact
+    when generate is done (the kept rows), else each rationale at the teacher's output cap."""
+    from distill.students.data import rationale_text
+
+    st, cfg = recipe.student, recipe.teacher
+    task = Task.from_config(recipe.task)
+    count = _Tokens(backend)
+    dataset = recipe.run_dir / "generate" / "dataset" / "train.parquet"
+    if dataset.exists():
+        import pyarrow.parquet as pq
+
+        from distill.teachers.backends.base import ScoreRequest
+
+        rows = pq.read_table(dataset, columns=["question", "rationale", "pred", "gold"]).to_pylist()
+        k = cfg.topk_logprobs or 20
+        reqs = [
+            ScoreRequest(
+                scoring_prompt(backend, r["question"], cfg, task) + cfg.trigger, " " + rationale_text(r, task), k
+            )
+            for r in rows
+        ]
+        each = [a + b for a, b in zip(count([r.prompt for r in reqs]), count([r.completion for r in reqs]))]
+        hits = (
+            CompletionCache(recipe.cache).get_many([r.key(backend.model_id) for r in reqs])
+            if Path(recipe.cache).exists()
+            else {}
+        )
+        fresh = [n for r, n in zip(reqs, each) if r.key(backend.model_id) not in hits]
+        calls, cached, tokens, bound = len(fresh), len(rows) - len(fresh), sum(fresh), False
+        cached_tokens = sum(each) - tokens
+    else:
+        calls = _kept_rows(recipe)
+        prompts = count([scoring_prompt(backend, p["question"], cfg, task) + cfg.trigger for p in problems])
+        tokens = round(calls * (sum(prompts) / max(len(prompts), 1) + cfg.max_new_tokens))
+        bound, cached, cached_tokens = True, 0, 0
+    out["notes"].append(
+        f"kd scores: {st.kd.teacher} reads each kept rationale once "
+        + (
+            "(counted from the generated data)"
+            if not bound
+            else "(each at the teacher's output cap until generate has run)"
+        )
+        + "; cached scores are free"
+    )
+    cost = cost_of(tokens, 0, cfg)
+    return {
+        "stage": "train",
+        "part": "kd scoring",
+        "calls": {"min": 0 if bound else calls, "estimate": calls, "max": calls},
+        "cached": cached,
+        "tokens_in": {"estimate": tokens, "max": tokens, "cached": cached_tokens},
+        "tokens_out": {"estimate": 0, "max": 0, "cached": 0},
+        "cost": {"estimate": cost, "max": cost},
+        "upper_bound_estimate": bound,
+        "seconds": None,
+    }
+
+
 def _on_policy(recipe, problems: list[dict], backend, out: dict) -> dict:
     """Teacher scoring calls of on-policy training: λ of the optimizer steps, a batch of student
     samples each, every one read by the teacher after its prompt (at most the sample cap; no output
@@ -501,14 +597,7 @@ def _on_policy(recipe, problems: list[dict], backend, out: dict) -> dict:
 
     st, op, cfg = recipe.student, recipe.student.on_policy, recipe.teacher
     source = op.teacher or cfg.model
-    if source != cfg.model:
-        remote = source.startswith("openai:")
-        spath = "" if remote else str(resolve_model(source, cfg.trust_remote_code, "student.on_policy.teacher"))
-        backend = make_backend(cfg.model_copy(update={"model": source, "engine": "transformers"}), spath)
-    rows = recipe.task.train_size * cfg.rationales_per_question
-    metrics = recipe.run_dir / "generate" / "metrics.json"
-    if metrics.exists():
-        rows = json.loads(metrics.read_text()).get("train_rows_kept", rows)
+    rows = _kept_rows(recipe)
     steps, _ = planned_steps(rows * (2 if st.format == "multitask" else 1), st)
     calls = round(steps * op.lmbda) * st.batch_size
     count = _Tokens(backend)

@@ -46,6 +46,11 @@ def target_text(row: dict, fmt: str, task: Task, trigger: str = "Let's think ste
     return f"{trigger} {_rationale(row, task, answer)}\n{task.answer_sentence(answer)}"
 
 
+def rationale_text(row: dict, task: Task) -> str:
+    """The rationale a student trains on for ``row`` (between the trigger and the answer sentence)."""
+    return _rationale(row, task, row["pred"] if row.get("pred") is not None else row["gold"])
+
+
 def _rationale(row: dict, task: Task, answer: str) -> str:
     """The row's rationale, stripped; for code, without the solution block a teacher's output holds
     (the answer sentence states it: the student learns to write it once)."""

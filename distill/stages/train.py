@@ -23,13 +23,29 @@ class TrainStageResult:
 
 
 def _check_kd(recipe, tokenizer, rows: list[dict]) -> None:
-    """Logit KD needs the teacher's top-k in the data and, except ULD, the teacher's tokenizer in the student."""
+    """Logit KD needs the teacher's top-k in the data (or a ``kd.teacher`` to score the rows) and,
+    except ULD, the scoring teacher's tokenizer in the student."""
     from distill.students.kd import tokenizer_mismatch
 
+    kd = recipe.student.kd
+    if kd.teacher is not None:
+        if kd.teacher.startswith("replay:"):
+            raise DistillError(
+                "student.kd.teacher must be a model that scores text; the replay teacher recorded text only",
+                "set student.kd.teacher to a model source (e.g. embedded:qwen2.5-coder-0.5b-instruct)",
+            )
+        if kd.loss != "uld" and not kd.teacher.startswith("openai:"):
+            mismatch = tokenizer_mismatch(kd.teacher, tokenizer)
+            if mismatch:
+                raise DistillError(
+                    f"student.kd.loss={kd.loss} needs a shared tokenizer: {mismatch}",
+                    "set student.kd.loss=uld, or a student from the scoring teacher's family",
+                )
+        return
     if recipe.teacher.model.startswith("replay:"):
         raise DistillError(
             "student.format=kd needs token log-probabilities; the replay teacher recorded text only",
-            "use student.format=rationale, or a model teacher with teacher.topk_logprobs",
+            "set student.kd.teacher to a model that scores the rows, or use student.format=rationale",
         )
     if not any(r.get("teacher_topk_ids") for r in rows):
         raise DistillError(
@@ -77,16 +93,81 @@ def _dev_set(dev_rows: list[dict], tokenizer, cfg, task: Task, trigger: str):
     )
 
 
+def _scorer(recipe, source: str, dtype: str | None, key: str):
+    """A (cached) teacher that scores given text: ``source`` with the teacher section's other settings."""
+    from distill.core.sources import resolve_model
+    from distill.teachers.cache import CachedTeacher, CompletionCache
+    from distill.teachers.workers import make_backend
+
+    tcfg = recipe.teacher.model_copy(update={"model": source, "dtype": dtype or recipe.teacher.dtype})
+    path = "" if source.startswith("openai:") else str(resolve_model(source, tcfg.trust_remote_code, key))
+    return CachedTeacher(make_backend(tcfg, path), CompletionCache(recipe.cache))
+
+
+def _kd_scores(recipe, rows: list[dict], task: Task) -> tuple[list[dict], dict]:
+    """``rows`` with ``student.kd.teacher``'s top-k log-probabilities at every rationale token (the
+    generate stage's columns, so ``build_examples`` reads them as a logit teacher's), and the count.
+
+    Each rationale is scored after the scorer's own prompt for its question and the trigger, in chunks
+    through the cache: a killed run keeps what it scored, a rerun reads it back for free. A row the
+    scorer cannot read (over its context) keeps no top-k and is left out of KD, as ``build_examples`` does."""
+    from distill.core.progress import progress_bar
+    from distill.students.data import rationale_text
+    from distill.teachers.backends.base import ScoreRequest
+    from distill.teachers.methods import scoring_prompt
+
+    kd, cfg = recipe.student.kd, recipe.teacher
+    teacher = _scorer(recipe, kd.teacher, kd.dtype, "student.kd.teacher")
+    k = cfg.topk_logprobs or 20
+    requests = [
+        ScoreRequest(scoring_prompt(teacher, r["question"], cfg, task) + cfg.trigger, " " + rationale_text(r, task), k)
+        for r in rows
+    ]
+    out, count = [], {"rows": len(rows), "scored": 0, "cached": 0, "failed": 0, "teacher_tokens": 0}
+    chunk = max(1, cfg.batch_size)
+    with progress_bar(f"train: kd scores by {kd.teacher}", len(rows)) as advance:
+        for start in range(0, len(rows), chunk):
+            scores = teacher.score(requests[start : start + chunk])
+            for r, c in zip(rows[start : start + chunk], scores):
+                if c.error or not c.topk_logprobs:
+                    count["failed"] += 1
+                    out.append(r)
+                    continue
+                count["scored"] += 1
+                if c.cached:
+                    count["cached"] += 1
+                else:
+                    count["teacher_tokens"] += c.tokens_in
+                out.append(
+                    {
+                        **r,
+                        "teacher_token_ids": list(c.token_ids or []),
+                        "teacher_topk_ids": c.topk_ids,
+                        "teacher_topk_logprobs": c.topk_logprobs,
+                    }
+                )
+            advance(len(scores))
+    console.print(
+        f"train: {count['scored']} of {len(rows)} rationales scored by {kd.teacher} "
+        f"({count['cached']} from cache, {count['teacher_tokens']:,} tokens read"
+        + (f"; {count['failed']} could not be scored and train without KD" if count["failed"] else "")
+        + ")"
+    )
+    if not count["scored"]:
+        raise DistillError(
+            f"student.kd.teacher {kd.teacher} scored none of the {len(rows)} rationales",
+            "check that the scorer's context holds the prompts, or use student.format=rationale",
+        )
+    return out, count
+
+
 def _on_policy(recipe, tokenizer, cfg, task: Task, steps: int):
     """The scorer of on-policy steps: the (cached) teacher, its prompt, the loss the tokenizers allow."""
-    from distill.core.sources import resolve_model
     from distill.students.data import prompt_template
     from distill.students.kd import tokenizer_mismatch
     from distill.students.on_policy import OnPolicy
     from distill.teachers.budget import cost_of
-    from distill.teachers.cache import CachedTeacher, CompletionCache
     from distill.teachers.methods import scoring_prompt
-    from distill.teachers.workers import make_backend
 
     op = cfg.on_policy
     source = op.teacher or recipe.teacher.model
@@ -95,10 +176,8 @@ def _on_policy(recipe, tokenizer, cfg, task: Task, steps: int):
             "student.on_policy needs a teacher that scores text; the replay teacher recorded text only",
             "set student.on_policy.teacher to a model source (e.g. embedded:qwen2.5-coder-0.5b-instruct)",
         )
-    tcfg = recipe.teacher.model_copy(update={"model": source, "dtype": op.dtype or recipe.teacher.dtype})
     remote = source.startswith("openai:")
-    path = "" if remote else str(resolve_model(source, tcfg.trust_remote_code, "student.on_policy.teacher"))
-    teacher = CachedTeacher(make_backend(tcfg, path), CompletionCache(recipe.cache))
+    teacher = _scorer(recipe, source, op.dtype, "student.on_policy.teacher")
     loss = op.loss
     if loss != "uld" and not remote:
         mismatch = tokenizer_mismatch(source, tokenizer)
@@ -249,8 +328,11 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
     rows = read_rows(gen_dir / "dataset" / "train.parquet", TRAIN_COLUMNS, "generate more data or relax teacher.keep")
     model, tokenizer = build_student(cfg, recipe.teacher.model)
     task = Task.from_config(recipe.task)
+    kd_scoring = None
     if cfg.format == "kd":
         _check_kd(recipe, tokenizer, rows)
+        if cfg.kd.teacher is not None:
+            rows, kd_scoring = _kd_scores(recipe, rows, task)
     dev = None
     if cfg.validation is not None:
         rows, dev_rows = split_dev(rows, cfg.validation.dev_size, cfg.seed)
@@ -329,6 +411,8 @@ def train_stage(recipe, gen_dir: Path, out: Path, checkpoint_dir: Path | None = 
         metrics["qat"] = qat
     if on_policy is not None:
         metrics["on_policy"] = {**on_policy.state, "loss": on_policy.loss}
+    if kd_scoring is not None:
+        metrics["kd_scoring"] = {**kd_scoring, "teacher": cfg.kd.teacher, "loss": cfg.kd.loss}
     if cfg.from_teacher is not None:
         metrics["from_teacher"] = _size_and_speed(recipe.teacher.model, model, examples[0]["input_ids"][:32])
     if dev is not None:

@@ -96,3 +96,81 @@ def test_kd_with_a_different_tokenizer_is_one_clear_error(kd_recipe, tiny_teache
         " tokens) — pick a student from the teacher's model family, or student.format=rationale"
     )
     assert sum(ln.startswith("error:") for ln in res.output.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def replay_kd_recipe(tmp_path_factory, tiny_student):
+    """A recorded (text-only) teacher, and the tiny model teacher named as the KD scorer."""
+    root = tmp_path_factory.mktemp("replay_kd")
+    problems = [{"question": f"What is {i} plus {i % 3}?", "answer": str(i + i % 3)} for i in range(12)]
+    (root / "task.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    recs = [
+        {"question": p["question"], "rationale": f"{i} + {i % 3} = {i + i % 3}.", "answer": p["answer"]}
+        for i, p in enumerate(problems)
+    ]
+    (root / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recipe = {
+        "name": "replay_kd",
+        "output_dir": str(root / "runs"),
+        "cache": str(root / "cache.sqlite"),
+        "task": {"source": "file", "name": str(root / "task.jsonl"), "train_size": 8, "eval_size": 4},
+        "teacher": {"model": f"replay:{root / 'teacher.jsonl'}", "executor": "local", "topk_logprobs": 5},
+        "student": {
+            "model": f"hf:{tiny_student}",
+            "format": "kd",
+            "epochs": 3,
+            "lr": 3e-3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "max_length": 96,
+            "eval_max_new_tokens": 8,
+        },
+    }
+    f = root / "recipe.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    return f
+
+
+def test_a_text_only_teacher_distils_through_a_scoring_teacher(replay_kd_recipe, tiny_teacher, tiny_student, tmp_path):
+    """student.kd.teacher scores the recorded rationales; the scores are cached, so a student with
+    another tokenizer (ULD) trains on the same scores without a new call."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    run = f"{yaml.safe_load(replay_kd_recipe.read_text())['output_dir']}/replay_kd"
+    assert CliRunner().invoke(app, ["generate", str(replay_kd_recipe)]).exit_code == 0
+    # without a scorer: one error line that names the fix
+    res = CliRunner().invoke(app, ["train", str(replay_kd_recipe)])
+    assert res.exit_code == 2 and "set student.kd.teacher" in res.output.splitlines()[-1]
+    scorer = f"student.kd.teacher=hf:{tiny_teacher}"
+    plan = CliRunner().invoke(app, ["plan", str(replay_kd_recipe), scorer, "--json"])
+    assert plan.exit_code == 0, plan.output
+    step = next(s for s in json.loads(plan.output)["stages"] if s["part"] == "kd scoring")
+    assert step["calls"]["estimate"] == 8 and step["cached"] == 0 and step["tokens_in"]["estimate"] > 0
+    res = CliRunner().invoke(app, ["train", str(replay_kd_recipe), scorer, "student.kd.loss=forward_kl"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(open(f"{run}/train/metrics.json").read())
+    scoring = metrics["kd_scoring"]
+    assert scoring["rows"] == scoring["scored"] == 8 and scoring["cached"] == 0 and scoring["teacher_tokens"] > 0
+    assert metrics["examples"] == 8  # every row a KD example
+    losses = json.loads(open(f"{run}/train/loss.json").read())
+    assert losses[-1]["loss"] < losses[0]["loss"]
+
+    other = tmp_path / "other"  # a student whose vocabulary differs from the scorer's
+    shutil.copytree(tiny_student, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    res = CliRunner().invoke(app, ["train", str(replay_kd_recipe), scorer, f"student.model=hf:{other}"])
+    assert res.exit_code == 2 and "student.kd.loss=forward_kl needs a shared tokenizer" in res.output
+    res = CliRunner().invoke(
+        app, ["train", str(replay_kd_recipe), scorer, f"student.model=hf:{other}", "student.kd.loss=uld"]
+    )
+    assert res.exit_code == 0, res.output
+    scoring = json.loads(open(f"{run}/train/metrics.json").read())["kd_scoring"]
+    assert scoring["scored"] == scoring["cached"] == 8 and scoring["teacher_tokens"] == 0  # never paid twice
+    plan = CliRunner().invoke(app, ["plan", str(replay_kd_recipe), scorer, "--json"])
+    assert plan.exit_code == 0, plan.output
+    step = next(s for s in json.loads(plan.output)["stages"] if s["part"] == "kd scoring")
+    assert step["calls"]["estimate"] == 0 and step["cached"] == 8  # the bill shows they are paid for
