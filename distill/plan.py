@@ -533,8 +533,6 @@ def _kept_rows(recipe) -> int:
 def _kd_scoring(recipe, problems: list[dict], backend, out: dict) -> dict:
     """``student.kd.teacher`` reads every kept rationale once after its prompt (no output tokens): exact
     when generate is done (the kept rows), else each rationale at the teacher's output cap."""
-    from distill.students.data import rationale_text
-
     st, cfg = recipe.student, recipe.teacher
     task = Task.from_config(recipe.task)
     count = _Tokens(backend)
@@ -542,16 +540,10 @@ def _kd_scoring(recipe, problems: list[dict], backend, out: dict) -> dict:
     if dataset.exists():
         import pyarrow.parquet as pq
 
-        from distill.teachers.backends.base import ScoreRequest
+        from distill.stages.train import kd_score_requests
 
         rows = pq.read_table(dataset, columns=["question", "rationale", "pred", "gold"]).to_pylist()
-        k = cfg.topk_logprobs or 20
-        reqs = [
-            ScoreRequest(
-                scoring_prompt(backend, r["question"], cfg, task) + cfg.trigger, " " + rationale_text(r, task), k
-            )
-            for r in rows
-        ]
+        reqs = kd_score_requests(backend, rows, cfg, task)
         each = [a + b for a, b in zip(count([r.prompt for r in reqs]), count([r.completion for r in reqs]))]
         hits = (
             CompletionCache(recipe.cache).get_many([r.key(backend.model_id) for r in reqs])

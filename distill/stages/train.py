@@ -104,25 +104,32 @@ def _scorer(recipe, source: str, dtype: str | None, key: str):
     return CachedTeacher(make_backend(tcfg, path), CompletionCache(recipe.cache))
 
 
+def kd_score_requests(teacher, rows: list[dict], cfg, task: Task) -> list:
+    """The scoring call of each row's rationale: after ``teacher``'s own prompt for its question and the
+    trigger, the rationale as the student trains on it (``distill plan`` counts the same calls)."""
+    from distill.students.data import rationale_text
+    from distill.teachers.backends.base import ScoreRequest
+    from distill.teachers.methods import scoring_prompt
+
+    k = cfg.topk_logprobs or 20
+    return [
+        ScoreRequest(scoring_prompt(teacher, r["question"], cfg, task) + cfg.trigger, " " + rationale_text(r, task), k)
+        for r in rows
+    ]
+
+
 def _kd_scores(recipe, rows: list[dict], task: Task) -> tuple[list[dict], dict]:
     """``rows`` with ``student.kd.teacher``'s top-k log-probabilities at every rationale token (the
     generate stage's columns, so ``build_examples`` reads them as a logit teacher's), and the count.
 
     Each rationale is scored after the scorer's own prompt for its question and the trigger, in chunks
     through the cache: a killed run keeps what it scored, a rerun reads it back for free. A row the
-    scorer cannot read (over its context) keeps no top-k and is left out of KD, as ``build_examples`` does."""
+    scorer cannot read (over its context) keeps no top-k, and ``build_examples`` leaves it out of KD."""
     from distill.core.progress import progress_bar
-    from distill.students.data import rationale_text
-    from distill.teachers.backends.base import ScoreRequest
-    from distill.teachers.methods import scoring_prompt
 
     kd, cfg = recipe.student.kd, recipe.teacher
     teacher = _scorer(recipe, kd.teacher, kd.dtype, "student.kd.teacher")
-    k = cfg.topk_logprobs or 20
-    requests = [
-        ScoreRequest(scoring_prompt(teacher, r["question"], cfg, task) + cfg.trigger, " " + rationale_text(r, task), k)
-        for r in rows
-    ]
+    requests = kd_score_requests(teacher, rows, cfg, task)
     out, count = [], {"rows": len(rows), "scored": 0, "cached": 0, "failed": 0, "teacher_tokens": 0}
     chunk = max(1, cfg.batch_size)
     with progress_bar(f"train: kd scores by {kd.teacher}", len(rows)) as advance:
@@ -150,7 +157,7 @@ def _kd_scores(recipe, rows: list[dict], task: Task) -> tuple[list[dict], dict]:
     console.print(
         f"train: {count['scored']} of {len(rows)} rationales scored by {kd.teacher} "
         f"({count['cached']} from cache, {count['teacher_tokens']:,} tokens read"
-        + (f"; {count['failed']} could not be scored and train without KD" if count["failed"] else "")
+        + (f"; {count['failed']} could not be scored and are left out" if count["failed"] else "")
         + ")"
     )
     if not count["scored"]:
