@@ -93,6 +93,8 @@ def test_section_filtering_is_by_whole_names():
         "student.kd.temperature",
         "student.kd.beta",
         "student.kd.weight",
+        "student.kd.teacher",
+        "student.kd.dtype",
     ]
     assert not any(r["key"].startswith("teacher") for r in recipe_keys("task"))
     assert recipe_keys("") == recipe_keys()
