@@ -504,19 +504,27 @@ def _scoring(recipe, problems: list[dict], backend, out: dict) -> list[dict]:
     st = recipe.student
     steps = []
     if st.on_policy is not None:
-        steps.append(_on_policy(recipe, problems, _scoring_backend(recipe, st.on_policy.teacher, backend), out))
+        steps.append(
+            _on_policy(
+                recipe,
+                problems,
+                _scoring_backend(recipe, st.on_policy.teacher, "student.on_policy.teacher", backend),
+                out,
+            )
+        )
     if st.format == "kd" and st.kd.teacher is not None:
-        steps.append(_kd_scoring(recipe, problems, _scoring_backend(recipe, st.kd.teacher, backend), out))
+        steps.append(
+            _kd_scoring(recipe, problems, _scoring_backend(recipe, st.kd.teacher, "student.kd.teacher", backend), out)
+        )
     return steps
 
 
-def _scoring_backend(recipe, source: str | None, backend):
+def _scoring_backend(recipe, source: str | None, key: str, backend):
     """The backend that counts a scoring teacher's tokens: the generating teacher's when it is the same."""
     cfg = recipe.teacher
     if backend is not None and source in (None, cfg.model):
         return backend
     source = source or cfg.model
-    key = "student.kd.teacher" if source == recipe.student.kd.teacher else "student.on_policy.teacher"
     path = "" if source.startswith("openai:") else str(resolve_model(source, cfg.trust_remote_code, key))
     return make_backend(cfg.model_copy(update={"model": source, "engine": "transformers"}), path)
 
@@ -545,12 +553,9 @@ def _kd_scoring(recipe, problems: list[dict], backend, out: dict) -> dict:
         rows = pq.read_table(dataset, columns=["question", "rationale", "pred", "gold"]).to_pylist()
         reqs = kd_score_requests(backend, rows, cfg, task)
         each = [a + b for a, b in zip(count([r.prompt for r in reqs]), count([r.completion for r in reqs]))]
-        hits = (
-            CompletionCache(recipe.cache).get_many([r.key(backend.model_id) for r in reqs])
-            if Path(recipe.cache).exists()
-            else {}
-        )
-        fresh = [n for r, n in zip(reqs, each) if r.key(backend.model_id) not in hits]
+        keys = [r.key(backend.model_id) for r in reqs]
+        hits = CompletionCache(recipe.cache).get_many(keys) if Path(recipe.cache).exists() else {}
+        fresh = [n for key, n in zip(keys, each) if key not in hits]
         calls, cached, tokens, bound = len(fresh), len(rows) - len(fresh), sum(fresh), False
         cached_tokens = sum(each) - tokens
     else:
