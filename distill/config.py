@@ -777,12 +777,13 @@ class ExportConfig(Strict):
     )
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a variant may lose vs fp32 (0.01 = 1 point)")
     gate_size: int | Literal["auto"] = Field(
-        0,
+        "auto",
         description="problems in the gate split, drawn from the task disjoint from training and evaluation; "
-        "auto = enough to show an unchanged variant within the tolerance (381 for 1 point); 0 = the eval split",
+        "auto = at least 200, and enough to show an unchanged variant within the tolerance (381 for 1 point), "
+        "or what the task has left; 0 = the eval split",
     )
     gate_rule: Literal["accuracy", "interval"] = Field(
-        "accuracy",
+        "interval",
         description="keep a variant when its accuracy is within tolerance of fp32's (accuracy), or when the "
         "paired 95% interval of the gap shows it (interval: non-inferiority, early rejection of clear losses)",
     )

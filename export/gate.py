@@ -117,6 +117,14 @@ def points(x: float) -> str:
     return f"{x:+.1f}".replace("-", "−")
 
 
+GATE_MIN_PROBLEMS = 200  # export.gate_size: auto never gates on fewer, where the task has them
+
+
+def auto_gate_size(tolerance: float) -> int:
+    """``export.gate_size: auto``: at least ``GATE_MIN_PROBLEMS``, and enough for ``tolerance``."""
+    return max(GATE_MIN_PROBLEMS, gate_size_for(tolerance))
+
+
 def gate_size_for(tolerance: float, level: float = 0.95) -> int:
     """Problems a gate needs before a variant that changes no answer can be shown within ``tolerance``:
     Tango's interval for 0 discordant pairs in ``n`` is ±z²/(n + z²)."""

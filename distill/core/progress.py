@@ -39,7 +39,11 @@ def _log_lines(description: str, total: int | None):
 
     def emit(now: float) -> None:
         state["printed"], state["at"] = state["done"], now
-        console.print(progress_line(description, state["done"], total, now - start, state["status"]), highlight=False)
+        console.print(
+            progress_line(description, state["done"], total, now - start, state["status"]),
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def advance(n: int = 1, status: str | None = None) -> None:
         state["done"] += n

@@ -96,9 +96,9 @@ def _gate_split(recipe, gen_dir: Path, eval_problems: list[dict]) -> tuple[list[
 
     size = recipe.export.gate_size
     if size == "auto":
-        from distill.export.gate import gate_size_for
+        from distill.export.gate import auto_gate_size
 
-        size = gate_size_for(recipe.export.tolerance)
+        size = auto_gate_size(recipe.export.tolerance)
     if not size:
         return eval_problems, "eval"
     seen = {r["question"] for r in read_rows(gen_dir / "dataset" / "train.parquet", ("question",))}

@@ -26,7 +26,11 @@ PROBLEMS = [
 # Defaults changed on purpose since the recording: (key, the old default). A recipe that leaves the key
 # unset now trains differently, so its later stages' hashes change, but the teacher's paid work (the
 # generate stage) keeps its hash, and the old default set explicitly gives every recorded hash back.
-CHANGED_DEFAULTS = [("student.epochs", 2)]  # 2 -> auto: training sized by the dev split
+CHANGED_DEFAULTS = [
+    ("student.epochs", 2),  # 2 -> auto: training sized by the dev split
+    ("export.gate_size", 0),  # the eval split -> auto: at least 200 problems of their own
+    ("export.gate_rule", "accuracy"),  # raw accuracy -> the paired interval's lower end
+]
 
 
 def _sets(recipe_path: str | None, overrides: list[str], key: str) -> bool:

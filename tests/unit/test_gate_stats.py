@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from distill.export.gate import VariantResult, choose, gate_size_for, paired_gap, verdict
+from distill.export.gate import VariantResult, auto_gate_size, choose, gate_size_for, paired_gap, verdict
 
 
 @pytest.mark.parametrize("n", [40, 200, 381, 1000])
@@ -50,6 +50,8 @@ def test_gate_size_is_sized_to_the_tolerance():
     assert gate_size_for(0.01) == 381 and gate_size_for(0.02) == 189
     for tol in (0.01, 0.02, 0.05):  # at that size an unchanged variant is just shown within tolerance
         assert paired_gap(0, 0, gate_size_for(tol))[1] >= -tol > paired_gap(0, 0, gate_size_for(tol) - 1)[1]
+    # the default gate (export.gate_size: auto) never rests on fewer than 200 problems where the task has them
+    assert (auto_gate_size(0.01), auto_gate_size(0.05), auto_gate_size(0.0)) == (381, 200, 200)
 
 
 def _gated(lost, gained, n, preset, size, base=0.4):

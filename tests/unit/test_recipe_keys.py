@@ -65,7 +65,7 @@ def test_each_key_has_its_type_default_and_description(key, model, name, field):
         ("student.lr_sweep.candidates", "list[float]", [5e-5, 1e-4, 2e-4, 4e-4]),
         ("student.lora.target_modules", "list[str] | all-linear", "all-linear"),
         ("export.keep_fp32_nodes", "list[str]", []),
-        ("export.gate_size", "int | auto", 0),
+        ("export.gate_size", "int | auto", "auto"),
         ("task.train_size", "int", 128),
         ("teacher.system_prompt", "str | null", None),
     ],
