@@ -218,18 +218,33 @@ def score_variants(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from distill.core.progress import console
+        from distill.core.progress import console, progress_bar
 
         size = max(1, min(len(todo), workers or os.cpu_count() or 1))
-        with ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-            summary, outcomes["fp32"] = pool.submit(_score_in_worker, fp32_args).result()
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()  # (preset, problems done) from the workers, for the one bar the parent draws
+        with (
+            ProcessPoolExecutor(
+                size, mp_context=ctx, max_tasks_per_child=1, initializer=_worker_init, initargs=(queue,)
+            ) as pool,
+            progress_bar("gate", len(problems) * (1 + len(todo))) as advance,
+        ):
+            counts = {"fp32": 0}
+            [(summary, outcomes["fp32"])] = _collect(
+                {"fp32": pool.submit(_score_in_worker, fp32_args)}, queue, counts, len(problems), advance
+            )
             reference = [bool(x["correct"]) for x in outcomes["fp32"]]
-            args = [
-                (folder, r.file, problems, task, max_new_tokens, batch_size, r.preset, reference, stop_at) for r in todo
-            ]
             if todo:
                 console.print(f"gate: scoring {', '.join(r.preset for r in todo)} in {size} processes")
-            done = list(pool.map(_score_in_worker, args))
+            futures = {
+                r.preset: pool.submit(
+                    _score_in_worker,
+                    (folder, r.file, problems, task, max_new_tokens, batch_size, r.preset, reference, stop_at),
+                )
+                for r in todo
+            }
+            counts |= dict.fromkeys(futures, 0)
+            done = _collect(futures, queue, counts, len(problems), advance)
     _fill(base, summary)
     for r, (summary, rows) in zip(todo, done):
         _fill(r, summary)
@@ -250,15 +265,52 @@ def _fill(r: VariantResult, summary: dict) -> None:
     r.peak_rss_bytes = summary.get("peak_rss_bytes")
 
 
+_PROGRESS = None  # a worker's queue to the parent's bar (set by _worker_init)
+
+
+def _worker_init(queue) -> None:
+    global _PROGRESS
+    _PROGRESS = queue
+
+
 def _score_in_worker(args: tuple):
-    """``score_variant`` in a fresh spawned process (one per variant): one thread, no progress bar
-    (the parent reports), and the process's peak resident memory, which is this variant's alone."""
+    """``score_variant`` in a fresh spawned process (one per variant): one thread, its progress sent to
+    the parent's bar, and the process's peak resident memory, which is this variant's alone."""
     from distill.core.env import set_env_defaults
 
     set_env_defaults()
-    summary, rows = score_variant(*args, show_progress=False)
+    preset = args[6]
+    report = (lambda n: _PROGRESS.put((preset, n))) if _PROGRESS is not None else None
+    summary, rows = score_variant(*args, show_progress=False, report=report)
     summary["peak_rss_bytes"] = peak_rss_bytes()
     return summary, rows
+
+
+def _collect(futures: dict, queue, counts: dict[str, int], n: int, advance) -> list:
+    """The results of ``futures`` (by preset) in order, advancing the parent's bar as the workers report;
+    a variant rejected early is counted done at its end (the rest of its problems are never scored)."""
+    import queue as queues
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    def take(preset: str, k: int) -> None:
+        k = min(k, n - counts[preset])
+        if k <= 0:  # a late report of a variant already counted done
+            return
+        counts[preset] += k
+        advance(k, status=", ".join(f"{p} {c}/{n}" for p, c in counts.items()))
+
+    pending = set(futures.values())
+    while pending:
+        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        while True:
+            try:
+                take(*queue.get_nowait())
+            except queues.Empty:
+                break
+        for preset, f in futures.items():
+            if f in finished:
+                take(preset, n)
+    return [f.result() for f in futures.values()]
 
 
 def peak_rss_bytes() -> int | None:
@@ -301,6 +353,7 @@ def score_variant(
     reference: list[bool] | None = None,
     tolerance: float | None = None,
     show_progress: bool = True,
+    report=None,
 ):
     """(summary with accuracy and 1-thread tokens/s, per-example rows) for one ONNX file.
 
@@ -324,6 +377,8 @@ def score_variant(
             chunk = questions[start : start + batch_size]
             outs += gen.generate(chunk, max_new_tokens, batch_size)
             advance(len(chunk))
+            if report is not None:
+                report(len(chunk))
             if reference is None or tolerance is None or len(outs) < EARLY_LOOK or len(outs) == len(questions):
                 continue
             _, so_far = score(outs, problems[: len(outs)], task)

@@ -50,7 +50,8 @@ def _log_lines(description: str, total: int | None):
         if status is not None:
             state["status"] = status
         now = time.monotonic()
-        if now - state["at"] >= LOG_EVERY_S or (total and state["done"] >= total):
+        finished = total and state["done"] >= total and state["printed"] != state["done"]
+        if now - state["at"] >= LOG_EVERY_S or finished:
             emit(now)
 
     yield advance

@@ -89,3 +89,26 @@ def test_interval_rule_keeps_only_variants_shown_within_tolerance():
     assert choose([fp32, int4], 0.05, "accuracy") is int4 and choose([fp32, int4], 0.05, "interval") is fp32
     int4.rejected_after = 60
     assert verdict(int4, 0.01).startswith("int4 rejected after 60 problems: ")
+
+
+def test_gate_workers_progress_adds_up_to_every_problem_once():
+    """The parent's one bar over the worker processes: reports arrive by queue; a variant rejected early
+    counts as done when its result comes; a report arriving after that adds nothing."""
+    import queue
+    from concurrent.futures import Future
+
+    from distill.export.gate import _collect
+
+    reports = queue.Queue()
+    for item in [("int8", 8), ("int4", 8), ("int8", 8), ("int4", 4)]:
+        reports.put(item)
+    futures = {"int8": Future(), "int4": Future()}
+    futures["int8"].set_result("int8 rows")
+    futures["int4"].set_result("int4 rows (rejected after 20)")
+    counts, steps = {"fp32": 24, "int8": 0, "int4": 0}, []
+    out = _collect(futures, reports, counts, 24, lambda k, status: steps.append((k, status)))
+    reports.put(("int8", 8))  # late: after its result
+    assert out == ["int8 rows", "int4 rows (rejected after 20)"]
+    assert counts == {"fp32": 24, "int8": 24, "int4": 24} and sum(k for k, _ in steps) == 48
+    assert steps[-1][1] == "fp32 24/24, int8 24/24, int4 24/24"
+    assert _collect({}, reports, counts, 24, lambda k, status: steps.append((k, status))) == [] and len(steps) == 6
