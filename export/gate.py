@@ -281,7 +281,7 @@ def _score_in_worker(args: tuple):
     set_env_defaults()
     preset = args[6]
     report = (lambda n: _PROGRESS.put((preset, n))) if _PROGRESS is not None else None
-    summary, rows = score_variant(*args, show_progress=False, report=report)
+    summary, rows = score_variant(*args, report=report)
     summary["peak_rss_bytes"] = peak_rss_bytes()
     return summary, rows
 
@@ -352,7 +352,6 @@ def score_variant(
     label: str,
     reference: list[bool] | None = None,
     tolerance: float | None = None,
-    show_progress: bool = True,
     report=None,
 ):
     """(summary with accuracy and 1-thread tokens/s, per-example rows) for one ONNX file.
@@ -371,14 +370,13 @@ def score_variant(
     outs: list[str] = []
     rejected = None
     t0 = time.perf_counter()
-    bar = progress_bar(f"gate {label}", len(questions)) if show_progress else contextlib.nullcontext(lambda *a: None)
+    # a bar of its own, or (in a gate worker) ``report``: the problems done, sent to the parent's bar
+    bar = progress_bar(f"gate {label}", len(questions)) if report is None else contextlib.nullcontext(report)
     with bar as advance:
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
             outs += gen.generate(chunk, max_new_tokens, batch_size)
             advance(len(chunk))
-            if report is not None:
-                report(len(chunk))
             if reference is None or tolerance is None or len(outs) < EARLY_LOOK or len(outs) == len(questions):
                 continue
             _, so_far = score(outs, problems[: len(outs)], task)
